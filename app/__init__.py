@@ -1,0 +1,1 @@
+"""ssehub: Server-Sent Events with JWT auth, Postgres channels and exact resume."""

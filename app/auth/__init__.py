@@ -1,0 +1,1 @@
+"""Users, passwords, JWTs and the current-user dependencies."""

@@ -1,0 +1,95 @@
+"""The current-user dependencies: ``CurrentUser``, ``AdminUser`` and ``stream_user``.
+
+REST endpoints accept only access tokens, from the ``Authorization`` header.
+The stream endpoints also accept stream tokens, and a token in the
+``access_token`` query parameter, because ``EventSource`` cannot set headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from app.auth.service import get_user
+from app.auth.tokens import Scope, TokenClaims, decode_token
+from app.config import Settings
+from app.db import SessionDep
+from app.errors import Forbidden, Unauthorized
+from app.models import User
+
+bearer_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+ACCESS_ONLY: frozenset[Scope] = frozenset({"access"})
+ACCESS_OR_STREAM: frozenset[Scope] = frozenset({"access", "stream"})
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(settings_of)]
+
+
+async def current_user(
+    session: SessionDep, settings: SettingsDep, token: Annotated[str | None, Depends(bearer_scheme)]
+) -> User:
+    if not token:
+        raise Unauthorized()
+    claims = decode_token(settings, token, ACCESS_ONLY)
+    user = await get_user(session, claims.user_id)
+    if user is None:
+        raise Unauthorized("User no longer exists")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+async def admin_user(user: CurrentUser) -> User:
+    if not user.is_admin:
+        raise Forbidden("Admin only")
+    return user
+
+
+AdminUser = Annotated[User, Depends(admin_user)]
+
+
+@dataclass(frozen=True)
+class StreamCaller:
+    """Who opened a stream, and until when their token is good."""
+
+    user_id: int
+    username: str
+    is_admin: bool
+    expires_at: float
+
+
+def stream_credentials(request: Request) -> TokenClaims:
+    """Decode the stream's token from the header or ``?access_token=`` (header first)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not (scheme.lower() == "bearer" and token):
+        token = request.query_params.get("access_token", "")
+    if not token:
+        raise Unauthorized()
+    return decode_token(settings_of(request), token.strip(), ACCESS_OR_STREAM)
+
+
+async def stream_caller(request: Request) -> StreamCaller:
+    """Authenticate a stream with a short session of its own.
+
+    Deliberately not ``SessionDep``: a yield dependency would keep its session
+    (and a pooled connection) until the endless response ends.
+    """
+    claims = stream_credentials(request)
+    async with request.app.state.sessionmaker() as session:
+        user = await get_user(session, claims.user_id)
+    if user is None:
+        raise Unauthorized("User no longer exists")
+    return StreamCaller(user.id, user.username, user.is_admin, claims.expires_at)
+
+
+StreamCallerDep = Annotated[StreamCaller, Depends(stream_caller)]

@@ -1,0 +1,36 @@
+"""Request and response bodies of the auth endpoints."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+USERNAME_PATTERN = r"^[A-Za-z0-9_.\-]{3,64}$"
+
+
+class RegisterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(pattern=USERNAME_PATTERN, examples=["alice"])
+    password: str = Field(min_length=8, max_length=256, examples=["correct horse battery"])
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    username: str
+    is_admin: bool
+    created_at: datetime
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+
+
+class StreamTokenOut(BaseModel):
+    stream_token: str
+    expires_in: int

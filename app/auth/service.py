@@ -1,0 +1,53 @@
+"""Users: create, authenticate, promote. Services never commit; the caller does."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.passwords import hash_password, verify_password
+from app.errors import Conflict, Unauthorized
+from app.models import User
+
+
+async def get_user(session: AsyncSession, user_id: int) -> User | None:
+    return await session.get(User, user_id)
+
+
+async def get_user_by_name(session: AsyncSession, username: str) -> User | None:
+    result = await session.execute(select(User).where(User.username == username))
+    return result.scalar_one_or_none()
+
+
+async def create_user(
+    session: AsyncSession, username: str, password: str, is_admin: bool = False
+) -> User:
+    """Insert a user; a taken name is a 409 even when two requests race for it."""
+    user = User(username=username, password_hash=hash_password(password), is_admin=is_admin)
+    session.add(user)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"Username {username!r} is taken") from exc
+    await session.refresh(user)
+    return user
+
+
+async def authenticate(session: AsyncSession, username: str, password: str) -> User:
+    """The same 401 for an unknown user and a wrong password, in the same time."""
+    user = await get_user_by_name(session, username)
+    if not verify_password(password, user.password_hash if user else None) or user is None:
+        raise Unauthorized("Incorrect username or password")
+    return user
+
+
+async def ensure_admin(session: AsyncSession, username: str, password: str) -> User:
+    """Create ``username`` as an admin, or promote it and reset its password."""
+    user = await get_user_by_name(session, username)
+    if user is None:
+        return await create_user(session, username, password, is_admin=True)
+    user.is_admin = True
+    user.password_hash = hash_password(password)
+    await session.flush()
+    return user

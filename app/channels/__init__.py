@@ -1,0 +1,1 @@
+"""Channels, private membership and per-user subscriptions."""

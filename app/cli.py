@@ -1,0 +1,131 @@
+"""``ssehub serve | migrate | create-admin``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.config import Settings, ensure_secret_key
+
+log = logging.getLogger("ssehub")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[Settings]:
+    """Settings with a database URL: the configured one, or the embedded Postgres.
+
+    The embedded server is started here, in the parent process, so that every
+    worker shares it; it is stopped when the block exits.
+    """
+    if settings.database_url:
+        yield settings
+        return
+    from app.db import start_embedded_postgres
+
+    url, server = start_embedded_postgres(settings.data_dir)
+    try:
+        yield settings.model_copy(update={"database_url": url})
+    finally:
+        server.cleanup()
+
+
+def migrate(settings: Settings) -> None:
+    """``alembic upgrade head`` against ``settings.database_url``."""
+    from alembic import command
+    from alembic.config import Config
+
+    assert settings.database_url
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.database_url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+async def _ensure_admin(settings: Settings, username: str, password: str) -> bool:
+    """Create or promote ``username``; returns whether it existed before."""
+    from app.auth.service import ensure_admin, get_user_by_name
+    from app.db import create_engine, create_sessionmaker
+
+    assert settings.database_url
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            existed = await get_user_by_name(session, username) is not None
+            await ensure_admin(session, username, password)
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return existed
+
+
+def serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Migrate, bootstrap the admin, then run uvicorn with the app factory."""
+    from app.realtime.server import run_server
+
+    migrate(settings)
+    if settings.admin_username and settings.admin_password:
+        asyncio.run(_ensure_admin(settings, settings.admin_username, settings.admin_password))
+    # Workers build their app from the environment: hand them the resolved values.
+    assert settings.database_url and settings.secret_key
+    os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
+    os.environ["SSEHUB_SECRET_KEY"] = settings.secret_key
+    run_server(host=host, port=port, workers=workers)
+
+
+def create_admin(settings: Settings, username: str) -> None:
+    from app.auth.schemas import RegisterIn
+
+    password = os.environ.get("SSEHUB_ADMIN_PASSWORD") or getpass.getpass(
+        f"Password for {username}: "
+    )
+    try:
+        RegisterIn(username=username, password=password)
+    except ValueError as exc:
+        sys.exit(f"invalid admin account: {exc}")
+    migrate(settings)
+    existed = asyncio.run(_ensure_admin(settings, username, password))
+    print(f"{'promoted' if existed else 'created'} admin {username}")
+
+
+def configure_logging() -> None:
+    """Our own lines and uvicorn's at INFO; the embedded Postgres and Alembic's plugins quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(message)s")
+    for name in ("ssehub", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", module="platformdirs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ssehub", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_p = commands.add_parser("serve", help="apply migrations, then serve HTTP")
+    serve_p.add_argument("--host", default="127.0.0.1")
+    serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--workers", type=int, default=1)
+    commands.add_parser("migrate", help="apply the Alembic migrations and exit")
+    admin_p = commands.add_parser("create-admin", help="create or promote an admin")
+    admin_p.add_argument("username")
+    args = parser.parse_args(argv)
+
+    configure_logging()
+    settings = ensure_secret_key(Settings())
+    with database(settings) as settings:
+        if args.command == "serve":
+            serve(settings, args.host, args.port, args.workers)
+        elif args.command == "migrate":
+            migrate(settings)
+        else:
+            create_admin(settings, args.username)
+
+
+if __name__ == "__main__":
+    main()

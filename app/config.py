@@ -1,0 +1,68 @@
+"""Settings: every ``SSEHUB_*`` variable of the public contract, in one place.
+
+Values come from the environment and a ``.env`` file. ``.env.example`` lists
+each one with its default; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+from pydantic import Field, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("ssehub")
+
+SECRET_FILE = "secret_key"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; built once and handed to ``create_app``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SSEHUB_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str | None = None
+    data_dir: Path = Path("./.ssehub")
+    secret_key: str | None = None
+    access_token_ttl_seconds: PositiveInt = 3600
+    stream_token_ttl_seconds: PositiveInt = 3600
+    admin_username: str | None = None
+    admin_password: str | None = None
+    registration_open: bool = True
+    heartbeat_seconds: float = Field(default=15, gt=0)
+    max_event_bytes: PositiveInt = 65536
+    max_streams_per_user: PositiveInt = 20
+    cors_origins: str = ""
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The comma-separated ``SSEHUB_CORS_ORIGINS`` as a list."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def ensure_secret_key(settings: Settings) -> Settings:
+    """Return settings with a signing key, generating one into the data dir if unset.
+
+    A generated key survives restarts (so tokens stay valid) but is meant for
+    development only, hence the warning.
+    """
+    if settings.secret_key:
+        return settings
+    path = settings.data_dir / SECRET_FILE
+    if path.exists():
+        key = path.read_text().strip()
+    else:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.touch(mode=0o600)
+        path.write_text(key)
+        log.warning(
+            "SSEHUB_SECRET_KEY is not set: generated a development key into %s. "
+            "Set SSEHUB_SECRET_KEY in production.",
+            path,
+        )
+    return settings.model_copy(update={"secret_key": key})

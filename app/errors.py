@@ -1,0 +1,105 @@
+"""One error base, one handler: every error is JSON ``{"detail": ...}``.
+
+Services raise a subclass of ``SsehubError``; ``install_error_handlers`` renders
+it, and also maps FastAPI's request validation so a body that is not JSON at
+all is a 400 while a JSON body with a bad field is a 422.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ssehub")
+
+
+class SsehubError(Exception):
+    status_code = 400
+    headers: dict[str, str] | None = None
+
+    def __init__(self, detail: Any = None) -> None:
+        super().__init__(detail)
+        self.detail = detail if detail is not None else self.default_detail()
+
+    def default_detail(self) -> str:
+        return type(self).__name__
+
+
+class BadRequest(SsehubError):
+    status_code = 400
+
+
+class Unauthorized(SsehubError):
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+    def default_detail(self) -> str:
+        return "Not authenticated"
+
+
+class Forbidden(SsehubError):
+    status_code = 403
+
+
+class NotFound(SsehubError):
+    status_code = 404
+
+
+class Conflict(SsehubError):
+    status_code = 409
+
+
+class PayloadTooLarge(SsehubError):
+    status_code = 413
+
+
+class Invalid(SsehubError):
+    status_code = 422
+
+
+class TooManyRequests(SsehubError):
+    status_code = 429
+
+
+def error_response(
+    status: int, detail: Any, headers: Mapping[str, str] | None = None
+) -> ORJSONResponse:
+    return ORJSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def _ssehub_error(_: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, SsehubError)
+    return error_response(exc.status_code, exc.detail, exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "Request body is not valid JSON")
+    return error_response(422, _jsonable(errors))
+
+
+async def _http_error(_: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, exc.detail, exc.headers)
+
+
+def _jsonable(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors may carry exception objects in ``ctx``; keep only what serialises."""
+    return [
+        {k: v for k, v in e.items() if k in ("type", "loc", "msg", "input") and k != "input"}
+        for e in errors
+    ]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SsehubError, _ssehub_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,1 @@
+"""The event log: the ordered write path, history, retention."""

@@ -1,0 +1,83 @@
+"""``create_app(settings)``: wiring and lifespan, nothing else.
+
+The lifespan builds the shared objects once per process and hangs them on
+``app.state``: the engine and sessionmaker, the metrics, then (in this order)
+the event log's writer and retention (``app.events.lifespan``) and the
+real-time side, hub and broker (``app.realtime.lifespan``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import ORJSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from app import ops
+from app.auth.routes import router as auth_router
+from app.channels.routes import router as channels_router
+from app.config import Settings, ensure_secret_key
+from app.db import create_engine, create_sessionmaker
+from app.errors import install_error_handlers
+from app.events import lifespan as events_lifespan
+from app.events.routes import router as events_router
+from app.logs import install_token_redaction
+from app.metrics import Metrics
+from app.realtime import lifespan as realtime_lifespan
+from app.realtime.routes import router as realtime_router
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the ASGI app; ``settings.database_url`` must be resolved already."""
+    if not settings.database_url:
+        raise ValueError(
+            "create_app needs settings.database_url (the CLI resolves the embedded one)"
+        )
+    settings = ensure_secret_key(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_token_redaction()
+        assert settings.database_url
+        engine = create_engine(settings.database_url)
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(engine.dispose)
+            await stack.enter_async_context(events_lifespan.running(app))
+            await stack.enter_async_context(realtime_lifespan.running(app))
+            yield
+
+    app = FastAPI(
+        title="ssehub",
+        summary="Server-Sent Events with JWT auth, Postgres channels and exact resume",
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["*"],
+        )
+    for router in (ops.router, auth_router, channels_router, events_router, realtime_router):
+        app.include_router(router)
+    if STATIC_DIR.joinpath("index.html").exists():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and the CLI's workers: settings from the environment."""
+    return create_app(Settings())

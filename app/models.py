@@ -1,0 +1,103 @@
+"""Tables. Migrations in ``migrations/versions`` create exactly these.
+
+Events keep ``data`` as the compact JSON text the publisher sent, so a frame
+can be built by splicing strings, without decoding and re-encoding.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    is_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    private: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    max_events: Mapped[int | None] = mapped_column(Integer)
+    max_age_seconds: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Every event of this channel with an id at or below this has been removed
+    # by retention; a resume position below it gets ``ssehub.truncated``.
+    pruned_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class ChannelMember(Base):
+    __tablename__ = "channel_members"
+
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        # "events of these channels after id N", in id order: replay and history.
+        Index("ix_events_channel_id_id", "channel_id", "id"),
+        # Retention by age and expiry of idempotency keys.
+        Index("ix_events_published_at", "published_at"),
+        Index(
+            "uq_events_channel_idempotency_key",
+            "channel_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[str] = mapped_column(Text)  # compact JSON text, spliced into frames as is
+    published_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))

@@ -1,0 +1,1 @@
+"""Live delivery: hub, subscribers, the cross-instance broker, SSE framing and routes."""

@@ -1,0 +1,187 @@
+"""Test plumbing shared by every suite: databases, real server processes, API helpers.
+
+Everything here talks to real parts: a real Postgres (``SSEHUB_TEST_DATABASE_URL``
+or the embedded one), and ``ssehub serve`` running as a subprocess on a free
+port, reached over a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.db import asyncpg_dsn
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-0123456789"
+ADMIN_PASSWORD = "admin-password-1"
+TABLES = ("events", "subscriptions", "channel_members", "channels", "users")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead (query string kept)."""
+    base, _, query = url.partition("?")
+    head = base.rsplit("/", 1)[0]
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+async def _admin_execute(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_database(server_url: str, name: str) -> str:
+    asyncio.run(_admin_execute(server_url, f'CREATE DATABASE "{name}"'))
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    asyncio.run(_admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def unique_name(prefix: str = "ssehub_test") -> str:
+    return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+async def sql(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one query against the test database and return its rows."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
+    finally:
+        await conn.close()
+
+
+def truncate_all(url: str) -> None:
+    """Empty every table. Identities are *not* restarted: event ids keep growing,
+    as they do in production, so a running server's cursors stay meaningful."""
+    asyncio.run(sql(url, f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+
+
+def make_admin(url: str, username: str = "admin", password: str = ADMIN_PASSWORD) -> None:
+    from app.auth.service import ensure_admin
+    from app.db import create_engine, create_sessionmaker
+
+    async def run() -> None:
+        engine = create_engine(url, pool_size=1)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                await ensure_admin(session, username, password)
+                await session.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+@dataclass
+class Server:
+    """``ssehub serve`` in a subprocess on a free port."""
+
+    database_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Server:
+        env = {
+            **os.environ,
+            "SSEHUB_DATABASE_URL": self.database_url,
+            "SSEHUB_SECRET_KEY": TEST_SECRET,
+            "SSEHUB_DATA_DIR": str(ROOT / ".ssehub-test" / "data"),
+            **self.env,
+        }
+        self.log_path = ROOT / ".ssehub-test" / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)]
+        cmd += ["--workers", str(self.workers)]
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, timeout: float = 10) -> float:
+        """SIGTERM, wait for exit; returns how long the exit took."""
+        if self.process is None or self.process.poll() is not None:
+            return 0.0
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return time.monotonic() - started
+
+
+class Api:
+    """A thin httpx client with the calls every test needs."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = httpx.Client(base_url=base_url, timeout=30)
+
+    def register(self, username: str, password: str = "password-123") -> httpx.Response:
+        return self.http.post("/auth/register", json={"username": username, "password": password})
+
+    def login(self, username: str, password: str = "password-123") -> str:
+        r = self.http.post("/auth/token", data={"username": username, "password": password})
+        assert r.status_code == 200, r.text
+        token: str = r.json()["access_token"]
+        return token
+
+    def user(self, username: str, password: str = "password-123") -> dict[str, str]:
+        """Register ``username`` and return its auth headers."""
+        r = self.register(username, password)
+        assert r.status_code == 201, r.text
+        return auth(self.login(username, password))
+
+    def admin(self) -> dict[str, str]:
+        return auth(self.login("admin", ADMIN_PASSWORD))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
