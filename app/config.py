@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_event_bytes: PositiveInt = 65536
     max_streams_per_user: PositiveInt = 20
     cors_origins: str = ""
+    # Not in the public contract's list: how often history bounds are enforced.
+    retention_interval_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -1,5 +1,113 @@
-"""Placeholder router; issue 3 fills it in."""
+"""``/channels``, ``/channels/{name}/members`` and ``/me/subscriptions``."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from app.auth.deps import AdminUser, CurrentUser
+from app.channels import service
+from app.channels.schemas import (
+    ChannelIn,
+    ChannelOut,
+    ChannelPatch,
+    MemberOut,
+    SubscriptionOut,
+)
+from app.db import SessionDep
 
 router = APIRouter(tags=["channels"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+@router.post("/channels", status_code=201, response_model=ChannelOut)
+async def create_channel(body: ChannelIn, session: SessionDep, _: AdminUser) -> ChannelOut:
+    """Create a channel (admin)."""
+    channel = await service.create_channel(session, body)
+    return (await service.describe(session, [channel]))[0]
+
+
+@router.get("/channels", response_model=list[ChannelOut])
+async def list_channels(
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Limit = 100,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> list[ChannelOut]:
+    """The channels the caller can read, in name order; page with ``after``."""
+    channels = await service.list_readable(session, user.id, user.is_admin, after, limit)
+    return await service.describe(session, channels)
+
+
+@router.get("/channels/{name}", response_model=ChannelOut)
+async def get_channel(name: str, session: SessionDep, user: CurrentUser) -> ChannelOut:
+    """One channel the caller can read."""
+    channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
+    return (await service.describe(session, [channel]))[0]
+
+
+@router.patch("/channels/{name}", response_model=ChannelOut)
+async def patch_channel(
+    name: str, body: ChannelPatch, session: SessionDep, _: AdminUser
+) -> ChannelOut:
+    """Change description, privacy or history bounds (admin)."""
+    channel = await service.get_channel(session, name)
+    await service.update_channel(session, channel, body.model_dump(exclude_unset=True))
+    return (await service.describe(session, [channel]))[0]
+
+
+@router.delete("/channels/{name}", status_code=204)
+async def delete_channel(name: str, session: SessionDep, _: AdminUser) -> Response:
+    """Delete a channel with its events, members and subscriptions (admin)."""
+    await service.delete_channel(session, await service.get_channel(session, name))
+    return Response(status_code=204)
+
+
+@router.get("/channels/{name}/members", response_model=list[MemberOut])
+async def list_members(name: str, session: SessionDep, _: AdminUser) -> list[MemberOut]:
+    """Members of a channel (admin)."""
+    channel = await service.get_channel(session, name)
+    rows = await service.list_members(session, channel)
+    return [MemberOut(username=u, created_at=at) for u, at in rows]
+
+
+@router.put("/channels/{name}/members/{username}", status_code=204)
+async def add_member(name: str, username: str, session: SessionDep, _: AdminUser) -> Response:
+    """Let a user read a private channel (admin)."""
+    await service.add_member(session, await service.get_channel(session, name), username)
+    return Response(status_code=204)
+
+
+@router.delete("/channels/{name}/members/{username}", status_code=204)
+async def remove_member(name: str, username: str, session: SessionDep, _: AdminUser) -> Response:
+    """Revoke a member; its open streams stop carrying the channel (admin)."""
+    await service.remove_member(session, await service.get_channel(session, name), username)
+    return Response(status_code=204)
+
+
+@router.get("/me/subscriptions", response_model=list[SubscriptionOut])
+async def my_subscriptions(session: SessionDep, user: CurrentUser) -> list[SubscriptionOut]:
+    """The caller's stored subscriptions."""
+    rows = await service.subscriptions_of(session, user.id)
+    return [SubscriptionOut(channel=c, created_at=at) for c, at in rows]
+
+
+@router.put("/me/subscriptions/{name}", response_model=SubscriptionOut)
+async def subscribe(
+    name: str, session: SessionDep, user: CurrentUser, response: Response
+) -> SubscriptionOut:
+    """Subscribe: 201 when new, 200 when already there."""
+    channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
+    created = await service.subscribe(session, user.id, channel)
+    response.status_code = 201 if created else 200
+    rows = await service.subscriptions_of(session, user.id)
+    return next(SubscriptionOut(channel=c, created_at=at) for c, at in rows if c == name)
+
+
+@router.delete("/me/subscriptions/{name}", status_code=204)
+async def unsubscribe(name: str, session: SessionDep, user: CurrentUser) -> Response:
+    """Unsubscribe (204 also when there was no subscription)."""
+    channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
+    await service.unsubscribe(session, user.id, channel)
+    return Response(status_code=204)

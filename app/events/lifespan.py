@@ -1,11 +1,29 @@
-"""Start and stop the event log's background parts. Placeholder; issue 3 fills it in."""
+"""Start and stop the event log's background parts: the writer and retention."""
 
+from __future__ import annotations
+
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.events import retention
+from app.events.publisher import Publisher
+
 
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
-    yield
+    publisher = Publisher(app.state.engine, app.state.metrics)
+    publisher.start()
+    app.state.publisher = publisher
+    interval = app.state.settings.retention_interval_seconds
+    sweeper = asyncio.create_task(retention.run(app.state.engine, interval), name="retention")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await publisher.stop()

@@ -89,3 +89,20 @@ async def last_event_id(conn: Any) -> int:
     """The highest committed id, or 0: where a fresh tail starts."""
     value = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
     return int(value)
+
+
+async def retention_state(
+    conn: Any, channel_ids: Sequence[int]
+) -> dict[int, tuple[int, int | None]]:
+    """Per channel: ``pruned_through`` and the oldest retained id (or None).
+
+    A resume position below ``pruned_through`` is older than the channel's
+    retained history: the stream says so with ``ssehub.truncated``.
+    """
+    rows = await conn.fetch(
+        "SELECT c.id, c.pruned_through, "
+        "(SELECT min(e.id) FROM events e WHERE e.channel_id = c.id) "
+        "FROM channels c WHERE c.id = ANY($1::bigint[])",
+        list(channel_ids),
+    )
+    return {r[0]: (int(r[1]), r[2]) for r in rows}

@@ -1,5 +1,146 @@
-"""Placeholder router; issue 3 fills it in."""
+"""Publishing (single and batch) and history of a channel.
 
-from fastapi import APIRouter
+Responses are built from ``StoredEvent.to_json()`` so ``data`` goes out as
+stored, byte for byte, without a decode/encode round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from app.auth.deps import AdminUser, CurrentUser, SettingsDep
+from app.channels.service import get_channel, get_readable_channel
+from app.db import SessionDep, raw_connection
+from app.errors import BadRequest, PayloadTooLarge
+from app.events.log import StoredEvent, read_after
+from app.events.publisher import NewEvent, Publisher
+from app.events.schemas import MAX_BATCH, BatchIn, EventIn
 
 router = APIRouter(tags=["events"])
+JSON = "application/json"
+M = TypeVar("M", bound=BaseModel)
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body we parse ourselves (see ``app.events.schemas``)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {"required": True, "content": {JSON: {"schema": schema}}},
+    }
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The raw body parsed by orjson: 413 past ``limit`` bytes, 400 if not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body larger than {limit} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}") from exc
+
+
+def _validate(model: type[M], value: Any) -> M:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from exc
+
+
+def _new_event(event: EventIn, max_bytes: int) -> NewEvent:
+    data = orjson.dumps(event.data).decode()
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"data is {len(data)} bytes as compact JSON; the limit is {max_bytes}"
+        )
+    return NewEvent(event.type, data)
+
+
+def _body_limit(max_event_bytes: int, events: int) -> int:
+    """Room for ``events`` events at the size limit, with whitespace and envelope."""
+    return events * (2 * max_event_bytes + 1024) + 65536
+
+
+def _publisher(request: Request) -> Publisher:
+    publisher: Publisher = request.app.state.publisher
+    return publisher
+
+
+@router.post(
+    "/channels/{name}/events",
+    status_code=201,
+    openapi_extra=_body_schema(EventIn),
+    responses={200: {"description": "An earlier publish with the same Idempotency-Key"}},
+)
+async def publish(
+    name: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _: AdminUser,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Publish one event (admin). Retrying with the same Idempotency-Key within 24 h
+    answers 200 with the first event."""
+    body = _validate(EventIn, await _read_json(request, _body_limit(settings.max_event_bytes, 1)))
+    item = _new_event(body, settings.max_event_bytes)
+    channel = await get_channel(session, name)
+    # Give the connection back before waiting on the writer, which needs one too.
+    await session.commit()
+    events, created = await _publisher(request).publish(
+        channel.id, channel.name, [item], idempotency_key
+    )
+    return Response(events[0].to_json(), status_code=201 if created else 200, media_type=JSON)
+
+
+@router.post("/channels/{name}/events/batch", status_code=201, openapi_extra=_body_schema(BatchIn))
+async def publish_batch(
+    name: str, request: Request, session: SessionDep, settings: SettingsDep, _: AdminUser
+) -> Response:
+    """Publish 1 to 1000 events at once (admin): all or nothing, ids in the order given."""
+    limit = _body_limit(settings.max_event_bytes, MAX_BATCH)
+    body = _validate(BatchIn, await _read_json(request, limit))
+    items = [_new_event(e, settings.max_event_bytes) for e in body.events]
+    channel = await get_channel(session, name)
+    await session.commit()
+    events, _created = await _publisher(request).publish(channel.id, channel.name, items, None)
+    return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
+
+
+@router.get("/channels/{name}/events")
+async def history(
+    name: str,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    """Retained events after ``after``, ascending; ``next_after`` is the cursor
+    for the next page, or null when there is nothing more."""
+    channel = await get_readable_channel(session, user.id, user.is_admin, name)
+    await session.commit()
+    async with raw_connection(request.app.state.engine) as conn:
+        events = await read_after(conn, [channel.id], after, limit + 1)
+    more = len(events) > limit
+    events = events[:limit]
+    next_after = str(events[-1].id).encode() if more else b"null"
+    return Response(
+        b'{"events":' + _json_list(events) + b',"next_after":' + next_after + b"}",
+        media_type=JSON,
+    )
+
+
+def _json_list(events: list[StoredEvent]) -> bytes:
+    return b"[" + b",".join(e.to_json() for e in events) + b"]"

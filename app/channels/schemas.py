@@ -1,0 +1,50 @@
+"""Request and response bodies of channels, members and subscriptions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+CHANNEL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+
+
+class ChannelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=CHANNEL_NAME_PATTERN, examples=["news"])
+    description: str = Field(default="", max_length=1000)
+    private: bool = False
+    max_events: PositiveInt | None = None
+    max_age_seconds: PositiveInt | None = None
+
+
+class ChannelPatch(BaseModel):
+    """Only the fields present are changed; ``null`` clears a bound."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = Field(default=None, max_length=1000)
+    private: bool | None = None
+    max_events: PositiveInt | None = None
+    max_age_seconds: PositiveInt | None = None
+
+
+class ChannelOut(BaseModel):
+    name: str
+    description: str
+    private: bool
+    max_events: int | None
+    max_age_seconds: int | None
+    created_at: datetime
+    last_event_id: int | None
+
+
+class MemberOut(BaseModel):
+    username: str
+    created_at: datetime
+
+
+class SubscriptionOut(BaseModel):
+    channel: str
+    created_at: datetime

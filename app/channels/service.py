@@ -1,0 +1,219 @@
+"""Channels, members and subscriptions. Services take a session and never commit.
+
+Who may read a channel: everyone if it is public, its members if it is
+private, and admins always. A channel the caller may not read is reported
+exactly like a missing one (404), so private names do not leak.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.service import get_user_by_name
+from app.channels.schemas import ChannelIn, ChannelOut
+from app.errors import Conflict, NotFound
+from app.models import Channel, ChannelMember, Event, Subscription, User
+from app.notify import notify_control
+
+
+def _readable_by(user_id: int) -> Any:
+    """SQL condition: the channel is public or ``user_id`` is a member."""
+    member = exists().where(
+        ChannelMember.channel_id == Channel.id, ChannelMember.user_id == user_id
+    )
+    return (Channel.private.is_(False)) | member
+
+
+async def get_channel(session: AsyncSession, name: str) -> Channel:
+    """Any channel by name (admin paths); 404 if missing."""
+    channel = (
+        await session.execute(select(Channel).where(Channel.name == name))
+    ).scalar_one_or_none()
+    if channel is None:
+        raise NotFound(f"Channel {name!r} not found")
+    return channel
+
+
+async def get_readable_channel(
+    session: AsyncSession, user_id: int, is_admin: bool, name: str
+) -> Channel:
+    """The channel if the caller may read it, else the same 404 as a missing one."""
+    query = select(Channel).where(Channel.name == name)
+    if not is_admin:
+        query = query.where(_readable_by(user_id))
+    channel = (await session.execute(query)).scalar_one_or_none()
+    if channel is None:
+        raise NotFound(f"Channel {name!r} not found")
+    return channel
+
+
+async def can_read(session: AsyncSession, user_id: int, is_admin: bool, channel_id: int) -> bool:
+    query = select(Channel.id).where(Channel.id == channel_id)
+    if not is_admin:
+        query = query.where(_readable_by(user_id))
+    return (await session.execute(query)).first() is not None
+
+
+async def list_readable(
+    session: AsyncSession, user_id: int, is_admin: bool, after: str | None, limit: int
+) -> list[Channel]:
+    query = select(Channel).order_by(Channel.name).limit(limit)
+    if after is not None:
+        query = query.where(Channel.name > after)
+    if not is_admin:
+        query = query.where(_readable_by(user_id))
+    return list((await session.execute(query)).scalars())
+
+
+async def last_event_ids(session: AsyncSession, channel_ids: list[int]) -> dict[int, int]:
+    """Highest retained event id per channel (one index probe each)."""
+    if not channel_ids:
+        return {}
+    rows = await session.execute(
+        select(Event.channel_id, func.max(Event.id))
+        .where(Event.channel_id.in_(channel_ids))
+        .group_by(Event.channel_id)
+    )
+    return {cid: int(mx) for cid, mx in rows.tuples()}
+
+
+async def describe(session: AsyncSession, channels: list[Channel]) -> list[ChannelOut]:
+    """Channel objects of the API, with ``last_event_id``."""
+    last = await last_event_ids(session, [c.id for c in channels])
+    return [
+        ChannelOut(
+            name=c.name,
+            description=c.description,
+            private=c.private,
+            max_events=c.max_events,
+            max_age_seconds=c.max_age_seconds,
+            created_at=c.created_at,
+            last_event_id=last.get(c.id),
+        )
+        for c in channels
+    ]
+
+
+async def create_channel(session: AsyncSession, body: ChannelIn) -> Channel:
+    channel = Channel(**body.model_dump())
+    session.add(channel)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"Channel {body.name!r} exists") from exc
+    await session.refresh(channel)
+    return channel
+
+
+async def update_channel(session: AsyncSession, channel: Channel, changes: dict[str, Any]) -> None:
+    """Apply a PATCH; a channel turning private re-checks every open stream's access."""
+    became_private = changes.get("private") is True and not channel.private
+    for field, value in changes.items():
+        if field == "description" and value is None:
+            value = ""
+        if field == "private" and value is None:
+            continue
+        setattr(channel, field, value)
+    await session.flush()
+    await session.refresh(channel)
+    if became_private:
+        await notify_control(session, "access_changed", channel_id=channel.id, channel=channel.name)
+
+
+async def delete_channel(session: AsyncSession, channel: Channel) -> None:
+    """Events, members and subscriptions go with it (foreign keys cascade)."""
+    await notify_control(session, "channel_deleted", channel_id=channel.id, channel=channel.name)
+    await session.delete(channel)
+    await session.flush()
+
+
+async def _user(session: AsyncSession, username: str) -> User:
+    user = await get_user_by_name(session, username)
+    if user is None:
+        raise NotFound(f"User {username!r} not found")
+    return user
+
+
+async def add_member(session: AsyncSession, channel: Channel, username: str) -> None:
+    user = await _user(session, username)
+    await session.execute(
+        insert(ChannelMember)
+        .values(channel_id=channel.id, user_id=user.id)
+        .on_conflict_do_nothing()
+    )
+
+
+async def remove_member(session: AsyncSession, channel: Channel, username: str) -> None:
+    user = await _user(session, username)
+    result = await session.execute(
+        delete(ChannelMember).where(
+            ChannelMember.channel_id == channel.id, ChannelMember.user_id == user.id
+        )
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
+        await notify_control(session, "access_changed", channel_id=channel.id, channel=channel.name)
+
+
+async def list_members(session: AsyncSession, channel: Channel) -> list[tuple[str, Any]]:
+    rows = await session.execute(
+        select(User.username, ChannelMember.created_at)
+        .join(ChannelMember, ChannelMember.user_id == User.id)
+        .where(ChannelMember.channel_id == channel.id)
+        .order_by(User.username)
+    )
+    return list(rows.tuples())
+
+
+async def subscriptions_of(session: AsyncSession, user_id: int) -> list[tuple[str, Any]]:
+    rows = await session.execute(
+        select(Channel.name, Subscription.created_at)
+        .join(Subscription, Subscription.channel_id == Channel.id)
+        .where(Subscription.user_id == user_id)
+        .order_by(Channel.name)
+    )
+    return list(rows.tuples())
+
+
+async def subscribed_channels(session: AsyncSession, user_id: int, is_admin: bool) -> list[Channel]:
+    """The caller's stored subscriptions that it can still read: what ``/stream`` carries."""
+    query = (
+        select(Channel)
+        .join(Subscription, Subscription.channel_id == Channel.id)
+        .where(Subscription.user_id == user_id)
+    )
+    if not is_admin:
+        query = query.where(_readable_by(user_id))
+    return list((await session.execute(query)).scalars())
+
+
+async def subscribe(session: AsyncSession, user_id: int, channel: Channel) -> bool:
+    """Store a subscription; returns whether it is new. Open streams learn of it."""
+    result = await session.execute(
+        insert(Subscription)
+        .values(user_id=user_id, channel_id=channel.id)
+        .on_conflict_do_nothing()
+        .returning(Subscription.user_id)
+    )
+    created = result.first() is not None
+    if created:
+        await notify_control(
+            session, "subscribed", user_id=user_id, channel_id=channel.id, channel=channel.name
+        )
+    return created
+
+
+async def unsubscribe(session: AsyncSession, user_id: int, channel: Channel) -> None:
+    result = await session.execute(
+        delete(Subscription).where(
+            Subscription.user_id == user_id, Subscription.channel_id == channel.id
+        )
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
+        await notify_control(
+            session, "unsubscribed", user_id=user_id, channel_id=channel.id, channel=channel.name
+        )
