@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ssehub")
@@ -69,16 +69,16 @@ class TooManyRequests(SsehubError):
 
 def error_response(
     status: int, detail: Any, headers: Mapping[str, str] | None = None
-) -> ORJSONResponse:
-    return ORJSONResponse({"detail": detail}, status_code=status, headers=headers)
+) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _ssehub_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _ssehub_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SsehubError)
     return error_response(exc.status_code, exc.detail, exc.headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -86,7 +86,7 @@ async def _validation_error(_: Request, exc: Exception) -> ORJSONResponse:
     return error_response(422, _jsonable(errors))
 
 
-async def _http_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, exc.detail, exc.headers)
 

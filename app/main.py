@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app import ops
@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="ssehub",
         summary="Server-Sent Events with JWT auth, Postgres channels and exact resume",
-        default_response_class=ORJSONResponse,
+        default_response_class=JSONResponse,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -19,12 +19,12 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """200 when the database answers and the cross-instance listener is up, else 503."""
     database = await _database_ok(request)
     listener = bool(request.app.state.broker.listening)
     ok = database and listener
-    return ORJSONResponse(
+    return JSONResponse(
         {"status": "ok" if ok else "unavailable", "database": database, "listener": listener},
         status_code=200 if ok else 503,
     )

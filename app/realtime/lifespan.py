@@ -1,13 +1,62 @@
-"""Start and stop the hub and broker. Placeholder; issue 4 fills it in."""
+"""Start and stop the hub and the broker; end streams as soon as shutdown begins."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from types import SimpleNamespace
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
+
+from app.realtime.broker import Broker
+from app.realtime.hub import Hub
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
-    app.state.broker = SimpleNamespace(listening=False)
-    yield
+    settings = app.state.settings
+    hub = Hub(app.state.metrics, settings.max_streams_per_user)
+    broker = Broker(settings.database_url, app.state.engine, hub)
+    await broker.start()
+    app.state.hub, app.state.broker = hub, broker
+    try:
+        with streams_closed_on_signal(hub):
+            yield
+    finally:
+        hub.close_all("shutdown")
+        await broker.stop()
+
+
+@contextmanager
+def streams_closed_on_signal(hub: Hub) -> Iterator[None]:
+    """Chain to the server's SIGTERM/SIGINT handlers: first close every stream.
+
+    uvicorn installs its handlers before the lifespan starts; it then waits
+    for open responses, which for streams would be forever.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(hub.close_all, "shutdown")
+        chained: Callable[[int, FrameType | None], Any] | int | None = previous.get(sig)
+        if callable(chained):
+            chained(sig, frame)
+
+    for shutdown_signal in SHUTDOWN_SIGNALS:
+        previous[int(shutdown_signal)] = signal.signal(shutdown_signal, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            if signal.getsignal(number) is handler:
+                signal.signal(number, old)

@@ -1,10 +1,18 @@
-"""Running uvicorn. Placeholder for issue 4, which adds the SIGTERM handling for streams."""
+"""Running uvicorn (``ssehub serve``).
+
+uvicorn alone waits for every response to finish before it exits, and an
+SSE response never finishes: ``app.realtime.lifespan`` chains a handler to
+uvicorn's SIGTERM/SIGINT handler that closes every stream at once, and the
+graceful-shutdown deadline below bounds whatever is left.
+"""
 
 from __future__ import annotations
 
 import uvicorn
 
 from app.logs import install_token_redaction
+
+GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
 def run_server(host: str, port: int, workers: int) -> None:
@@ -15,5 +23,5 @@ def run_server(host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         workers=workers,
-        timeout_graceful_shutdown=4,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )

@@ -1,0 +1,108 @@
+"""The in-process hub: fans each live event out to the subscribers of its channel.
+
+Fan-out encodes a frame once per event and offers the same bytes to every
+subscriber, without awaiting any of them (see ``Subscriber.offer``). The
+hub's ``position`` is the highest id it has fanned out: a stream opened
+without a resume position starts there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from app.errors import TooManyRequests
+from app.events.log import StoredEvent
+from app.metrics import Metrics
+from app.realtime.sse import event_frame, notice_frame
+from app.realtime.subscriber import Subscriber
+
+
+class Hub:
+    def __init__(self, metrics: Metrics, max_streams_per_user: int) -> None:
+        self.position = 0
+        self._metrics = metrics
+        self._max_per_user = max_streams_per_user
+        self._by_channel: defaultdict[int, set[Subscriber]] = defaultdict(set)
+        self._by_user: defaultdict[int, set[Subscriber]] = defaultdict(set)
+
+    def register(self, sub: Subscriber) -> None:
+        """Start routing live events to ``sub``; 429 past the per-user limit."""
+        streams = self._by_user[sub.user_id]
+        if len(streams) >= self._max_per_user:
+            raise TooManyRequests(
+                f"At most {self._max_per_user} open streams per user on this instance"
+            )
+        streams.add(sub)
+        for channel_id in sub.channels:
+            self._by_channel[channel_id].add(sub)
+        self._metrics.streams_open.inc()
+
+    def unregister(self, sub: Subscriber) -> None:
+        streams = self._by_user.get(sub.user_id)
+        if streams is None or sub not in streams:
+            return
+        streams.discard(sub)
+        if not streams:
+            del self._by_user[sub.user_id]
+        for channel_id in sub.channels:
+            self._unroute(sub, channel_id)
+        self._metrics.streams_open.dec()
+
+    def fan_out(self, events: Iterable[StoredEvent]) -> None:
+        """Offer each event, encoded once, to the subscribers of its channel."""
+        overflowed = 0
+        for event in events:
+            subscribers = self._by_channel.get(event.channel_id)
+            if subscribers:
+                frame = event_frame(event)
+                published = event.published_at.timestamp()
+                for sub in subscribers:
+                    if not sub.offer(event.id, frame, published):
+                        overflowed += 1
+            self.position = max(self.position, event.id)
+        if overflowed:
+            self._metrics.slow_reader_catchups.inc(overflowed)
+
+    def add_channel(self, user_id: int, channel_id: int, name: str) -> None:
+        """A new stored subscription: every ``/stream`` of the user carries it from now on."""
+        for sub in self._by_user.get(user_id, ()):
+            if sub.follows_subscriptions and channel_id not in sub.channels:
+                sub.channels[channel_id] = name
+                self._by_channel[channel_id].add(sub)
+
+    def drop_channel(self, user_id: int, channel_id: int) -> None:
+        """A removed subscription: ``/stream`` stops carrying it, without a notice."""
+        for sub in list(self._by_user.get(user_id, ())):
+            if sub.follows_subscriptions and channel_id in sub.channels:
+                del sub.channels[channel_id]
+                self._unroute(sub, channel_id)
+
+    def revoke(self, subscribers: Iterable[Subscriber], channel_id: int, name: str) -> None:
+        """The channel is gone or no longer readable for these subscribers:
+        tell them, stop carrying it, and end single-channel streams."""
+        frame = notice_frame("ssehub.channel_removed", {"channel": name})
+        for sub in list(subscribers):
+            if channel_id not in sub.channels:
+                continue
+            del sub.channels[channel_id]
+            self._unroute(sub, channel_id)
+            sub.notify(frame)
+            if not sub.follows_subscriptions:
+                sub.close("channel removed")
+
+    def subscribers_of(self, channel_id: int) -> list[Subscriber]:
+        return list(self._by_channel.get(channel_id, ()))
+
+    def close_all(self, reason: str) -> None:
+        """End every stream (shutdown): clients reconnect to another instance."""
+        for streams in list(self._by_user.values()):
+            for sub in list(streams):
+                sub.close(reason)
+
+    def _unroute(self, sub: Subscriber, channel_id: int) -> None:
+        subscribers = self._by_channel.get(channel_id)
+        if subscribers is not None:
+            subscribers.discard(sub)
+            if not subscribers:
+                del self._by_channel[channel_id]
