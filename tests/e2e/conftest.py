@@ -1,0 +1,63 @@
+"""Helpers for stream tests: channels, publishing, opening streams on a server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.sse_client import SseStream
+from tests.support import ADMIN_PASSWORD, Api
+
+
+class Hubs:
+    """Admin actions and stream opening against one base URL."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.admin = api.admin()
+        self.opened: list[SseStream] = []
+
+    def channel(self, name: str, **fields: Any) -> None:
+        r = self.api.http.post("/channels", json={"name": name, **fields}, headers=self.admin)
+        assert r.status_code == 201, r.text
+
+    def publish(
+        self, channel: str, data: Any = None, type_: str = "message", base: str | None = None
+    ) -> int:
+        url = f"{base or self.api.base_url}/channels/{channel}/events"
+        r = httpx.post(url, json={"type": type_, "data": data}, headers=self.admin, timeout=30)
+        assert r.status_code == 201, r.text
+        event_id: int = r.json()["id"]
+        return event_id
+
+    def stream_token(self, headers: dict[str, str]) -> str:
+        r = self.api.http.post("/auth/stream-token", headers=headers)
+        assert r.status_code == 200, r.text
+        token: str = r.json()["stream_token"]
+        return token
+
+    def open(self, path: str, token: str, base: str | None = None, **kwargs: Any) -> SseStream:
+        """Open ``path`` with ``?access_token=`` (``path`` may carry its own query)."""
+        sep = "&" if "?" in path else "?"
+        stream = SseStream(f"{base or self.api.base_url}{path}{sep}access_token={token}", **kwargs)
+        self.opened.append(stream)
+        return stream
+
+    def close_all(self) -> None:
+        for stream in self.opened:
+            stream.close()
+
+
+@pytest.fixture
+def hubs(api: Api) -> Iterator[Hubs]:
+    h = Hubs(api)
+    yield h
+    h.close_all()
+
+
+@pytest.fixture
+def admin_token(api: Api) -> str:
+    return api.login("admin", ADMIN_PASSWORD)

@@ -1,0 +1,181 @@
+"""A small SSE client over a raw socket, for tests that need full control.
+
+It reads in a background thread, de-chunks the HTTP body, parses frames, and
+can be cut at any moment (``close``) like a dropped connection. ``paused``
+stops reading from the socket, to play a reader that has stopped reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Frame:
+    id: int | None = None
+    event: str = "message"
+    data: str = ""
+    comment: bool = False
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class SseStream:
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    rcvbuf: int | None = None
+    status: int = 0
+    response_headers: dict[str, str] = field(default_factory=dict)
+    raw: bytearray = field(default_factory=bytearray)
+    frames: list[Frame] = field(default_factory=list)
+    ended: bool = False
+    paused: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        self._sock = socket.socket()
+        if self.rcvbuf:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        self._sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: text/event-stream"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self._lock = threading.Lock()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        if not self._started.wait(10):
+            raise TimeoutError("no response headers")
+
+    # -- reading --------------------------------------------------------------
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while b"\r\n\r\n" not in buf:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            status_line, *header_lines = head.decode().split("\r\n")
+            self.status = int(status_line.split()[1])
+            for line in header_lines:
+                k, _, v = line.partition(":")
+                self.response_headers[k.strip().lower()] = v.strip()
+            self._started.set()
+            chunked = self.response_headers.get("transfer-encoding") == "chunked"
+            body = _Dechunker() if chunked else None
+            text = b""
+            while True:
+                if buf:
+                    data = body.feed(buf) if body else buf
+                    buf = b""
+                    with self._lock:
+                        self.raw += data
+                    text = self._parse(text + data)
+                    if body is not None and body.done:
+                        return
+                while self.paused.is_set():
+                    time.sleep(0.01)
+                buf = self._sock.recv(65536)
+                if not buf:
+                    return
+        except OSError:
+            return
+        finally:
+            self.ended = True
+            self._started.set()
+
+    def _parse(self, text: bytes) -> bytes:
+        *blocks, rest = text.split(b"\n\n")
+        for block in blocks:
+            frame = Frame()
+            lines = block.decode().split("\n")
+            if all(line.startswith(":") for line in lines if line):
+                frame.comment = True
+            for line in lines:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "id":
+                    frame.id = int(value)
+                elif name == "event":
+                    frame.event = value
+                elif name == "data":
+                    frame.data = value
+            with self._lock:
+                self.frames.append(frame)
+        return rest
+
+    # -- asking ---------------------------------------------------------------
+
+    def events(self) -> list[Frame]:
+        with self._lock:
+            return [f for f in self.frames if f.id is not None]
+
+    def ids(self) -> list[int]:
+        return [f.id for f in self.events() if f.id is not None]
+
+    def notices(self, event: str | None = None) -> list[Frame]:
+        with self._lock:
+            return [
+                f
+                for f in self.frames
+                if f.id is None and not f.comment and (event is None or f.event == event)
+            ]
+
+    def wait_for(self, predicate: Callable[[SseStream], bool], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return
+            time.sleep(0.01)
+        ids = self.ids()
+        tail = [(f.id, f.event, f.data[:80]) for f in self.frames[-5:]]
+        raise AssertionError(
+            f"timed out: {len(ids)} events (last ids {ids[-5:]}); last frames {tail}"
+        )
+
+    def wait_ids(self, count: int, timeout: float = 10) -> list[int]:
+        self.wait_for(lambda s: len(s.ids()) >= count, timeout)
+        return self.ids()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(5)
+
+
+class _Dechunker:
+    def __init__(self) -> None:
+        self._buf = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        self._buf += data
+        out = b""
+        while True:
+            line, sep, rest = self._buf.partition(b"\r\n")
+            if not sep:
+                return out
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                self.done = True
+                return out
+            if len(rest) < size + 2:
+                return out
+            out += rest[:size]
+            self._buf = rest[size + 2 :]
