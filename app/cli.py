@@ -7,11 +7,13 @@ import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from app.config import Settings, ensure_secret_key
 
@@ -38,16 +40,22 @@ def database(settings: Settings) -> Iterator[Settings]:
         server.cleanup()
 
 
+def alembic_config(database_url: str) -> Any:
+    """Alembic's config for ``database_url``, wherever the command runs from."""
+    from alembic.config import Config
+
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
 def migrate(settings: Settings) -> None:
     """``alembic upgrade head`` against ``settings.database_url``."""
     from alembic import command
-    from alembic.config import Config
 
     assert settings.database_url
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", settings.database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(settings.database_url), "head")
 
 
 async def _ensure_admin(settings: Settings, username: str, password: str) -> bool:
@@ -67,9 +75,18 @@ async def _ensure_admin(settings: Settings, username: str, password: str) -> boo
     return existed
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """uvicorn re-raises the SIGTERM it handled once it is done; exiting
+    normally here (not dying of the signal) lets ``database()`` stop the
+    embedded Postgres."""
+    raise SystemExit(128 + signum)
+
+
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     """Migrate, bootstrap the admin, then run uvicorn with the app factory."""
     from app.realtime.server import run_server
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     migrate(settings)
     if settings.admin_username and settings.admin_password:

@@ -100,9 +100,13 @@ def make_admin(url: str, username: str = "admin", password: str = ADMIN_PASSWORD
 
 @dataclass
 class Server:
-    """``ssehub serve`` in a subprocess on a free port."""
+    """``ssehub serve`` in a subprocess on a free port.
 
-    database_url: str
+    ``database_url=None`` runs it without ``SSEHUB_DATABASE_URL``: on the
+    embedded Postgres under ``SSEHUB_DATA_DIR`` (pass that in ``env``).
+    """
+
+    database_url: str | None
     env: dict[str, str] = field(default_factory=dict)
     workers: int = 1
     port: int = field(default_factory=free_port)
@@ -116,11 +120,15 @@ class Server:
     def start(self, timeout: float = 30) -> Server:
         env = {
             **os.environ,
-            "SSEHUB_DATABASE_URL": self.database_url,
             "SSEHUB_SECRET_KEY": TEST_SECRET,
             "SSEHUB_DATA_DIR": str(ROOT / ".ssehub-test" / "data"),
             **self.env,
         }
+        if self.database_url is None:
+            env.pop("SSEHUB_DATABASE_URL", None)
+            env.pop("SSEHUB_SECRET_KEY", None)
+        else:
+            env["SSEHUB_DATABASE_URL"] = self.database_url
         self.log_path = ROOT / ".ssehub-test" / f"server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")

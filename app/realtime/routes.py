@@ -49,7 +49,7 @@ def _open(
     return EventStream(state, sub, position, caller.expires_at)
 
 
-@router.get("/stream", response_class=EventStream, responses=STREAM_RESPONSE)
+@router.get("/stream", status_code=200, response_class=EventStream, responses=STREAM_RESPONSE)
 async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> EventStream:
     """Events of every channel the caller is subscribed to, following changes live."""
     resume_position(request)
@@ -58,7 +58,12 @@ async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> Eve
     return _open(request, caller, {c.id: c.name for c in channels}, follows=True)
 
 
-@router.get("/channels/{name}/stream", response_class=EventStream, responses=STREAM_RESPONSE)
+@router.get(
+    "/channels/{name}/stream",
+    status_code=200,
+    response_class=EventStream,
+    responses=STREAM_RESPONSE,
+)
 async def stream_channel(name: str, request: Request, caller: StreamCallerDep) -> EventStream:
     """Events of one channel the caller can read."""
     resume_position(request)

@@ -1,0 +1,190 @@
+"""Every auth path of the contract, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures as cf
+import json
+import time
+
+import jwt
+import pytest
+
+from tests.support import TEST_SECRET, Api, auth, sql
+
+
+def _token(claims: dict[str, object], key: str = TEST_SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=alg)
+
+
+def _claims(user_id: int, **over: object) -> dict[str, object]:
+    now = int(time.time())
+    return {"sub": str(user_id), "iat": now, "exp": now + 60, "scope": "access", **over}
+
+
+def _b64(part: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+
+
+def test_register_returns_the_user(api: Api) -> None:
+    r = api.register("alice")
+    assert r.status_code == 201
+    body = r.json()
+    assert set(body) == {"id", "username", "is_admin", "created_at"}
+    assert body["username"] == "alice" and body["is_admin"] is False
+
+
+def test_duplicate_username_is_409_even_when_racing(api: Api) -> None:
+    with cf.ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(lambda _: api.register("racer").status_code, range(6)))
+    assert codes == [201, 409, 409, 409, 409, 409]
+    assert api.register("racer").json()["detail"]
+
+
+@pytest.mark.parametrize("username", ["ab", "a" * 65, "has space", "at@sign", "ümlaut", ""])
+def test_invalid_usernames_are_422(api: Api, username: str) -> None:
+    assert api.register(username).status_code == 422
+
+
+@pytest.mark.parametrize("password", ["x" * 7, "x" * 257])
+def test_invalid_passwords_are_422(api: Api, password: str) -> None:
+    assert api.register("bob", password).status_code == 422
+
+
+def test_valid_edge_cases_register(api: Api) -> None:
+    assert api.register("a.b-c_D9").status_code == 201
+    assert api.register("x" * 64, "p" * 256).status_code == 201
+    assert api.register("eight", "12345678").status_code == 201
+
+
+def test_malformed_bodies_are_400_or_422_never_500(api: Api) -> None:
+    r = api.http.post(
+        "/auth/register", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "detail" in r.json()
+    r = api.http.post(
+        "/auth/register", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert api.http.post("/auth/register", json=["alice", "pw"]).status_code == 422
+    assert api.http.post("/auth/register", json={"username": "alice"}).status_code == 422
+    big = {"username": "alice", "password": "p" * 5_000_000}
+    assert api.http.post("/auth/register", json=big).status_code in (413, 422)
+    # The token endpoint takes a form; JSON is a clear 422.
+    assert api.http.post("/auth/token", json={"username": "a", "password": "b"}).status_code == 422
+
+
+def test_registration_closed_is_403(start_server) -> None:
+    srv = start_server(SSEHUB_REGISTRATION_OPEN="false")
+    r = Api(srv.url).register("alice")
+    assert r.status_code == 403 and r.json()["detail"]
+
+
+def test_token_and_me(api: Api) -> None:
+    api.register("alice")
+    r = api.http.post("/auth/token", data={"username": "alice", "password": "password-123"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["token_type"] == "bearer" and body["expires_in"] == 3600
+    me = api.http.get("/users/me", headers=auth(body["access_token"])).json()
+    assert me["username"] == "alice" and set(me) == {"id", "username", "is_admin", "created_at"}
+
+
+def test_wrong_password_and_unknown_user_look_the_same(api: Api) -> None:
+    api.register("alice")
+    wrong = api.http.post("/auth/token", data={"username": "alice", "password": "nope-nope"})
+    unknown = api.http.post("/auth/token", data={"username": "ghost", "password": "nope-nope"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json()
+    assert wrong.headers["www-authenticate"] == unknown.headers["www-authenticate"] == "Bearer"
+
+
+def test_stream_token(api: Api) -> None:
+    headers = api.user("alice")
+    r = api.http.post("/auth/stream-token", headers=headers)
+    assert r.status_code == 200
+    assert set(r.json()) == {"stream_token", "expires_in"}
+    claims = jwt.decode(r.json()["stream_token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["scope"] == "stream"
+
+
+def _user_id(api: Api, name: str = "alice") -> int:
+    headers = api.user(name)
+    user_id: int = api.http.get("/users/me", headers=headers).json()["id"]
+    return user_id
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda uid: _token(_claims(uid, exp=int(time.time()) - 5)), id="expired"),
+        pytest.param(lambda uid: _token(_claims(uid), key="another-key-" * 4), id="wrong-key"),
+        pytest.param(
+            lambda uid: f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(_claims(uid))}.",
+            id="alg-none",
+        ),
+        pytest.param(lambda uid: _token(_claims(uid), alg="HS512"), id="hs512"),
+        pytest.param(
+            lambda uid: _token({k: v for k, v in _claims(uid).items() if k != "scope"}),
+            id="no-scope",
+        ),
+        pytest.param(
+            lambda uid: _token({k: v for k, v in _claims(uid).items() if k != "exp"}), id="no-exp"
+        ),
+        pytest.param(lambda uid: _token(_claims(uid, sub="not-a-number")), id="bad-sub"),
+        pytest.param(lambda uid: "garbage", id="garbage"),
+        pytest.param(lambda uid: _token(_claims(uid, scope="admin")), id="unknown-scope"),
+    ],
+)
+def test_bad_tokens_are_401(api: Api, make) -> None:  # type: ignore[no-untyped-def]
+    token = make(_user_id(api))
+    r = api.http.get("/users/me", headers=auth(token))
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "detail" in r.json()
+
+
+def test_a_good_forged_token_works(api: Api) -> None:
+    """The positive control for the cases above: the same forging, done right."""
+    token = _token(_claims(_user_id(api)))
+    assert api.http.get("/users/me", headers=auth(token)).status_code == 200
+
+
+def test_missing_token_is_401(api: Api) -> None:
+    r = api.http.get("/users/me")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_deleted_users_token_is_401(api: Api, database_url: str) -> None:
+    headers = api.user("alice")
+    asyncio.run(sql(database_url, "DELETE FROM users WHERE username = 'alice'"))
+    assert api.http.get("/users/me", headers=headers).status_code == 401
+
+
+def test_stream_token_is_refused_by_rest_endpoints(api: Api) -> None:
+    admin = api.admin()
+    stream_token = api.http.post("/auth/stream-token", headers=admin).json()["stream_token"]
+    for method, path in (
+        ("GET", "/users/me"),
+        ("POST", "/auth/stream-token"),
+        ("GET", "/channels"),
+        ("GET", "/me/subscriptions"),
+    ):
+        r = api.http.request(method, path, headers=auth(stream_token))
+        assert r.status_code == 401, path
+    r = api.http.post("/channels", json={"name": "x"}, headers=auth(stream_token))
+    assert r.status_code == 401
+
+
+def test_admin_bootstrap_from_environment(start_server, database_url: str) -> None:
+    base = Api(start_server().url)
+    base.register("boss")  # an existing non-admin gets promoted
+    srv = start_server(SSEHUB_ADMIN_USERNAME="boss", SSEHUB_ADMIN_PASSWORD="boss-password")
+    api = Api(srv.url)
+    me = api.http.get("/users/me", headers=auth(api.login("boss", "boss-password"))).json()
+    assert me["is_admin"] is True
+    srv2 = start_server(SSEHUB_ADMIN_USERNAME="chief", SSEHUB_ADMIN_PASSWORD="chief-password")
+    api2 = Api(srv2.url)
+    me = api2.http.get("/users/me", headers=auth(api2.login("chief", "chief-password"))).json()
+    assert me["is_admin"] is True

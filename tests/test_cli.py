@@ -1,0 +1,82 @@
+"""The command line: create-admin, migrate, and serve on the embedded Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support import ROOT, TEST_SECRET, Api, Server, sql
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "SSEHUB_SECRET_KEY": TEST_SECRET, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_create_admin_creates_then_promotes(api: Api, database_url: str) -> None:
+    done = _cli(
+        "create-admin",
+        "root-user",
+        SSEHUB_DATABASE_URL=database_url,
+        SSEHUB_ADMIN_PASSWORD="root-password",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "created" in done.stdout
+    token = api.login("root-user", "root-password")
+    assert api.http.get("/users/me", headers={"Authorization": f"Bearer {token}"}).json()[
+        "is_admin"
+    ]
+    api.register("plain")
+    done = _cli(
+        "create-admin",
+        "plain",
+        SSEHUB_DATABASE_URL=database_url,
+        SSEHUB_ADMIN_PASSWORD="new-password",
+    )
+    assert done.returncode == 0 and "promoted" in done.stdout
+    rows = asyncio.run(sql(database_url, "SELECT is_admin FROM users WHERE username = 'plain'"))
+    assert rows[0][0] is True
+
+
+def test_create_admin_refuses_a_weak_password(database_url: str) -> None:
+    done = _cli(
+        "create-admin", "weak", SSEHUB_DATABASE_URL=database_url, SSEHUB_ADMIN_PASSWORD="short"
+    )
+    assert done.returncode != 0
+    rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE username = 'weak'"))
+    assert rows == []
+
+
+def test_serve_on_the_embedded_postgres_reuses_its_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {"SSEHUB_DATA_DIR": str(data_dir)}
+    first = Server(None, env=env).start(timeout=90)
+    try:
+        api = Api(first.url)
+        api.register("keeper")
+        token = api.login("keeper")
+    finally:
+        assert first.stop() < 10
+    assert "generated a development key" in first.log()
+    assert (data_dir / "secret_key").exists()
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    assert not pid_file.exists(), "the embedded Postgres kept running after exit"
+    second = Server(None, env=env).start(timeout=90)
+    try:
+        # Same data, same generated key: the old token still works.
+        r = httpx.get(f"{second.url}/users/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["username"] == "keeper"
+    finally:
+        second.stop()

@@ -1,0 +1,60 @@
+"""Migrations: up from empty, down to empty, and safe when instances start together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+
+from app.cli import alembic_config, migrate
+from app.config import Settings
+from tests.support import ROOT, create_database, drop_database, sql, unique_name
+
+TABLES = {"users", "channels", "channel_members", "subscriptions", "events"}
+
+
+@pytest.fixture
+def empty_database(postgres_server_url: str) -> Iterator[str]:
+    name = unique_name("ssehub_migrations")
+    url = create_database(postgres_server_url, name)
+    yield url
+    drop_database(postgres_server_url, name)
+
+
+def _tables(url: str) -> set[str]:
+    rows = asyncio.run(sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+    return {r[0] for r in rows}
+
+
+def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None:
+    assert _tables(empty_database) == set()
+    migrate(Settings(database_url=empty_database))
+    assert _tables(empty_database) == TABLES | {"alembic_version"}
+    indexes = {r[0] for r in asyncio.run(sql(empty_database, "SELECT indexname FROM pg_indexes"))}
+    assert {"ix_events_channel_id_id", "uq_events_channel_idempotency_key"} <= indexes
+    command.downgrade(alembic_config(empty_database), "base")
+    assert _tables(empty_database) == {"alembic_version"}
+    migrate(Settings(database_url=empty_database))  # and up again
+    assert _tables(empty_database) >= TABLES
+
+
+def test_concurrent_migrations_on_one_database_both_succeed(empty_database: str) -> None:
+    env = {**os.environ, "SSEHUB_DATABASE_URL": empty_database, "SSEHUB_SECRET_KEY": "x" * 40}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert _tables(empty_database) >= TABLES
