@@ -1,0 +1,183 @@
+"""Publishing (single, batch, idempotent) and history."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+
+import pytest
+
+from tests.support import Api
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def admin(api: Api) -> dict[str, str]:
+    headers = api.admin()
+    assert api.http.post("/channels", json={"name": "news"}, headers=headers).status_code == 201
+    return headers
+
+
+def _history(api: Api, admin: dict[str, str], query: str = "") -> dict[str, object]:
+    r = api.http.get(f"/channels/news/events{query}", headers=admin)
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def test_publish_returns_the_event(api: Api, admin: dict[str, str]) -> None:
+    data = {"text": "hé ☃", "nested": [1, 2.5, None, True, {"k": "v"}], "big": 2**63 - 1}
+    r = api.http.post(
+        "/channels/news/events", json={"type": "chat.msg", "data": data}, headers=admin
+    )
+    assert r.status_code == 201
+    event = r.json()
+    assert set(event) == {"id", "channel", "type", "data", "published_at"}
+    assert event["channel"] == "news" and event["type"] == "chat.msg" and event["data"] == data
+    assert TIMESTAMP.match(event["published_at"])
+    assert _history(api, admin)["events"] == [event]
+
+
+@pytest.mark.parametrize("data", [None, 0, "", [], {}, "x" * 100])
+def test_any_json_data(api: Api, admin: dict[str, str], data: object) -> None:
+    r = api.http.post("/channels/news/events", json={"data": data}, headers=admin)
+    assert r.status_code == 201 and r.json()["data"] == data and r.json()["type"] == "message"
+
+
+@pytest.mark.parametrize("type_", ["a" * 65, "", "has space", "ssehub.live", "ssehub.x", "é"])
+def test_invalid_types_are_422(api: Api, admin: dict[str, str], type_: str) -> None:
+    r = api.http.post("/channels/news/events", json={"type": type_, "data": 1}, headers=admin)
+    assert r.status_code == 422
+
+
+def test_valid_types(api: Api, admin: dict[str, str]) -> None:
+    for type_ in ("a:b.c-d_E9", "x" * 64, "ssehubx"):
+        assert (
+            api.http.post(
+                "/channels/news/events", json={"type": type_, "data": 1}, headers=admin
+            ).status_code
+            == 201
+        )
+
+
+def test_bad_bodies(api: Api, admin: dict[str, str]) -> None:
+    post = api.http.post
+    assert post("/channels/news/events", json={"type": "x"}, headers=admin).status_code == 422
+    assert (
+        post("/channels/news/events", json={"data": 1, "extra": 2}, headers=admin).status_code
+        == 422
+    )
+    assert post("/channels/news/events", json=[1], headers=admin).status_code == 422
+    for raw in (b"{", b'{"data": NaN}', b'{"data": Infinity}', b"\xff", b""):
+        assert post("/channels/news/events", content=raw, headers=admin).status_code == 400
+    assert post("/channels/nope/events", json={"data": 1}, headers=admin).status_code == 404
+    assert _history(api, admin)["events"] == []
+
+
+def test_size_limit_on_compact_json(start_server) -> None:
+    api = Api(start_server(SSEHUB_MAX_EVENT_BYTES="100").url)
+    admin = api.admin()
+    api.http.post("/channels", json={"name": "news"}, headers=admin)
+    exact = "x" * 98  # "..." is 100 bytes as compact JSON
+    assert (
+        api.http.post("/channels/news/events", json={"data": exact}, headers=admin).status_code
+        == 201
+    )
+    r = api.http.post("/channels/news/events", json={"data": exact + "x"}, headers=admin)
+    assert r.status_code == 413 and "detail" in r.json()
+    # Whitespace in the request does not count: the limit is on compact JSON.
+    spaced = b'{"data": [1,    2,     3]}'
+    assert api.http.post("/channels/news/events", content=spaced, headers=admin).status_code == 201
+    batch = {"events": [{"data": 1}, {"data": exact + "x"}]}
+    assert (
+        api.http.post("/channels/news/events/batch", json=batch, headers=admin).status_code == 413
+    )
+    assert len(api.http.get("/channels/news/events", headers=admin).json()["events"]) == 2
+
+
+def test_idempotency_key(api: Api, admin: dict[str, str]) -> None:
+    headers = {**admin, "Idempotency-Key": "order-42"}
+    first = api.http.post("/channels/news/events", json={"data": 1}, headers=headers)
+    again = api.http.post("/channels/news/events", json={"data": "different"}, headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json()
+    assert len(_history(api, admin)["events"]) == 1  # type: ignore[arg-type]
+    api.http.post("/channels", json={"name": "other"}, headers=admin)
+    r = api.http.post("/channels/other/events", json={"data": 1}, headers=headers)
+    assert r.status_code == 201  # keys are per channel
+    long_key = {**admin, "Idempotency-Key": "k" * 201}
+    assert (
+        api.http.post("/channels/news/events", json={"data": 1}, headers=long_key).status_code
+        == 422
+    )
+    ok_key = {**admin, "Idempotency-Key": "k" * 200}
+    assert (
+        api.http.post("/channels/news/events", json={"data": 1}, headers=ok_key).status_code == 201
+    )
+
+
+def test_concurrent_retries_publish_once(api: Api, admin: dict[str, str]) -> None:
+    headers = {**admin, "Idempotency-Key": "retry-me"}
+    with cf.ThreadPoolExecutor(16) as pool:
+        responses = list(
+            pool.map(
+                lambda _: api.http.post("/channels/news/events", json={"data": 1}, headers=headers),
+                range(16),
+            )
+        )
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 15 + [201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(_history(api, admin)["events"]) == 1  # type: ignore[arg-type]
+
+
+def test_batch_is_ordered_and_atomic(api: Api, admin: dict[str, str]) -> None:
+    events = [{"type": f"t{i}", "data": i} for i in range(50)]
+    r = api.http.post("/channels/news/events/batch", json={"events": events}, headers=admin)
+    assert r.status_code == 201
+    got = r.json()["events"]
+    assert [e["data"] for e in got] == list(range(50))
+    ids = [e["id"] for e in got]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    bad = [{"data": 1}, {"type": "ssehub.no", "data": 2}]
+    assert (
+        api.http.post(
+            "/channels/news/events/batch", json={"events": bad}, headers=admin
+        ).status_code
+        == 422
+    )
+    for count in (0, 1001):
+        body = {"events": [{"data": 1}] * count}
+        assert (
+            api.http.post("/channels/news/events/batch", json=body, headers=admin).status_code
+            == 422
+        )
+    body = {"events": [{"data": 1}] * 1000}
+    assert api.http.post("/channels/news/events/batch", json=body, headers=admin).status_code == 201
+    assert len(_history(api, admin, "?limit=1000")["events"]) == 1000  # type: ignore[arg-type]
+
+
+def test_history_pages(api: Api, admin: dict[str, str]) -> None:
+    r = api.http.post(
+        "/channels/news/events/batch",
+        json={"events": [{"data": i} for i in range(5)]},
+        headers=admin,
+    )
+    ids = [e["id"] for e in r.json()["events"]]
+    page = _history(api, admin, "?limit=2")
+    assert [e["id"] for e in page["events"]] == ids[:2] and page["next_after"] == ids[1]  # type: ignore[union-attr]
+    page = _history(api, admin, f"?limit=2&after={ids[1]}")
+    assert [e["id"] for e in page["events"]] == ids[2:4] and page["next_after"] == ids[3]  # type: ignore[union-attr]
+    page = _history(api, admin, f"?limit=2&after={ids[3]}")
+    assert [e["id"] for e in page["events"]] == ids[4:] and page["next_after"] is None  # type: ignore[union-attr]
+    assert _history(api, admin, f"?after={ids[4]}") == {"events": [], "next_after": None}
+    for bad in ("limit=0", "limit=1001", "after=-1", "after=x"):
+        assert api.http.get(f"/channels/news/events?{bad}", headers=admin).status_code == 422
+
+
+def test_history_is_for_readers(api: Api, admin: dict[str, str]) -> None:
+    api.http.post("/channels", json={"name": "vip", "private": True}, headers=admin)
+    bob = api.user("bob")
+    assert api.http.get("/channels/vip/events", headers=bob).status_code == 404
+    assert api.http.get("/channels/news/events", headers=bob).status_code == 200
