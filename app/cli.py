@@ -21,6 +21,15 @@ log = logging.getLogger("ssehub")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def migrations_root() -> Path:
+    """Where ``alembic.ini`` and ``migrations/`` are: the source tree (an editable
+    install), else the working directory (the Docker image puts them there)."""
+    for root in (PROJECT_ROOT, Path.cwd()):
+        if (root / "alembic.ini").exists():
+            return root
+    raise SystemExit("alembic.ini not found: run ssehub from the project directory")
+
+
 @contextmanager
 def database(settings: Settings) -> Iterator[Settings]:
     """Settings with a database URL: the configured one, or the embedded Postgres.
@@ -44,8 +53,9 @@ def alembic_config(database_url: str) -> Any:
     """Alembic's config for ``database_url``, wherever the command runs from."""
     from alembic.config import Config
 
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    root = migrations_root()
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 
