@@ -230,3 +230,19 @@ def test_chaos_readers_drop_and_resume_across_instances(start_server) -> None:
             f"{channel}: missing {sorted(set(expected) - set(got))[:10]}"
         )
         assert len(got) > 20
+
+
+def test_channel_removed_reaches_streams_on_another_instance(start_server) -> None:
+    a, b = start_server(), start_server()
+    hubs = Hubs(Api(a.url))
+    hubs.channel("vip", private=True)
+    bob = hubs.api.user("bob")
+    hubs.api.http.put("/channels/vip/members/bob", headers=hubs.admin)
+    on_b = hubs.open("/channels/vip/stream", hubs.stream_token(bob), base=b.url)
+    on_b.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    started = time.monotonic()
+    assert hubs.api.http.delete("/channels/vip/members/bob", headers=hubs.admin).status_code == 204
+    on_b.wait_for(lambda s: s.ended, timeout=2)
+    assert time.monotonic() - started < 1.0
+    assert on_b.notices("ssehub.channel_removed")[0].json == {"channel": "vip"}
+    hubs.close_all()

@@ -1,0 +1,109 @@
+"""Framing, subscriber outboxes and hub fan-out as plain unit tests (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from app.events.log import StoredEvent
+from app.metrics import Metrics
+from app.realtime.hub import Hub
+from app.realtime.sse import event_frame, notice_frame
+from app.realtime.subscriber import MAX_OUTBOX_FRAMES, Subscriber
+
+AT = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
+
+
+def _event(
+    id_: int, channel_id: int = 1, type_: str = "message", data: str = '{"a":1}'
+) -> StoredEvent:
+    return StoredEvent(id_, channel_id, "news", type_, data, AT)
+
+
+def test_event_frame_is_exact() -> None:
+    assert event_frame(_event(42)) == (
+        b"id: 42\nevent: message\n"
+        b'data: {"id":42,"channel":"news","type":"message","data":{"a":1},'
+        b'"published_at":"2026-11-25T10:00:00.123456Z"}\n\n'
+    )
+
+
+def test_frame_fields_cannot_be_injected() -> None:
+    frame = event_frame(_event(1, type_="evil\r\nid: 999"))
+    assert frame.count(b"\nid:") == 0 and frame.startswith(b"id: 1\nevent: evilid: 999\n")
+    assert (
+        notice_frame("ssehub.live", {"replayed": 3})
+        == b'event: ssehub.live\ndata: {"replayed":3}\n\n'
+    )
+
+
+def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
+    hub = Hub(Metrics(), max_streams_per_user=5)
+    subs = [Subscriber(i, False, {1: "news"}, False) for i in range(3)]
+    for sub in subs:
+        hub.register(sub)
+    hub.fan_out([_event(7)])
+    frames = [sub.take()[0][1] for sub in subs]
+    assert frames[0] is frames[1] is frames[2]
+    assert hub.position == 7
+
+
+def test_full_outbox_switches_to_catch_up_without_growing() -> None:
+    sub = Subscriber(1, False, {1: "news"}, False)
+    for i in range(1, MAX_OUTBOX_FRAMES + 1):
+        assert sub.offer(i, b"x", 0.0)
+    assert not sub.offer(MAX_OUTBOX_FRAMES + 1, b"x", 0.0)
+    assert sub.lagging and sub.outbox == []
+    assert sub.offer(MAX_OUTBOX_FRAMES + 2, b"x", 0.0)  # ignored while lagging
+    assert sub.outbox == []
+
+
+def test_stale_frames_are_dropped_after_replay() -> None:
+    sub = Subscriber(1, False, {1: "news"}, False)
+    for i in (3, 4, 5, 6):
+        sub.offer(i, b"%d" % i, 0.0)
+    sub.notify(b"notice")
+    sub.position = 4  # the replay got up to 4
+    assert [item[0] for item in sub.take()] == [5, 6, 0]
+
+
+def test_per_user_limit_and_unregister() -> None:
+    hub = Hub(Metrics(), max_streams_per_user=1)
+    first = Subscriber(1, False, {1: "news"}, False)
+    hub.register(first)
+    try:
+        hub.register(Subscriber(1, False, {1: "news"}, False))
+        raise AssertionError("expected 429")
+    except Exception as exc:
+        assert type(exc).__name__ == "TooManyRequests"
+    hub.unregister(first)
+    hub.register(Subscriber(1, False, {1: "news"}, False))
+
+
+def test_revoke_tells_and_ends_single_channel_streams() -> None:
+    hub = Hub(Metrics(), max_streams_per_user=5)
+    single = Subscriber(1, False, {1: "news"}, False)
+    multi = Subscriber(1, False, {1: "news", 2: "other"}, True)
+    hub.register(single)
+    hub.register(multi)
+    hub.revoke(hub.subscribers_of(1), 1, "news")
+    assert single.closed and not multi.closed
+    assert multi.channels == {2: "other"}
+    assert b"ssehub.channel_removed" in multi.take()[0][1]
+    hub.fan_out([_event(9, channel_id=1)])
+    assert multi.take() == []
+
+
+def test_wait_returns_on_offer_or_timeout() -> None:
+    async def scenario() -> None:
+        sub = Subscriber(1, False, {1: "news"}, False)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await sub.wait(0.05)
+        assert loop.time() - started >= 0.04
+        loop.call_later(0.01, sub.offer, 1, b"x", 0.0)
+        started = loop.time()
+        await sub.wait(5)
+        assert loop.time() - started < 1
+
+    asyncio.run(scenario())
