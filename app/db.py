@@ -39,7 +39,10 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's session: committed when the handler returns, rolled back if it raises.
 
-    Services never commit; this is the one place that does.
+    Services never commit; this is the one place that does. It is a
+    ``scope="function"`` dependency (see ``SessionDep``) so the commit happens
+    *before* the response is sent: a client that gets its 201 can rely on the
+    row being visible to its very next request.
     """
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with sessionmaker() as session:
@@ -51,7 +54,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 @asynccontextmanager

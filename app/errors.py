@@ -91,15 +91,20 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, exc.detail, exc.headers)
 
 
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug still answers in the one error format; the traceback goes to the log
+    (Starlette re-raises after this handler), never to the client."""
+    return error_response(500, "Internal server error")
+
+
 def _jsonable(errors: Any) -> list[dict[str, Any]]:
-    """Validation errors may carry exception objects in ``ctx``; keep only what serialises."""
-    return [
-        {k: v for k, v in e.items() if k in ("type", "loc", "msg", "input") and k != "input"}
-        for e in errors
-    ]
+    """Keep ``type``, ``loc`` and ``msg`` of validation errors: ``ctx`` may hold
+    exception objects, and ``input`` would echo a password back."""
+    return [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in errors]
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SsehubError, _ssehub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures as cf
 import json
 import time
+import warnings
 
 import jwt
 import pytest
@@ -15,7 +16,9 @@ from tests.support import TEST_SECRET, Api, auth, sql
 
 
 def _token(claims: dict[str, object], key: str = TEST_SECRET, alg: str = "HS256") -> str:
-    return jwt.encode(claims, key, algorithm=alg)
+    with warnings.catch_warnings():  # HS512 with our 56-byte test key: forged on purpose
+        warnings.simplefilter("ignore")
+        return jwt.encode(claims, key, algorithm=alg)
 
 
 def _claims(user_id: int, **over: object) -> dict[str, object]:
@@ -42,7 +45,9 @@ def test_duplicate_username_is_409_even_when_racing(api: Api) -> None:
     assert api.register("racer").json()["detail"]
 
 
-@pytest.mark.parametrize("username", ["ab", "a" * 65, "has space", "at@sign", "ümlaut", ""])
+@pytest.mark.parametrize(
+    "username", ["ab", "a" * 65, "has space", "at@sign", "ümlaut", "", "alice\n", "nul\x00byte"]
+)
 def test_invalid_usernames_are_422(api: Api, username: str) -> None:
     assert api.register(username).status_code == 422
 
@@ -159,7 +164,27 @@ def test_missing_token_is_401(api: Api) -> None:
 def test_deleted_users_token_is_401(api: Api, database_url: str) -> None:
     headers = api.user("alice")
     asyncio.run(sql(database_url, "DELETE FROM users WHERE username = 'alice'"))
-    assert api.http.get("/users/me", headers=headers).status_code == 401
+    for r in (
+        api.http.get("/users/me", headers=headers),
+        api.http.post("/auth/stream-token", headers=headers),
+    ):
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "username", ["nul\x00byte", "x" * 1000, "ümlaut", "'; DROP TABLE users; --"]
+)
+def test_impossible_usernames_at_login_are_the_ordinary_401(api: Api, username: str) -> None:
+    """Postgres cannot even compare a NUL byte: such a name must not reach a query."""
+    r = api.http.post("/auth/token", data={"username": username, "password": "password-123"})
+    assert r.status_code == 401 and r.json() == {"detail": "Incorrect username or password"}
+
+
+def test_a_registered_user_can_log_in_at_once(api: Api) -> None:
+    """The registration is committed before its 201 leaves, so the next request sees it."""
+    for i in range(5):
+        assert api.register(f"quick{i}").status_code == 201
+        assert api.login(f"quick{i}")
 
 
 def test_stream_token_is_refused_by_rest_endpoints(api: Api) -> None:
@@ -173,8 +198,11 @@ def test_stream_token_is_refused_by_rest_endpoints(api: Api) -> None:
     ):
         r = api.http.request(method, path, headers=auth(stream_token))
         assert r.status_code == 401, path
+        assert r.headers["www-authenticate"] == "Bearer"
     r = api.http.post("/channels", json={"name": "x"}, headers=auth(stream_token))
     assert r.status_code == 401
+    # The same user's access token is fine: it is the scope that is refused.
+    assert api.http.get("/users/me", headers=admin).status_code == 200
 
 
 def test_admin_bootstrap_from_environment(start_server, database_url: str) -> None:

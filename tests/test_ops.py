@@ -26,6 +26,8 @@ def test_errors_are_json_detail(api: Api) -> None:
     assert r.status_code == 404 and "detail" in r.json()
     r = api.http.delete("/healthz")
     assert r.status_code == 405 and "detail" in r.json()
+    r = api.http.get("/auth/register")
+    assert r.status_code == 405 and r.json() == {"detail": "Method Not Allowed"}
 
 
 def test_tokens_never_reach_the_log(api: Api, server: Server) -> None:
@@ -33,7 +35,38 @@ def test_tokens_never_reach_the_log(api: Api, server: Server) -> None:
     assert api.http.get(f"/users/me?access_token={token}").status_code == 401  # REST: header only
     api.http.get(f"/stream?access_token={token}", timeout=2, headers={"Last-Event-ID": "x"})
     time.sleep(0.3)
+    api.http.get("/users/me", headers={"Authorization": f"Bearer {token}x"})  # failing auth
+    time.sleep(0.3)
     log = server.log()
+    # The access log is on (the line is there), with the value replaced.
+    assert "GET /users/me?access_token=[redacted] HTTP/1.1" in log
     assert "access_token=[redacted]" in log
     assert token not in log
     assert token.split(".")[2] not in log
+
+
+NASTY_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("POST", "/auth/register", {"content-type": "text/plain"}, b'{"username":"a"}'),
+    ("POST", "/auth/register", {}, b""),
+    ("POST", "/auth/register", {"content-type": "application/json"}, b"null"),
+    ("POST", "/auth/register", {"content-type": "application/json"}, b"[" * 100_000),
+    ("POST", "/auth/register", {"content-type": "application/json"}, b'"\xc3\x28"'),
+    ("POST", "/auth/register", {"content-type": "application/json"}, b"x" * 3_000_000),
+    ("POST", "/auth/token", {"content-type": "application/x-www-form-urlencoded"}, b"\xff=\xfe"),
+    ("POST", "/auth/token", {"content-type": "multipart/form-data"}, b"no boundary"),
+    ("POST", "/auth/token", {"content-type": "multipart/form-data; boundary=x"}, b"--x\r\njunk"),
+    ("POST", "/auth/token", {"content-type": "application/json"}, b'{"username":"a"}'),
+    ("POST", "/auth/stream-token", {"authorization": "Bearer " + "a" * 50_000}, b""),
+    ("GET", "/users/me", {"authorization": "Basic YTpi"}, b""),
+    ("GET", "/users/me", {"authorization": "Bearer"}, b""),
+]
+
+
+def test_nothing_a_client_sends_is_a_500(api: Api) -> None:
+    for method, path, headers, body in NASTY_REQUESTS:
+        r = api.http.request(method, path, headers=headers, content=body)
+        assert 400 <= r.status_code < 500, (path, headers, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json", (path, r.headers)
+        assert r.json()["detail"], (path, r.text)
+        if r.status_code == 401:
+            assert r.headers["www-authenticate"] == "Bearer"

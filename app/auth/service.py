@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.passwords import hash_password, verify_password
+from app.auth.schemas import USERNAME_PATTERN
 from app.errors import Conflict, Unauthorized
 from app.models import User
+
+_USERNAME = re.compile(USERNAME_PATTERN)
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:
@@ -24,7 +30,8 @@ async def create_user(
     session: AsyncSession, username: str, password: str, is_admin: bool = False
 ) -> User:
     """Insert a user; a taken name is a 409 even when two requests race for it."""
-    user = User(username=username, password_hash=hash_password(password), is_admin=is_admin)
+    password_hash = await asyncio.to_thread(hash_password, password)
+    user = User(username=username, password_hash=password_hash, is_admin=is_admin)
     session.add(user)
     try:
         await session.flush()
@@ -35,9 +42,15 @@ async def create_user(
 
 
 async def authenticate(session: AsyncSession, username: str, password: str) -> User:
-    """The same 401 for an unknown user and a wrong password, in the same time."""
-    user = await get_user_by_name(session, username)
-    if not verify_password(password, user.password_hash if user else None) or user is None:
+    """The same 401 for an unknown user and a wrong password, in the same time.
+
+    A name that could never have been registered (a NUL byte, say, which
+    Postgres cannot even compare) is an unknown user, not a query. Argon2 runs
+    in a thread: it takes tens of milliseconds that open streams must not wait for.
+    """
+    user = await get_user_by_name(session, username) if _USERNAME.match(username) else None
+    known_hash = user.password_hash if user else None
+    if not await asyncio.to_thread(verify_password, password, known_hash) or user is None:
         raise Unauthorized("Incorrect username or password")
     return user
 
@@ -48,6 +61,6 @@ async def ensure_admin(session: AsyncSession, username: str, password: str) -> U
     if user is None:
         return await create_user(session, username, password, is_admin=True)
     user.is_admin = True
-    user.password_hash = hash_password(password)
+    user.password_hash = await asyncio.to_thread(hash_password, password)
     await session.flush()
     return user
