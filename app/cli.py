@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.config import Settings, ensure_secret_key
 
 log = logging.getLogger("ssehub")
@@ -144,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     configure_logging()
-    settings = ensure_secret_key(Settings())
+    try:
+        settings = ensure_secret_key(Settings())
+    except ValidationError as exc:
+        sys.exit(f"ssehub: invalid configuration\n{exc}")
     with database(settings) as settings:
         if args.command == "serve":
             serve(settings, args.host, args.port, args.workers)

@@ -10,12 +10,15 @@ import logging
 import secrets
 from pathlib import Path
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("ssehub")
 
 SECRET_FILE = "secret_key"
+MIN_SECRET_LENGTH = 32
+# Values copied from examples instead of generated: refused outright.
+PLACEHOLDER_SECRETS = ("changeme", "change-me", "change_me", "changethis", "change-this")
 
 
 class Settings(BaseSettings):
@@ -39,6 +42,21 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     # Not in the public contract's list: how often history bounds are enforced.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _refuse_weak_keys(cls, key: str | None) -> str | None:
+        """Anyone who guesses the key can sign tokens for any user, admin included."""
+        if key is None or key == "":
+            return None
+        if len(key) < MIN_SECRET_LENGTH or len(set(key)) < 8:
+            raise ValueError(
+                f"SSEHUB_SECRET_KEY must be at least {MIN_SECRET_LENGTH} random characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if any(p in key.lower() for p in PLACEHOLDER_SECRETS):
+            raise ValueError("SSEHUB_SECRET_KEY is a placeholder: set a random value")
+        return key
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -6,9 +6,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import ROOT, TEST_SECRET, Api, Server, sql
 
@@ -59,6 +61,18 @@ def test_create_admin_refuses_a_weak_password(database_url: str) -> None:
     assert rows == []
 
 
+def _gone(pid: int, within: float = 5) -> bool:
+    """Whether process ``pid`` has exited (it removes its pid file just before)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_serve_on_the_embedded_postgres_reuses_its_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = {"SSEHUB_DATA_DIR": str(data_dir)}
@@ -67,16 +81,30 @@ def test_serve_on_the_embedded_postgres_reuses_its_data(tmp_path: Path) -> None:
         api = Api(first.url)
         api.register("keeper")
         token = api.login("keeper")
+        pid_line = (data_dir / "pg" / "postmaster.pid").read_text().split("\n", 1)[0]
+        postmaster = int(pid_line)
     finally:
         assert first.stop() < 10
     assert "generated a development key" in first.log()
-    assert (data_dir / "secret_key").exists()
-    pid_file = data_dir / "pg" / "postmaster.pid"
-    assert not pid_file.exists(), "the embedded Postgres kept running after exit"
+    key_file = data_dir / "secret_key"
+    assert key_file.stat().st_mode & 0o077 == 0, "the generated key is readable by others"
+    key = key_file.read_text()
+    assert len(key) >= 32
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+    assert _gone(postmaster), "the embedded Postgres kept running after exit"
     second = Server(None, env=env).start(timeout=90)
     try:
         # Same data, same generated key: the old token still works.
         r = httpx.get(f"{second.url}/users/me", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and r.json()["username"] == "keeper"
+        assert key_file.read_text() == key
+        assert "generated a development key" not in second.log()
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("key", ["too-short", "x" * 64, "change-me-to-a-long-random-string-42"])
+def test_weak_secret_keys_are_refused(database_url: str, key: str) -> None:
+    done = _cli("migrate", SSEHUB_DATABASE_URL=database_url, SSEHUB_SECRET_KEY=key)
+    assert done.returncode != 0
+    assert "SSEHUB_SECRET_KEY" in done.stderr and "Traceback" not in done.stderr

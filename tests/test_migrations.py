@@ -13,7 +13,7 @@ from alembic import command
 
 from app.cli import alembic_config, migrate
 from app.config import Settings
-from tests.support import ROOT, create_database, drop_database, sql, unique_name
+from tests.support import ROOT, TEST_SECRET, create_database, drop_database, sql, unique_name
 
 TABLES = {"users", "channels", "channel_members", "subscriptions", "events"}
 
@@ -44,7 +44,7 @@ def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None
 
 
 def test_concurrent_migrations_on_one_database_both_succeed(empty_database: str) -> None:
-    env = {**os.environ, "SSEHUB_DATABASE_URL": empty_database, "SSEHUB_SECRET_KEY": "x" * 40}
+    env = {**os.environ, "SSEHUB_DATABASE_URL": empty_database, "SSEHUB_SECRET_KEY": TEST_SECRET}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "app.cli", "migrate"],
