@@ -138,6 +138,14 @@ def _user_id(api: Api, name: str = "alice") -> int:
             lambda uid: _token({k: v for k, v in _claims(uid).items() if k != "exp"}), id="no-exp"
         ),
         pytest.param(lambda uid: _token(_claims(uid, sub="not-a-number")), id="bad-sub"),
+        pytest.param(
+            lambda uid: _token({k: v for k, v in _claims(uid).items() if k != "sub"}), id="no-sub"
+        ),
+        pytest.param(
+            lambda uid: _token({k: v for k, v in _claims(uid).items() if k != "iat"}), id="no-iat"
+        ),
+        pytest.param(lambda uid: _token(_claims(uid, sub=uid)), id="int-sub"),
+        pytest.param(lambda uid: _token(_claims(uid + 1000)), id="no-such-user"),
         pytest.param(lambda uid: "garbage", id="garbage"),
         pytest.param(lambda uid: _token(_claims(uid, scope="admin")), id="unknown-scope"),
     ],

@@ -13,6 +13,7 @@ from alembic import command
 
 from app.cli import alembic_config, migrate
 from app.config import Settings
+from app.models import Base
 from tests.support import ROOT, TEST_SECRET, create_database, drop_database, sql, unique_name
 
 TABLES = {"users", "channels", "channel_members", "subscriptions", "events"}
@@ -35,10 +36,25 @@ def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None
     assert _tables(empty_database) == set()
     migrate(Settings(database_url=empty_database))
     assert _tables(empty_database) == TABLES | {"alembic_version"}
-    indexes = {r[0] for r in asyncio.run(sql(empty_database, "SELECT indexname FROM pg_indexes"))}
+    rows = asyncio.run(sql(empty_database, "SELECT indexname FROM pg_indexes"))
+    indexes = {r[0] for r in rows}
+    # Every index the models declare exists: the migration and the models agree.
+    declared = {ix.name for table in Base.metadata.tables.values() for ix in table.indexes}
+    assert declared <= indexes, declared - indexes
     assert {"ix_events_channel_id_id", "uq_events_channel_idempotency_key"} <= indexes
     command.downgrade(alembic_config(empty_database), "base")
+    # Only Alembic's own bookkeeping table is left, and it records no version.
     assert _tables(empty_database) == {"alembic_version"}
+    assert asyncio.run(sql(empty_database, "SELECT * FROM alembic_version")) == []
+    rows = asyncio.run(
+        sql(
+            empty_database,
+            "SELECT typname FROM pg_type t JOIN pg_namespace n "
+            "ON n.oid = t.typnamespace WHERE nspname = 'public' "
+            "AND typtype IN ('e', 'c') AND typname <> 'alembic_version'",
+        )
+    )
+    assert rows == []
     migrate(Settings(database_url=empty_database))  # and up again
     assert _tables(empty_database) >= TABLES
 
