@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
-_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s\"]*", re.IGNORECASE)
+# ``key=value`` as it appears in a logged URL (after ``?`` or ``&``) or a message.
+_QUERY_PARAM = re.compile(r"(?P<sep>^|[?&\s])(?P<key>[^=&?\s\"#]+)=(?P<value>[^&\s\"#]*)")
+SECRET_PARAMS = frozenset({"access_token"})
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    # The server decodes the key (``access%5Ftoken`` is ``access_token`` to it), so
+    # the filter must too, or an encoded name would carry a working token into the log.
+    if unquote_plus(match["key"]).lower() in SECRET_PARAMS:
+        return f"{match['sep']}{match['key']}=[redacted]"
+    return match.group(0)
 
 
 def redact(text: str) -> str:
-    """Replace the value of every ``access_token=`` query parameter."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    """Replace the value of every ``access_token`` query parameter, however encoded."""
+    return _QUERY_PARAM.sub(_redact_param, text)
 
 
 class RedactTokens(logging.Filter):
