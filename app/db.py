@@ -27,9 +27,15 @@ log = logging.getLogger("ssehub")
 EMBEDDED_DATABASE = "ssehub"
 
 
-def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
-    """One engine per process; ``pool_pre_ping`` survives a restarted database."""
-    return create_async_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+def create_engine(url: str, pool_size: int = 40) -> AsyncEngine:
+    """One engine per process; ``pool_pre_ping`` survives a restarted database.
+
+    The pool is sized for the concurrency we serve rather than kept small:
+    connections past ``pool_size`` are opened (with a TLS attempt) and closed
+    again per checkout, which measured 120 publishes/s instead of thousands
+    with 32 concurrent publishers. Connections are only opened when needed.
+    """
+    return create_async_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

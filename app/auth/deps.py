@@ -25,7 +25,7 @@ ACCESS_ONLY: frozenset[Scope] = frozenset({"access"})
 ACCESS_OR_STREAM: frozenset[Scope] = frozenset({"access", "stream"})
 
 
-def settings_of(request: Request) -> Settings:
+async def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -75,7 +75,7 @@ def stream_credentials(request: Request) -> TokenClaims:
         token = request.query_params.get("access_token", "")
     if not token:
         raise Unauthorized()
-    return decode_token(settings_of(request), token.strip(), ACCESS_OR_STREAM)
+    return decode_token(request.app.state.settings, token.strip(), ACCESS_OR_STREAM)
 
 
 async def stream_caller(request: Request) -> StreamCaller:

@@ -1,0 +1,1 @@
+"""The ssehub benchmark suite: ``python -m bench`` (or ``make bench``)."""
