@@ -71,20 +71,19 @@ def migrate(settings: Settings) -> None:
 
 
 async def _ensure_admin(settings: Settings, username: str, password: str) -> bool:
-    """Create or promote ``username``; returns whether it existed before."""
-    from app.auth.service import ensure_admin, get_user_by_name
+    """Create or promote ``username``; returns whether it was created."""
+    from app.auth.service import ensure_admin
     from app.db import create_engine, create_sessionmaker
 
     assert settings.database_url
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         async with create_sessionmaker(engine)() as session:
-            existed = await get_user_by_name(session, username) is not None
-            await ensure_admin(session, username, password)
+            _, created = await ensure_admin(session, username, password)
             await session.commit()
     finally:
         await engine.dispose()
-    return existed
+    return created
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -121,8 +120,8 @@ def create_admin(settings: Settings, username: str) -> None:
     except ValueError as exc:
         sys.exit(f"invalid admin account: {exc}")
     migrate(settings)
-    existed = asyncio.run(_ensure_admin(settings, username, password))
-    print(f"{'promoted' if existed else 'created'} admin {username}")
+    created = asyncio.run(_ensure_admin(settings, username, password))
+    print(f"{'created' if created else 'promoted'} admin {username}")
 
 
 def configure_logging() -> None:

@@ -224,3 +224,16 @@ def test_admin_bootstrap_from_environment(start_server, database_url: str) -> No
     api2 = Api(srv2.url)
     me = api2.http.get("/users/me", headers=auth(api2.login("chief", "chief-password"))).json()
     assert me["is_admin"] is True
+
+
+def test_instances_starting_together_bootstrap_one_admin(start_server, database_url: str) -> None:
+    """Behind a load balancer several instances start at once with the same admin settings."""
+    env = {"SSEHUB_ADMIN_USERNAME": "chief", "SSEHUB_ADMIN_PASSWORD": "chief-password"}
+    with cf.ThreadPoolExecutor(3) as pool:
+        servers = list(pool.map(lambda _: start_server(**env), range(3)))
+    for srv in servers:
+        api = Api(srv.url)
+        me = api.http.get("/users/me", headers=auth(api.login("chief", "chief-password"))).json()
+        assert me["is_admin"] is True
+    rows = asyncio.run(sql(database_url, "SELECT count(*) FROM users WHERE username = 'chief'"))
+    assert rows[0][0] == 1

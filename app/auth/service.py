@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +15,7 @@ from app.errors import Conflict, Unauthorized
 from app.models import User
 
 _USERNAME = re.compile(USERNAME_PATTERN)
+ADMIN_LOCK = 0x55E4DAD  # pg advisory lock key: one admin bootstrap at a time
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:
@@ -55,12 +56,18 @@ async def authenticate(session: AsyncSession, username: str, password: str) -> U
     return user
 
 
-async def ensure_admin(session: AsyncSession, username: str, password: str) -> User:
-    """Create ``username`` as an admin, or promote it and reset its password."""
+async def ensure_admin(session: AsyncSession, username: str, password: str) -> tuple[User, bool]:
+    """Create ``username`` as an admin, or promote it and reset its password.
+
+    Returns the user and whether it was created. Instances that start together
+    with the same ``SSEHUB_ADMIN_*`` would otherwise all see no such user and
+    all insert it; a transaction-scoped advisory lock makes them take turns.
+    """
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMIN_LOCK})
     user = await get_user_by_name(session, username)
     if user is None:
-        return await create_user(session, username, password, is_admin=True)
+        return await create_user(session, username, password, is_admin=True), True
     user.is_admin = True
     user.password_hash = await asyncio.to_thread(hash_password, password)
     await session.flush()
-    return user
+    return user, False
