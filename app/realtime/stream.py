@@ -59,7 +59,8 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await self._run(send)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (OSError, TimeoutError):
             pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
         finally:

@@ -78,14 +78,18 @@ class SseStream:
             self._started.set()
             chunked = self.response_headers.get("transfer-encoding") == "chunked"
             body = _Dechunker() if chunked else None
-            text = b""
+            pending = bytearray()  # bytes after the last complete frame
             while True:
                 if buf:
                     data = body.feed(buf) if body else buf
                     buf = b""
                     with self._lock:
                         self.raw += data
-                    text = self._parse(text + data)
+                    pending += data
+                    end = pending.rfind(b"\n\n")
+                    if end >= 0:  # parse only complete frames; no quadratic re-copying
+                        self._parse(bytes(pending[: end + 2]))
+                        del pending[: end + 2]
                     if body is not None and body.done:
                         return
                 while self.paused.is_set():
@@ -99,9 +103,8 @@ class SseStream:
             self.ended = True
             self._started.set()
 
-    def _parse(self, text: bytes) -> bytes:
-        *blocks, rest = text.split(b"\n\n")
-        for block in blocks:
+    def _parse(self, text: bytes) -> None:
+        for block in text.split(b"\n\n")[:-1]:
             frame = Frame()
             lines = block.decode().split("\n")
             if all(line.startswith(":") for line in lines if line):
@@ -117,7 +120,6 @@ class SseStream:
                     frame.data = value
             with self._lock:
                 self.frames.append(frame)
-        return rest
 
     # -- asking ---------------------------------------------------------------
 
@@ -161,21 +163,21 @@ class SseStream:
 
 class _Dechunker:
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
         self._buf += data
-        out = b""
+        out = bytearray()
         while True:
-            line, sep, rest = self._buf.partition(b"\r\n")
-            if not sep:
-                return out
-            size = int(line.split(b";")[0], 16)
+            end = self._buf.find(b"\r\n")
+            if end < 0:
+                return bytes(out)
+            size = int(bytes(self._buf[:end]).split(b";")[0], 16)
             if size == 0:
                 self.done = True
-                return out
-            if len(rest) < size + 2:
-                return out
-            out += rest[:size]
-            self._buf = rest[size + 2 :]
+                return bytes(out)
+            if len(self._buf) < end + 2 + size + 2:
+                return bytes(out)
+            out += self._buf[end + 2 : end + 2 + size]
+            del self._buf[: end + 2 + size + 2]
