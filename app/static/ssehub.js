@@ -1,0 +1,135 @@
+// ssehub.js: a small EventSource client for ssehub. Copy it; it has no dependencies.
+//
+//   const stream = openStream({
+//     getStreamToken: async () => (await (await fetch('/auth/stream-token', {
+//       method: 'POST', headers: { Authorization: 'Bearer ' + accessToken } })).json()).stream_token,
+//     onEvent: (event) => console.log(event.id, event.channel, event.data),
+//   });
+//   stream.close();
+//
+// Why a wrapper at all: EventSource reconnects by itself after a network error
+// (sending Last-Event-ID, so nothing is lost), but it gives up for good on any
+// non-200 answer, and a stream token in the URL expires. This file renews the
+// token and reopens from the last id in those cases, so the caller sees one
+// ordered stream with no gap and no duplicate.
+
+const NOTICES = ['ssehub.live', 'ssehub.truncated', 'ssehub.expired', 'ssehub.channel_removed'];
+const BACKOFF_MS = [250, 1000, 2000, 5000]; // a dead server is not hammered, a blip heals fast
+
+/**
+ * Open `path` (default '/stream') and keep it open until close().
+ * options: getStreamToken (async () => string, required), path, lastEventId (a
+ * starting position: only events after it are delivered), types (event types to
+ * listen for; EventSource has no wildcard), onEvent(event), onNotice(type, data),
+ * onState(state, detail) with state 'connecting' | 'live' | 'reconnecting' | 'closed'.
+ */
+export function openStream(options) {
+  const { getStreamToken, path = '/stream' } = options;
+  const onEvent = options.onEvent ?? (() => {});
+  const onNotice = options.onNotice ?? (() => {});
+  const onState = options.onState ?? (() => {});
+  const types = new Set(options.types ?? ['message']);
+  let lastEventId = options.lastEventId ?? null;
+  let source = null;
+  let closed = false;
+  let failures = 0;
+  let timer = null;
+
+  function deliver(message) {
+    // Ids only grow, so anything at or below the last one is a replayed duplicate.
+    const id = Number(message.lastEventId);
+    if (!Number.isSafeInteger(id) || id <= 0) return;
+    if (lastEventId !== null && id <= lastEventId) return;
+    lastEventId = id;
+    failures = 0;
+    onEvent(JSON.parse(message.data));
+  }
+
+  function listen(es, type) {
+    es.addEventListener(type, deliver);
+  }
+
+  async function connect() {
+    timer = null;
+    if (closed) return;
+    onState(lastEventId === null ? 'connecting' : 'reconnecting', { lastEventId });
+    let token;
+    try {
+      token = await getStreamToken();
+    } catch (error) {
+      // The API itself is unreachable (or the login expired): try again later.
+      onState('reconnecting', { lastEventId, error });
+      return retry();
+    }
+    if (closed) return;
+    // The stream token goes in the URL because EventSource cannot send headers;
+    // it only opens streams and expires, unlike the access token.
+    let url = path + (path.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(token);
+    if (lastEventId !== null) url += '&last_event_id=' + lastEventId;
+    const es = new EventSource(url);
+    source = es;
+    let resumedFrom = lastEventId;
+    // onopen fires on every (re)connection, the browser's own ones included.
+    es.onopen = () => { resumedFrom = lastEventId; };
+    for (const type of types) listen(es, type);
+    for (const type of NOTICES) {
+      es.addEventListener(type, (message) => {
+        let data = {};
+        try { data = JSON.parse(message.data); } catch { /* keep {} */ }
+        onNotice(type, data);
+        if (type === 'ssehub.live') {
+          failures = 0;
+          onState('live', { resumedFrom, replayed: data.replayed ?? 0 });
+        } else if (type === 'ssehub.expired') {
+          // The server ends the stream now; EventSource would retry with the dead token.
+          reopen();
+        }
+      });
+    }
+    es.onerror = () => {
+      if (source !== es || closed) return;
+      if (es.readyState === EventSource.CONNECTING) {
+        // A network error: the browser reconnects on its own with Last-Event-ID.
+        onState('reconnecting', { lastEventId });
+      } else {
+        // CLOSED: a non-200 answer (401 expired token, 429, 5xx). Renew and reopen.
+        reopen();
+      }
+    };
+  }
+
+  function reopen() {
+    if (source) source.close();
+    source = null;
+    retry();
+  }
+
+  function retry() {
+    if (closed || timer !== null) return;
+    const delay = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
+    failures += 1;
+    onState('reconnecting', { lastEventId });
+    timer = setTimeout(connect, delay);
+  }
+
+  connect();
+
+  return {
+    /** The id of the last event delivered, or null. */
+    get lastEventId() { return lastEventId; },
+    /** Also deliver events of `type` from now on. */
+    listen(type) {
+      if (types.has(type)) return;
+      types.add(type);
+      if (source) listen(source, type);
+    },
+    /** Stop for good: no more callbacks, no reconnects. */
+    close() {
+      closed = true;
+      if (timer !== null) clearTimeout(timer);
+      if (source) source.close();
+      source = null;
+      onState('closed', { lastEventId });
+    },
+  };
+}
