@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.config import Settings
 from tests.support import ROOT, TEST_SECRET, Api, Server, sql
 
 
@@ -108,3 +110,32 @@ def test_weak_secret_keys_are_refused(database_url: str, key: str) -> None:
     done = _cli("migrate", SSEHUB_DATABASE_URL=database_url, SSEHUB_SECRET_KEY=key)
     assert done.returncode != 0
     assert "SSEHUB_SECRET_KEY" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_settings_come_from_a_dotenv_file(tmp_path: Path, database_url: str) -> None:
+    """``.env`` in the working directory is read: its weak key is refused."""
+    (tmp_path / ".env").write_text("SSEHUB_SECRET_KEY=short\n")
+    env = {k: v for k, v in os.environ.items() if k != "SSEHUB_SECRET_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        cwd=tmp_path,
+        env={**env, "SSEHUB_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "SSEHUB_SECRET_KEY" in done.stderr
+
+
+def _documented(text: str) -> set[str]:
+    return set(re.findall(r"\bSSEHUB_[A-Z_]+[A-Z]\b", text))
+
+
+def test_every_setting_is_documented() -> None:
+    """``.env.example`` and the README's table list exactly the settings there are."""
+    settings = {f"SSEHUB_{name.upper()}" for name in Settings.model_fields}
+    example = _documented((ROOT / ".env.example").read_text())
+    assert example == settings
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    assert _documented(table) == settings
