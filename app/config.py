@@ -7,6 +7,7 @@ each one with its default; keep the two in step.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from pathlib import Path
 
@@ -73,16 +74,32 @@ def ensure_secret_key(settings: Settings) -> Settings:
     if settings.secret_key:
         return settings
     path = settings.data_dir / SECRET_FILE
-    if path.exists():
-        key = path.read_text().strip()
-    else:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
-        path.touch(mode=0o600)
-        path.write_text(key)
-        log.warning(
-            "SSEHUB_SECRET_KEY is not set: generated a development key into %s. "
-            "Set SSEHUB_SECRET_KEY in production.",
-            path,
-        )
+    if not path.exists():
+        _create_secret_file(path)
+    key = path.read_text().strip()
     return settings.model_copy(update={"secret_key": key})
+
+
+def _create_secret_file(path: Path) -> None:
+    """Write a new random key to ``path`` unless another process got there first.
+
+    Instances started together on one data dir must end up with one key: each
+    writes its own private temporary file and links it into place; ``link``
+    fails if the key exists, and the loser simply reads the winner's.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return
+    finally:
+        tmp.unlink()
+    log.warning(
+        "SSEHUB_SECRET_KEY is not set: generated a development key into %s. "
+        "Set SSEHUB_SECRET_KEY in production.",
+        path,
+    )

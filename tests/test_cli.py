@@ -139,3 +139,22 @@ def test_every_setting_is_documented() -> None:
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     assert _documented(table) == settings
+
+
+def test_processes_starting_together_share_one_generated_key(tmp_path: Path) -> None:
+    code = (
+        "import time; from app.config import Settings, ensure_secret_key; "
+        f"time.sleep(max(0, {time.time() + 1.5} - time.time())); "  # all start at one instant
+        "print(ensure_secret_key(Settings()).secret_key)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SSEHUB_SECRET_KEY"}
+    env["SSEHUB_DATA_DIR"] = str(tmp_path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    keys = {p.communicate(timeout=30)[0].strip() for p in procs}
+    assert len(keys) == 1 and (tmp_path / "secret_key").read_text() in keys
+    assert [p.name for p in tmp_path.iterdir()] == ["secret_key"]  # no temporary files left
