@@ -109,7 +109,13 @@ function channelRow(channel) {
   const li = document.createElement('li');
   const name = document.createElement('span');
   name.className = 'channel-name';
-  name.textContent = channel.name + (channel.private ? ' 🔒' : '');
+  name.textContent = channel.name;
+  if (channel.private) {
+    const badge = document.createElement('span');
+    badge.className = 'private';
+    badge.textContent = 'private';
+    name.append(badge);
+  }
   const desc = document.createElement('span');
   desc.className = 'channel-desc';
   desc.textContent = channel.description ?? '';
@@ -209,6 +215,8 @@ function showNotice(type, data) {
   if (type === 'ssehub.live') return; // shown as the connection state instead
   const li = logEntry('notice', 'notice', [type], JSON.stringify(data));
   li.dataset.notice = type;
+  // A removed channel (deleted, or access lost) should leave the list too.
+  if (type === 'ssehub.channel_removed') loadChannels().catch(() => {});
 }
 
 function showState(state, detail) {
