@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, ensure_secret_key
 
@@ -149,13 +150,19 @@ def main(argv: list[str] | None = None) -> None:
         settings = ensure_secret_key(Settings())
     except ValidationError as exc:
         sys.exit(f"ssehub: invalid configuration\n{exc}")
-    with database(settings) as settings:
-        if args.command == "serve":
-            serve(settings, args.host, args.port, args.workers)
-        elif args.command == "migrate":
-            migrate(settings)
-        else:
-            create_admin(settings, args.username)
+    try:
+        with database(settings) as settings:
+            if args.command == "serve":
+                serve(settings, args.host, args.port, args.workers)
+            elif args.command == "migrate":
+                migrate(settings)
+            else:
+                create_admin(settings, args.username)
+    except (OSError, DBAPIError) as exc:
+        # Reached only before serving starts (migrate, admin bootstrap): a
+        # database that is down or misnamed deserves one line, not a traceback.
+        message = getattr(exc, "orig", None) or exc
+        sys.exit(f"ssehub: cannot use the database: {message}")
 
 
 if __name__ == "__main__":

@@ -158,3 +158,13 @@ def test_processes_starting_together_share_one_generated_key(tmp_path: Path) -> 
     keys = {p.communicate(timeout=30)[0].strip() for p in procs}
     assert len(keys) == 1 and (tmp_path / "secret_key").read_text() in keys
     assert [p.name for p in tmp_path.iterdir()] == ["secret_key"]  # no temporary files left
+
+
+def test_an_unreachable_database_is_one_clear_line(database_url: str) -> None:
+    for url in (
+        "postgresql+asyncpg://postgres@127.0.0.1:1/ssehub",  # nothing listens there
+        database_url.rsplit("/", 1)[0] + "/no_such_database",
+    ):
+        done = _cli("migrate", SSEHUB_DATABASE_URL=url)
+        assert done.returncode != 0
+        assert "cannot use the database" in done.stderr and "Traceback" not in done.stderr
