@@ -26,7 +26,7 @@ def test_errors_are_json_detail(api: Api) -> None:
     assert r.status_code == 404 and "detail" in r.json()
     r = api.http.delete("/healthz")
     assert r.status_code == 405 and "detail" in r.json()
-    r = api.http.get("/auth/register")
+    r = api.http.put("/auth/register")
     assert r.status_code == 405 and r.json() == {"detail": "Method Not Allowed"}
 
 
