@@ -34,6 +34,7 @@ export function openStream(options) {
   let closed = false;
   let failures = 0;
   let timer = null;
+  let wasLive = false; // 'connecting' the first time, 'reconnecting' after
 
   function deliver(message) {
     // Ids only grow, so anything at or below the last one is a replayed duplicate.
@@ -52,13 +53,12 @@ export function openStream(options) {
   async function connect() {
     timer = null;
     if (closed) return;
-    onState(lastEventId === null ? 'connecting' : 'reconnecting', { lastEventId });
+    onState(wasLive ? 'reconnecting' : 'connecting', { lastEventId });
     let token;
     try {
       token = await getStreamToken();
-    } catch (error) {
+    } catch {
       // The API itself is unreachable (or the login expired): try again later.
-      onState('reconnecting', { lastEventId, error });
       return retry();
     }
     if (closed) return;
@@ -79,6 +79,7 @@ export function openStream(options) {
         onNotice(type, data);
         if (type === 'ssehub.live') {
           failures = 0;
+          wasLive = true;
           onState('live', { resumedFrom, replayed: data.replayed ?? 0 });
         } else if (type === 'ssehub.expired') {
           // The server ends the stream now; EventSource would retry with the dead token.
@@ -108,7 +109,7 @@ export function openStream(options) {
     if (closed || timer !== null) return;
     const delay = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
     failures += 1;
-    onState('reconnecting', { lastEventId });
+    onState(wasLive ? 'reconnecting' : 'connecting', { lastEventId });
     timer = setTimeout(connect, delay);
   }
 
