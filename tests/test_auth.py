@@ -148,14 +148,22 @@ def _user_id(api: Api, name: str = "alice") -> int:
         pytest.param(lambda uid: _token(_claims(uid + 1000)), id="no-such-user"),
         pytest.param(lambda uid: "garbage", id="garbage"),
         pytest.param(lambda uid: _token(_claims(uid, scope="admin")), id="unknown-scope"),
+        # Claims only a key holder could sign, but still a 401 and never a 500.
+        pytest.param(lambda uid: _token(_claims(uid, sub=str(2**63))), id="sub-beyond-bigint"),
+        pytest.param(lambda uid: _token(_claims(uid, sub="9" * 40)), id="sub-huge"),
+        pytest.param(lambda uid: _token(_claims(uid, sub=f" {uid}")), id="sub-padded"),
+        pytest.param(lambda uid: _token(_claims(uid, scope=["access"])), id="scope-list"),
+        pytest.param(lambda uid: _token(_claims(uid, scope={"a": 1})), id="scope-object"),
+        pytest.param(lambda uid: _token(_claims(uid, scope=None)), id="scope-null"),
     ],
 )
 def test_bad_tokens_are_401(api: Api, make) -> None:  # type: ignore[no-untyped-def]
     token = make(_user_id(api))
-    r = api.http.get("/users/me", headers=auth(token))
-    assert r.status_code == 401
-    assert r.headers["www-authenticate"] == "Bearer"
-    assert "detail" in r.json()
+    for path in ("/users/me", "/stream"):  # REST and stream endpoints decode alike
+        r = api.http.get(path, headers=auth(token))
+        assert r.status_code == 401, (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "detail" in r.json()
 
 
 def test_a_good_forged_token_works(api: Api) -> None:

@@ -14,7 +14,9 @@ def test_health_and_readiness(api: Api) -> None:
 
 
 def test_docs_and_bearer_scheme(api: Api) -> None:
-    assert api.http.get("/docs").status_code == 200
+    docs = api.http.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "swagger" in docs.text.lower()
     schemes = api.http.get("/openapi.json").json()["components"]["securitySchemes"]
     (scheme,) = schemes.values()
     assert scheme["type"] == "oauth2"

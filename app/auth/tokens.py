@@ -40,6 +40,17 @@ def issue_token(settings: Settings, user_id: int, scope: Scope) -> tuple[str, in
     return jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM), ttl
 
 
+MAX_USER_ID = 2**63 - 1  # users.id is a bigint
+
+
+def _user_id(sub: object) -> int | None:
+    """``sub`` as a user id: a string of digits within bigint range, else None."""
+    if not (isinstance(sub, str) and sub.isascii() and sub.isdigit()):
+        return None
+    user_id = int(sub)
+    return user_id if user_id <= MAX_USER_ID else None
+
+
 def decode_token(settings: Settings, token: str, accept: frozenset[Scope]) -> TokenClaims:
     """Verify signature, algorithm, expiry and scope; anything wrong is a 401."""
     assert settings.secret_key
@@ -50,10 +61,15 @@ def decode_token(settings: Settings, token: str, accept: frozenset[Scope]) -> To
             algorithms=[ALGORITHM],
             options={"require": ["sub", "iat", "exp", "scope"]},
         )
-        user_id = int(claims["sub"])
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+    except jwt.PyJWTError as exc:
         raise Unauthorized("Invalid or expired token") from exc
+    user_id = _user_id(claims["sub"])
     scope = claims["scope"]
-    if scope not in accept:
-        raise Unauthorized(f"A {scope} token cannot be used here")
-    return TokenClaims(user_id=user_id, scope=scope, expires_at=float(claims["exp"]))
+    if user_id is None or not isinstance(scope, str):
+        # Only a holder of the key can sign such claims; still a 401, not a 500
+        # (an unhashable scope, or an id Postgres's bigint cannot hold).
+        raise Unauthorized("Invalid or expired token")
+    for allowed in accept:
+        if scope == allowed:
+            return TokenClaims(user_id=user_id, scope=allowed, expires_at=float(claims["exp"]))
+    raise Unauthorized(f"A {scope} token cannot be used here")
