@@ -55,6 +55,17 @@ def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None
         )
     )
     assert rows == []
+    # Functions, triggers and sequences a later migration adds must go on the way down too.
+    leftovers = asyncio.run(
+        sql(
+            empty_database,
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public' UNION ALL "
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind = 'S'",
+        )
+    )
+    assert leftovers == []
     migrate(Settings(database_url=empty_database))  # and up again
     assert _tables(empty_database) >= TABLES
 
