@@ -8,7 +8,9 @@ replay) borrow the pooled asyncpg connection underneath with
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -94,6 +96,8 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
     lock_path = data_dir.resolve() / "pg.lock"
     PostgresServer.lock_path = lock_path
     PostgresServer._lock = fasteners.InterProcessLock(str(lock_path))
+    with PostgresServer._lock:
+        _forget_dead_handles(data_dir.resolve() / "pg" / ".handle_pids.json")
     server = get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
     query = f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608
     exists = server.psql(query)
@@ -102,3 +106,29 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
     url: str = server.get_uri(database=EMBEDDED_DATABASE, driver="asyncpg")
     log.info("embedded Postgres running under %s", data_dir / "pg")
     return url, server
+
+
+def _forget_dead_handles(handles: Path) -> None:
+    """Drop the processes that died without deregistering from pgserver's handle list.
+
+    pgserver stops Postgres when the last process in that list exits. One killed
+    with SIGKILL never removes itself, so no later run would ever be the last and
+    Postgres would outlive every one of them. Call with pgserver's lock held.
+    """
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

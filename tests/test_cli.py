@@ -168,3 +168,22 @@ def test_an_unreachable_database_is_one_clear_line(database_url: str) -> None:
         done = _cli("migrate", SSEHUB_DATABASE_URL=url)
         assert done.returncode != 0
         assert "cannot use the database" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_killed_server_does_not_leave_the_embedded_postgres_running(tmp_path: Path) -> None:
+    """After a SIGKILL, the next run reuses the orphaned Postgres and, on exit, stops it."""
+    env = {"SSEHUB_DATA_DIR": str(tmp_path / "data")}
+    first = Server(None, env=env).start(timeout=90)
+    Api(first.url).register("keeper")
+    pid_file = tmp_path / "data" / "pg" / "postmaster.pid"
+    postmaster = int(pid_file.read_text().split("\n", 1)[0])
+    assert first.process is not None
+    first.process.kill()  # no clean-up at all
+    first.process.wait()
+    second = Server(None, env=env).start(timeout=90)
+    try:
+        assert Api(second.url).login("keeper")
+    finally:
+        second.stop()
+    assert not pid_file.exists()
+    assert _gone(postmaster), "the embedded Postgres outlived a clean exit after a crash"
