@@ -100,6 +100,10 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
+    if settings.admin_username and settings.admin_password:
+        _check_admin_account(settings.admin_username, settings.admin_password)
+    elif settings.admin_username or settings.admin_password:
+        log.warning("SSEHUB_ADMIN_USERNAME and SSEHUB_ADMIN_PASSWORD go together: no admin made")
     migrate(settings)
     if settings.admin_username and settings.admin_password:
         asyncio.run(_ensure_admin(settings, settings.admin_username, settings.admin_password))
@@ -110,16 +114,22 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     run_server(host=host, port=port, workers=workers)
 
 
-def create_admin(settings: Settings, username: str) -> None:
+def _check_admin_account(username: str, password: str) -> None:
+    """Exit unless the admin could have registered: a name outside the rules could
+    never log in (login refuses impossible names before any query)."""
     from app.auth.schemas import RegisterIn
 
-    password = os.environ.get("SSEHUB_ADMIN_PASSWORD") or getpass.getpass(
-        f"Password for {username}: "
-    )
     try:
         RegisterIn(username=username, password=password)
     except ValueError as exc:
         sys.exit(f"invalid admin account: {exc}")
+
+
+def create_admin(settings: Settings, username: str) -> None:
+    password = os.environ.get("SSEHUB_ADMIN_PASSWORD") or getpass.getpass(
+        f"Password for {username}: "
+    )
+    _check_admin_account(username, password)
     migrate(settings)
     created = asyncio.run(_ensure_admin(settings, username, password))
     print(f"{'created' if created else 'promoted'} admin {username}")

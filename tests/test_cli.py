@@ -14,17 +14,17 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.support import ROOT, TEST_SECRET, Api, Server, sql
+from tests.support import ROOT, TEST_SECRET, Api, Server, free_port, sql
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         cwd=ROOT,
         env={**os.environ, "SSEHUB_SECRET_KEY": TEST_SECRET, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 
@@ -187,3 +187,24 @@ def test_a_killed_server_does_not_leave_the_embedded_postgres_running(tmp_path: 
         second.stop()
     assert not pid_file.exists()
     assert _gone(postmaster), "the embedded Postgres outlived a clean exit after a crash"
+
+
+@pytest.mark.parametrize(
+    ("username", "password"), [("bad name", "boss-password"), ("boss", "short")]
+)
+def test_serve_refuses_an_admin_that_could_not_register(
+    database_url: str, username: str, password: str
+) -> None:
+    """A bootstrap admin outside the registration rules could never log in: refuse to start."""
+    done = _cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        timeout=60,
+        SSEHUB_DATABASE_URL=database_url,
+        SSEHUB_ADMIN_USERNAME=username,
+        SSEHUB_ADMIN_PASSWORD=password,
+    )
+    assert done.returncode != 0 and "invalid admin account" in done.stderr, done.stderr
+    rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE username = $1", username))
+    assert rows == []
