@@ -245,3 +245,31 @@ def test_instances_starting_together_bootstrap_one_admin(start_server, database_
         assert me["is_admin"] is True
     rows = asyncio.run(sql(database_url, "SELECT count(*) FROM users WHERE username = 'chief'"))
     assert rows[0][0] == 1
+
+
+def test_a_stream_token_opens_no_secured_endpoint(api: Api, database_url: str) -> None:
+    """Every operation /docs marks as secured refuses a stream token, and changes nothing.
+
+    Read from the live OpenAPI schema, so an endpoint added later is covered too.
+    """
+    admin = api.admin()
+    assert api.http.post("/channels", json={"name": "news"}, headers=admin).status_code == 201
+    token = api.http.post("/auth/stream-token", headers=admin).json()["stream_token"]
+    schema = api.http.get("/openapi.json").json()
+    secured = [
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    ]
+    assert {("GET", "/users/me"), ("POST", "/channels/{name}/events")} <= set(secured)
+    assert not any("stream" in path and "token" not in path for _, path in secured)
+    for method, path in secured:
+        url = path.replace("{name}", "news").replace("{username}", "admin")
+        body = {} if method in ("POST", "PUT", "PATCH") else None
+        r = api.http.request(method, url, json=body, headers=auth(token))
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    rows = asyncio.run(sql(database_url, "SELECT name FROM channels"))
+    assert [r[0] for r in rows] == ["news"]
+    assert asyncio.run(sql(database_url, "SELECT 1 FROM events")) == []
