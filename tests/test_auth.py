@@ -273,3 +273,18 @@ def test_a_stream_token_opens_no_secured_endpoint(api: Api, database_url: str) -
     rows = asyncio.run(sql(database_url, "SELECT name FROM channels"))
     assert [r[0] for r in rows] == ["news"]
     assert asyncio.run(sql(database_url, "SELECT 1 FROM events")) == []
+
+
+def test_token_lifetimes_follow_the_settings(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server(SSEHUB_ACCESS_TOKEN_TTL_SECONDS="60", SSEHUB_STREAM_TOKEN_TTL_SECONDS="30")
+    api = Api(srv.url)
+    api.register("alice")
+    r = api.http.post("/auth/token", data={"username": "alice", "password": "password-123"})
+    access = r.json()
+    assert access["expires_in"] == 60
+    claims = jwt.decode(access["access_token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == 60 and claims["scope"] == "access"
+    stream = api.http.post("/auth/stream-token", headers=auth(access["access_token"])).json()
+    assert stream["expires_in"] == 30
+    claims = jwt.decode(stream["stream_token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == 30 and claims["scope"] == "stream"
