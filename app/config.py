@@ -44,6 +44,21 @@ class Settings(BaseSettings):
     # Not in the public contract's list: how often history bounds are enforced.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_url(cls, url: str | None) -> str | None:
+        """ssehub reaches Postgres through asyncpg only. The URLs people copy from
+        elsewhere (``postgres://``, ``postgresql://``) name the same server, so they
+        are accepted; any other scheme would end in a traceback about a missing driver."""
+        if not url:
+            return None
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("postgresql+asyncpg", "postgresql", "postgres"):
+            raise ValueError(
+                "SSEHUB_DATABASE_URL must look like postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB"
+            )
+        return f"postgresql+asyncpg://{rest}"
+
     @field_validator("secret_key")
     @classmethod
     def _refuse_weak_keys(cls, key: str | None) -> str | None:

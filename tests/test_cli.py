@@ -208,3 +208,15 @@ def test_serve_refuses_an_admin_that_could_not_register(
     assert done.returncode != 0 and "invalid admin account" in done.stderr, done.stderr
     rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE username = $1", username))
     assert rows == []
+
+
+def test_database_urls_in_other_spellings(database_url: str) -> None:
+    """``postgres://`` and ``postgresql://`` mean asyncpg; another scheme is one clear line."""
+    rest = database_url.split("://", 1)[1]
+    for scheme in ("postgresql", "postgres"):
+        done = _cli("migrate", SSEHUB_DATABASE_URL=f"{scheme}://{rest}")
+        assert done.returncode == 0, done.stderr
+    for url in (f"mysql://{rest}", f"postgresql+psycopg://{rest}", "not a url"):
+        done = _cli("migrate", SSEHUB_DATABASE_URL=url)
+        assert done.returncode != 0
+        assert "SSEHUB_DATABASE_URL" in done.stderr and "Traceback" not in done.stderr
