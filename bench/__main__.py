@@ -186,21 +186,35 @@ async def idle_memory(target: Target, counts: list[int]) -> dict[str, float]:
 
 
 async def _publish_at(target: Target, channel: str, rate: float, seconds: float) -> int:
-    client = HttpClient(HOST, target.port, target.headers)
-    interval = 1 / rate
+    """Publish at a fixed rate, not waiting for one answer before the next is due
+    (8 keep-alive connections), so the scenario measures delivery, not publish latency."""
+    clients = [HttpClient(HOST, target.port, target.headers) for _ in range(8)]
+    free: asyncio.Queue[HttpClient] = asyncio.Queue()
+    for client in clients:
+        free.put_nowait(client)
     sent = 0
-    start = time.monotonic()
-    try:
-        while time.monotonic() - start < seconds:
-            body = json.dumps({"type": "message", "data": {"t": time.time(), "n": sent}}).encode()
+
+    async def one(n: int) -> None:
+        nonlocal sent
+        client = await free.get()
+        try:
+            body = json.dumps({"type": "message", "data": {"t": time.time(), "n": n}}).encode()
             status, _ = await client.post(target.publish_path(channel), body)
             if status in (200, 201):
                 sent += 1
-            next_at = start + sent * interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-    finally:
+        finally:
+            free.put_nowait(client)
+
+    start = time.monotonic()
+    tasks = []
+    total = int(rate * seconds)
+    for n in range(total):
+        delay = start + n / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(n)))
+    await asyncio.gather(*tasks)
+    for client in clients:
         client.close()
     return sent
 
