@@ -50,9 +50,15 @@ def test_valid_names(api: Api, name: str) -> None:
 
 def test_bounds_must_be_positive(api: Api) -> None:
     for field in ("max_events", "max_age_seconds"):
-        for value in (0, -1, "many"):
+        for value in (0, -1, "many", 2**31, 2**70):
             r = api.http.post("/channels", json={"name": "c", field: value}, headers=api.admin())
             assert r.status_code == 422
+            r = api.http.patch("/channels/c", json={field: 2**31}, headers=api.admin())
+            assert r.status_code in (404, 422)
+    _create(api, "c", max_events=2**31 - 1, max_age_seconds=2**31 - 1)
+    for field in ("max_events", "max_age_seconds"):
+        r = api.http.patch("/channels/c", json={field: 2**31}, headers=api.admin())
+        assert r.status_code == 422
 
 
 def test_admin_only_operations(api: Api) -> None:
@@ -153,3 +159,25 @@ def test_subscriptions(api: Api) -> None:
     assert api.http.delete("/me/subscriptions/a", headers=bob).status_code == 204
     api.http.delete("/channels/b", headers=api.admin())
     assert api.http.get("/me/subscriptions", headers=bob).json() == []
+
+
+def test_last_event_id_follows_publishes(api: Api) -> None:
+    _create(api, "news")
+    admin = api.admin()
+    first = api.http.post("/channels/news/events", json={"data": 1}, headers=admin).json()
+    assert api.http.get("/channels/news", headers=admin).json()["last_event_id"] == first["id"]
+    batch = api.http.post(
+        "/channels/news/events/batch", json={"events": [{"data": 2}, {"data": 3}]}, headers=admin
+    ).json()["events"]
+    listed = api.http.get("/channels", headers=admin).json()
+    assert listed[0]["last_event_id"] == batch[-1]["id"]
+
+
+def test_member_routes_need_a_token_and_an_admin(api: Api) -> None:
+    _create(api, "secret", private=True)
+    bob = api.user("bob")
+    assert api.http.delete("/channels/secret/members/bob", headers=bob).status_code == 403
+    assert api.http.post("/channels", json={"name": "x"}).status_code == 401
+    assert api.http.put("/channels/secret/members/bob").status_code == 401
+    assert api.http.get("/channels/secret/members", headers=api.admin()).json() == []
+    assert api.http.get("/channels/nope/members", headers=api.admin()).status_code == 404

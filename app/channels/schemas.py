@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field
 
 CHANNEL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+# The columns are Postgres integers: a larger bound was a 500 from the insert.
+Bound = Annotated[int, Field(gt=0, le=2_147_483_647)]
 
 
 class ChannelIn(BaseModel):
@@ -15,8 +18,8 @@ class ChannelIn(BaseModel):
     name: str = Field(pattern=CHANNEL_NAME_PATTERN, examples=["news"])
     description: str = Field(default="", max_length=1000)
     private: bool = False
-    max_events: PositiveInt | None = None
-    max_age_seconds: PositiveInt | None = None
+    max_events: Bound | None = None
+    max_age_seconds: Bound | None = None
 
 
 class ChannelPatch(BaseModel):
@@ -26,8 +29,8 @@ class ChannelPatch(BaseModel):
 
     description: str | None = Field(default=None, max_length=1000)
     private: bool | None = None
-    max_events: PositiveInt | None = None
-    max_age_seconds: PositiveInt | None = None
+    max_events: Bound | None = None
+    max_age_seconds: Bound | None = None
 
 
 class ChannelOut(BaseModel):
