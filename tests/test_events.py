@@ -86,6 +86,13 @@ def test_size_limit_on_compact_json(start_server) -> None:
     )
     r = api.http.post("/channels/news/events", json={"data": exact + "x"}, headers=admin)
     assert r.status_code == 413 and "detail" in r.json()
+    # Bytes, not characters: "é" is two bytes in UTF-8.
+    r = api.http.post("/channels/news/events", json={"data": "é" * 60}, headers=admin)
+    assert r.status_code == 413
+    assert (
+        api.http.post("/channels/news/events", json={"data": "é" * 49}, headers=admin).status_code
+        == 201
+    )
     # Whitespace in the request does not count: the limit is on compact JSON.
     spaced = b'{"data": [1,    2,     3]}'
     assert api.http.post("/channels/news/events", content=spaced, headers=admin).status_code == 201
@@ -93,7 +100,7 @@ def test_size_limit_on_compact_json(start_server) -> None:
     assert (
         api.http.post("/channels/news/events/batch", json=batch, headers=admin).status_code == 413
     )
-    assert len(api.http.get("/channels/news/events", headers=admin).json()["events"]) == 2
+    assert len(api.http.get("/channels/news/events", headers=admin).json()["events"]) == 3
 
 
 def test_idempotency_key(api: Api, admin: dict[str, str]) -> None:
@@ -147,6 +154,7 @@ def test_batch_is_ordered_and_atomic(api: Api, admin: dict[str, str]) -> None:
         ).status_code
         == 422
     )
+    assert len(_history(api, admin, "?limit=1000")["events"]) == 50  # type: ignore[arg-type]
     for count in (0, 1001):
         body = {"events": [{"data": 1}] * count}
         assert (

@@ -59,12 +59,13 @@ def _validate(model: type[M], value: Any) -> M:
 
 
 def _new_event(event: EventIn, max_bytes: int) -> NewEvent:
-    data = orjson.dumps(event.data).decode()
+    data = orjson.dumps(event.data)
+    # The limit is in bytes: counting the decoded str let non-ASCII data through.
     if len(data) > max_bytes:
         raise PayloadTooLarge(
             f"data is {len(data)} bytes as compact JSON; the limit is {max_bytes}"
         )
-    return NewEvent(event.type, data)
+    return NewEvent(event.type, data.decode())
 
 
 def _body_limit(max_event_bytes: int, events: int) -> int:
