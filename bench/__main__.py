@@ -133,7 +133,8 @@ def start_ssehub(channels: list[str]) -> Target:
     return Target("ssehub", port, process, database, headers, f"access_token={stream_token}")
 
 
-def start_baseline() -> Target:
+def start_baseline(module: str = "app") -> Target:
+    """The tutorial (``app``) or the same with a lean response (``lean``)."""
     port = _free_port()
     cmd = [
         "taskset",
@@ -142,7 +143,7 @@ def start_baseline() -> Target:
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.baseline.app:app",
+        f"bench.baseline.{module}:app",
         "--port",
         str(port),
         "--log-level",
@@ -150,7 +151,7 @@ def start_baseline() -> Target:
     ]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_ready(port, "/docs", process)
-    return Target("baseline", port, process)
+    return Target("baseline" if module == "app" else module, port, process)
 
 
 # -- scenarios -------------------------------------------------------------------
@@ -347,7 +348,9 @@ def run_target(name: str, plan: Plan) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     def fresh() -> Target:
-        return start_ssehub(["idle", "fanout"]) if name == "ssehub" else start_baseline()
+        if name == "ssehub":
+            return start_ssehub(["idle", "fanout"])
+        return start_baseline("lean" if name == "lean" else "app")
 
     def with_target(work: Callable[[Target], Awaitable[Any]]) -> Any:
         target = fresh()
@@ -356,6 +359,12 @@ def run_target(name: str, plan: Plan) -> dict[str, Any]:
         finally:
             target.stop()
 
+    if name == "lean":
+        # Only the response differs from the baseline: compare where it matters most.
+        n = max(plan.fan_out_n)
+        print(f"[{name}] fan-out to {n}", flush=True)
+        results["fan_out"] = with_target(lambda t: fan_out(t, n, plan.rates, plan.seconds, 1))
+        return results
     print(f"[{name}] idle memory", flush=True)
     results["memory"] = with_target(lambda t: idle_memory(t, plan.memory_counts))
     results["fan_out"] = []
@@ -385,7 +394,11 @@ def run_target(name: str, plan: Plan) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small numbers, one repetition")
-    parser.add_argument("--only", choices=["ssehub", "baseline"], help="run one target")
+    parser.add_argument(
+        "--only",
+        choices=["ssehub", "baseline", "lean"],
+        help="run one target; the others' figures are kept from the last run's raw results",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -394,11 +407,12 @@ def main() -> None:
     uvloop.install()
     plan = QUICK if args.quick else FULL
     started = time.time()
-    results = {
-        name: run_target(name, plan)
-        for name in (["ssehub", "baseline"] if not args.only else [args.only])
-    }
     raw = ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
+    results: dict[str, Any] = {}
+    if args.only and raw.exists():
+        results = json.loads(raw.read_text())
+    for name in [args.only] if args.only else ["ssehub", "baseline", "lean"]:
+        results[name] = run_target(name, plan)
     raw.parent.mkdir(exist_ok=True)
     raw.write_text(json.dumps(results, indent=1, default=str))
     from bench.report import write_report

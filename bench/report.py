@@ -102,6 +102,37 @@ def write_report(path: Path, results: dict[str, Any], plan: Any, seconds: float,
                 + " | ".join(cell(br))
                 + f" | {ratio} |"
             )
+    lean = results.get("lean", {}).get("fan_out", [])
+    if lean:
+        lines += [
+            "",
+            "## sse-starlette vs. a lean response (same tutorial server otherwise)",
+            "",
+            "`bench/baseline/lean.py` is the baseline with only the response replaced: a raw "
+            "ASGI response, frame encoded once per event, one writer task per stream, all "
+            "pending frames in one `send`. One run each.",
+            "",
+            "| N × events/s | wanted/s | sse-starlette delivered/s | % | p50 / p99 ms "
+            "| lean delivered/s | % | p50 / p99 ms | ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in lean:
+            base = _fan_rows(results, "baseline", row["n"], row["rate"])
+
+            def brief(rows: list[dict[str, Any]]) -> str:
+                return " | ".join(
+                    [
+                        _fmt([r["delivered_per_s"] for r in rows]),
+                        _fmt([r["pct_delivered"] for r in rows], "%"),
+                        f"{_fmt([r['p50_ms'] for r in rows])} / {_fmt([r['p99_ms'] for r in rows])}",
+                    ]
+                )
+
+            ratio = _ratio(row["delivered_per_s"], _median([r["delivered_per_s"] for r in base]))
+            lines.append(
+                f"| {row['n']:,} × {row['rate']:.0f} | {row['n'] * row['rate']:,.0f} | "
+                f"{brief(base)} | {brief([row])} | {ratio} |"
+            )
     lines += [
         "",
         "## Resume: connect with Last-Event-ID → last missed event received",
