@@ -13,9 +13,11 @@ at the top. "Everything above the last id I saw" is therefore a complete cursor.
 
 **Why it is cheap.** The lock serialises transactions, so each one carries as
 much as possible: requests that arrive while a transaction is in flight are
-coalesced into the next one (one statement inserts them all, one NOTIFY wakes
-every instance's broker). Throughput grows with concurrency instead of
-queueing on the lock.
+coalesced into the next one. And each transaction is one round trip: the
+database function ``ssehub_publish`` (migration 0002) takes the lock, draws
+the ids, inserts every row and sends one NOTIFY that wakes every instance's
+broker, and the statement's implicit transaction commits as it returns.
+Throughput grows with concurrency instead of queueing on the lock.
 
 Within a transaction the ids are drawn first, sorted, and handed to the rows
 in request order, so a batch's ids increase in the order given.
@@ -37,26 +39,15 @@ from app.db import raw_connection
 from app.errors import NotFound
 from app.events.log import StoredEvent
 from app.metrics import Metrics
-from app.notify import EVENTS_CHANNEL
 
 log = logging.getLogger("ssehub")
 
-PUBLISH_LOCK = 0x55E4B  # the advisory lock key every publisher takes
+PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish()
 MAX_EVENTS_PER_TRANSACTION = 5000
 
-_INSERT = """
-WITH ids AS (
-    SELECT array_agg(id ORDER BY id) AS ids
-    FROM (SELECT nextval(pg_get_serial_sequence('events', 'id')) AS id
-          FROM generate_series(1, cardinality($1::bigint[]))) drawn
-)
-INSERT INTO events (id, channel_id, type, data, idempotency_key)
-SELECT ids.ids[u.n], u.channel_id, u.type, u.data, u.key
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-     WITH ORDINALITY AS u(channel_id, type, data, key, n), ids
-ON CONFLICT (channel_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id, channel_id, idempotency_key, published_at
-"""
+# The function (migrations/versions/0002) takes the lock, draws the ids in request
+# order, inserts and notifies: one round trip, committed when the statement ends.
+_PUBLISH = "SELECT * FROM ssehub_publish($1::bigint[], $2::text[], $3::text[], $4::text[])"
 _EXISTING = (
     "SELECT e.id, e.type, e.data, e.published_at FROM events e "
     "WHERE e.channel_id = $1 AND e.idempotency_key = $2"
@@ -162,19 +153,15 @@ class Publisher:
 
     async def _transaction(self, requests: list[_Request]) -> list[tuple[list[StoredEvent], bool]]:
         rows = [(r, item) for r in requests for item in r.items]
-        async with raw_connection(self._engine) as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PUBLISH_LOCK)
+        async with raw_connection(self._engine) as conn:
             inserted = await conn.fetch(
-                _INSERT,
+                _PUBLISH,
                 [r.channel_id for r, _ in rows],
                 [item.type for _, item in rows],
                 [item.data for _, item in rows],
                 [r.idempotency_key for r, _ in rows],
             )
             results = await self._match(conn, requests, inserted)
-            if inserted:
-                top = max(row["id"] for row in inserted)
-                await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(top))
         self._metrics.events_published.inc(len(inserted))
         return results
 
@@ -184,11 +171,11 @@ class Publisher:
         """Pair returned rows with requests, in order; a request whose key was
         already used gets the event stored under that key instead."""
         ids_by_request: list[list[tuple[int, datetime]]] = []
-        rows = iter(sorted(inserted, key=lambda row: row["id"]))
+        rows = iter(sorted(inserted, key=lambda row: row["event_id"]))
         keyed_new = {
-            (row["channel_id"], row["idempotency_key"])
+            (row["event_channel_id"], row["event_key"])
             for row in inserted
-            if row["idempotency_key"] is not None
+            if row["event_key"] is not None
         }
         claimed: set[tuple[int, str]] = set()
         for request in requests:
@@ -199,7 +186,10 @@ class Publisher:
             if request.idempotency_key is not None:
                 claimed.add(key)
             ids_by_request.append(
-                [(row["id"], row["published_at"]) for row in _take_n(rows, len(request.items))]
+                [
+                    (row["event_id"], row["event_published_at"])
+                    for row in _take_n(rows, len(request.items))
+                ]
             )
         results: list[tuple[list[StoredEvent], bool]] = []
         for request, ids in zip(requests, ids_by_request, strict=True):
