@@ -140,7 +140,11 @@ class Broker:
     async def _apply_control(self) -> None:
         while self._control:
             message = self._control.pop(0)
-            await self._apply(message)
+            try:
+                await self._apply(message)
+            except (KeyError, TypeError, ValueError) as exc:
+                # Only our own transactions send these; a bad one must not stop live delivery.
+                log.error("broker: ignoring malformed control message %r (%s)", message, exc)
 
     async def _apply(self, message: dict[str, Any]) -> None:
         op = message.get("op")
