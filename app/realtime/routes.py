@@ -39,9 +39,12 @@ def resume_position(request: Request) -> int | None:
 
 
 def _open(
-    request: Request, caller: StreamCaller, channels: dict[int, str], follows: bool
+    request: Request,
+    caller: StreamCaller,
+    channels: dict[int, str],
+    follows: bool,
+    position: int | None,
 ) -> EventStream:
-    position = resume_position(request)
     state = request.app.state
     sub = Subscriber(caller.user_id, caller.is_admin, channels, follows)
     sub.position = state.hub.position
@@ -52,10 +55,10 @@ def _open(
 @router.get("/stream", status_code=200, response_class=EventStream, responses=STREAM_RESPONSE)
 async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> EventStream:
     """Events of every channel the caller is subscribed to, following changes live."""
-    resume_position(request)
+    position = resume_position(request)  # a bad one is a 400 before any database work
     async with request.app.state.sessionmaker() as session:
         channels = await subscribed_channels(session, caller.user_id, caller.is_admin)
-    return _open(request, caller, {c.id: c.name for c in channels}, follows=True)
+    return _open(request, caller, {c.id: c.name for c in channels}, True, position)
 
 
 @router.get(
@@ -66,7 +69,7 @@ async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> Eve
 )
 async def stream_channel(name: str, request: Request, caller: StreamCallerDep) -> EventStream:
     """Events of one channel the caller can read."""
-    resume_position(request)
+    position = resume_position(request)
     async with request.app.state.sessionmaker() as session:
         channel = await get_readable_channel(session, caller.user_id, caller.is_admin, name)
-    return _open(request, caller, {channel.id: channel.name}, follows=False)
+    return _open(request, caller, {channel.id: channel.name}, False, position)
