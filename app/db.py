@@ -14,15 +14,18 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from app.errors import Conflict
 
 log = logging.getLogger("ssehub")
 
@@ -60,6 +63,21 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
+
+
+Row = TypeVar("Row")
+
+
+async def insert_unique(session: AsyncSession, row: Row, conflict: str) -> Row:
+    """Insert ``row``; a unique-constraint clash (even between racing requests)
+    is a 409 with ``conflict`` as its detail. Returns the row with its defaults."""
+    session.add(row)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict(conflict) from exc
+    await session.refresh(row)
+    return row
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

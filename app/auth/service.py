@@ -6,12 +6,12 @@ import asyncio
 import re
 
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.passwords import hash_password, verify_password
 from app.auth.schemas import USERNAME_PATTERN
-from app.errors import Conflict, Unauthorized
+from app.db import insert_unique
+from app.errors import Unauthorized
 from app.models import User
 
 _USERNAME = re.compile(USERNAME_PATTERN)
@@ -33,13 +33,7 @@ async def create_user(
     """Insert a user; a taken name is a 409 even when two requests race for it."""
     password_hash = await asyncio.to_thread(hash_password, password)
     user = User(username=username, password_hash=password_hash, is_admin=is_admin)
-    session.add(user)
-    try:
-        await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"Username {username!r} is taken") from exc
-    await session.refresh(user)
-    return user
+    return await insert_unique(session, user, f"Username {username!r} is taken")
 
 
 async def authenticate(session: AsyncSession, username: str, password: str) -> User:

@@ -11,12 +11,12 @@ from typing import Any
 
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import get_user_by_name
 from app.channels.schemas import ChannelIn, ChannelOut
-from app.errors import Conflict, NotFound
+from app.db import insert_unique
+from app.errors import NotFound
 from app.models import Channel, ChannelMember, Event, Subscription, User
 from app.notify import notify_control
 
@@ -100,14 +100,9 @@ async def describe(session: AsyncSession, channels: list[Channel]) -> list[Chann
 
 
 async def create_channel(session: AsyncSession, body: ChannelIn) -> Channel:
-    channel = Channel(**body.model_dump())
-    session.add(channel)
-    try:
-        await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"Channel {body.name!r} exists") from exc
-    await session.refresh(channel)
-    return channel
+    return await insert_unique(
+        session, Channel(**body.model_dump()), f"Channel {body.name!r} exists"
+    )
 
 
 async def update_channel(session: AsyncSession, channel: Channel, changes: dict[str, Any]) -> None:
