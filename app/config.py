@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     max_event_bytes: PositiveInt = 65536
     max_streams_per_user: PositiveInt = 20
     cors_origins: str = ""
-    # Not in the public contract's list: how often history bounds are enforced.
+    # Not in the public contract's list: how often history bounds are enforced,
+    # and whether uvicorn logs a line per request.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
+    access_log: bool = True
 
     @field_validator("database_url")
     @classmethod

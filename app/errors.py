@@ -67,23 +67,30 @@ class TooManyRequests(SsehubError):
     status_code = 429
 
 
+class Unavailable(SsehubError):
+    status_code = 503
+
+
 def error_response(
     status: int, detail: Any, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _ssehub_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SsehubError)
-    return error_response(exc.status_code, exc.detail, exc.headers)
-
-
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def render_error(exc: SsehubError | RequestValidationError) -> JSONResponse:
+    """Our errors and request validation as JSON: the handlers FastAPI calls use
+    this, and so does ``app.hotpaths``, which runs outside FastAPI's routing."""
+    if isinstance(exc, SsehubError):
+        return error_response(exc.status_code, exc.detail, exc.headers)
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "Request body is not valid JSON")
     return error_response(422, _jsonable(errors))
+
+
+async def _handled_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SsehubError | RequestValidationError)
+    return render_error(exc)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -104,7 +111,7 @@ def _jsonable(errors: Any) -> list[dict[str, Any]]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(SsehubError, _ssehub_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(SsehubError, _handled_error)
+    app.add_exception_handler(RequestValidationError, _handled_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -25,6 +25,7 @@ from app.db import create_engine, create_sessionmaker
 from app.errors import install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
+from app.hotpaths import HotPaths
 from app.logs import install_token_redaction
 from app.metrics import Metrics
 from app.realtime import lifespan as realtime_lifespan
@@ -63,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    app.add_middleware(HotPaths)  # the innermost of ours: CORS, added next, wraps it
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

@@ -116,6 +116,8 @@ def start_ssehub(channels: list[str]) -> Target:
         "SSEHUB_ADMIN_USERNAME": ADMIN[0],
         "SSEHUB_ADMIN_PASSWORD": ADMIN[1],
         "SSEHUB_MAX_STREAMS_PER_USER": "1000000",
+        # The baselines run with uvicorn's --log-level warning: no access log either.
+        "SSEHUB_ACCESS_LOG": "false",
     }
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     process = subprocess.Popen(

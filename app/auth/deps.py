@@ -1,6 +1,8 @@
-"""The current-user dependencies: ``CurrentUser``, ``AdminUser`` and ``stream_user``.
+"""The caller dependencies: ``AccessClaims``, ``CurrentUser``, ``AdminUser``, ``StreamCallerDep``.
 
 REST endpoints accept only access tokens, from the ``Authorization`` header.
+``AccessClaims`` is the token alone, for the publish routes: the publish
+function checks in its own transaction that the user exists and is an admin.
 The stream endpoints also accept stream tokens, and a token in the
 ``access_token`` query parameter, because ``EventSource`` cannot set headers.
 """
@@ -33,12 +35,19 @@ async def settings_of(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 
 
-async def current_user(
-    session: SessionDep, settings: SettingsDep, token: Annotated[str | None, Depends(bearer_scheme)]
-) -> User:
+async def access_claims(
+    settings: SettingsDep, token: Annotated[str | None, Depends(bearer_scheme)]
+) -> TokenClaims:
+    """The caller's access token, checked without the database (401 if bad)."""
     if not token:
         raise Unauthorized()
-    claims = decode_token(settings, token, ACCESS_ONLY)
+    return decode_token(settings, token, ACCESS_ONLY)
+
+
+AccessClaims = Annotated[TokenClaims, Depends(access_claims)]
+
+
+async def current_user(session: SessionDep, claims: AccessClaims) -> User:
     user = await get_user(session, claims.user_id)
     if user is None:
         raise Unauthorized("User no longer exists")

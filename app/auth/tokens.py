@@ -51,13 +51,38 @@ def _user_id(sub: object) -> int | None:
     return user_id if user_id <= MAX_USER_ID else None
 
 
+# Tokens already verified, so a client that sends the same token on every request
+# (a publisher does) pays for the HMAC and the claim checks once: they were 14% of
+# a publish's CPU. Only good tokens are kept, with their expiry, which is checked
+# on every use. Cleared whole when full: simple, and bounded.
+_verified: dict[tuple[str, str], tuple[int, str, float]] = {}
+VERIFIED_CACHE_SIZE = 10_000
+
+
 def decode_token(settings: Settings, token: str, accept: frozenset[Scope]) -> TokenClaims:
     """Verify signature, algorithm, expiry and scope; anything wrong is a 401."""
     assert settings.secret_key
+    key = (settings.secret_key, token)
+    verified = _verified.get(key)
+    if verified is None or verified[2] <= time.time():
+        _verified.pop(key, None)
+        verified = _verify(settings.secret_key, token)
+        if len(_verified) >= VERIFIED_CACHE_SIZE:
+            _verified.clear()
+        _verified[key] = verified
+    user_id, scope, expires_at = verified
+    for allowed in accept:
+        if scope == allowed:
+            return TokenClaims(user_id=user_id, scope=allowed, expires_at=expires_at)
+    raise Unauthorized(f"A {scope} token cannot be used here")
+
+
+def _verify(secret_key: str, token: str) -> tuple[int, str, float]:
+    """The user id, scope and expiry of a token with a good signature and claims."""
     try:
         claims = jwt.decode(
             token,
-            settings.secret_key,
+            secret_key,
             algorithms=[ALGORITHM],
             options={"require": ["sub", "iat", "exp", "scope"]},
         )
@@ -69,7 +94,4 @@ def decode_token(settings: Settings, token: str, accept: frozenset[Scope]) -> To
         # Only a holder of the key can sign such claims; still a 401, not a 500
         # (an unhashable scope, or an id Postgres's bigint cannot hold).
         raise Unauthorized("Invalid or expired token")
-    for allowed in accept:
-        if scope == allowed:
-            return TokenClaims(user_id=user_id, scope=allowed, expires_at=float(claims["exp"]))
-    raise Unauthorized(f"A {scope} token cannot be used here")
+    return user_id, scope, float(claims["exp"])

@@ -15,7 +15,7 @@ from app.events.publisher import Publisher
 
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
-    publisher = Publisher(app.state.engine, app.state.metrics)
+    publisher = Publisher(app.state.settings.database_url, app.state.metrics)
     publisher.start()
     app.state.publisher = publisher
     interval = app.state.settings.retention_interval_seconds

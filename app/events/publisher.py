@@ -13,14 +13,24 @@ at the top. "Everything above the last id I saw" is therefore a complete cursor.
 
 **Why it is cheap.** The lock serialises transactions, so each one carries as
 much as possible: requests that arrive while a transaction is in flight are
-coalesced into the next one. And each transaction is one round trip: the
-database function ``ssehub_publish`` (migration 0002) takes the lock, draws
-the ids, inserts every row and sends one NOTIFY that wakes every instance's
-broker, and the statement's implicit transaction commits as it returns.
-Throughput grows with concurrency instead of queueing on the lock.
+coalesced into the next one. And each transaction is one round trip on the
+writer's own connection: the database function ``ssehub_publish_as``
+(migration 0003) takes the lock, checks every request's caller (an admin who
+still exists) and channel, draws the ids, inserts the rows that pass and sends
+one NOTIFY that wakes every instance's broker; the statement's implicit
+transaction commits as it returns. A publish request therefore costs the
+database nothing of its own: no user or channel lookup before it, no pooled
+connection checkout. Throughput grows with concurrency instead of queueing on
+the lock.
 
 Within a transaction the ids are drawn first, sorted, and handed to the rows
 in request order, so a batch's ids increase in the order given.
+
+**Failures.** An error the database reports means the transaction rolled
+back: the requests are retried one by one so that only the bad one fails. A
+lost connection is different: the commit may or may not have happened, so
+nothing is retried; every request in flight answers 503 and the client's
+retry with its ``Idempotency-Key`` settles it.
 """
 
 from __future__ import annotations
@@ -29,25 +39,27 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import raw_connection
-from app.errors import NotFound
+from app.db import asyncpg_dsn
+from app.errors import Forbidden, NotFound, SsehubError, Unauthorized, Unavailable
 from app.events.log import StoredEvent
 from app.metrics import Metrics
 
 log = logging.getLogger("ssehub")
 
-PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish()
+PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish_as()
 MAX_EVENTS_PER_TRANSACTION = 5000
+WRITER_NAME = "ssehub-writer"
 
-# The function (migrations/versions/0002) takes the lock, draws the ids in request
-# order, inserts and notifies: one round trip, committed when the statement ends.
-_PUBLISH = "SELECT * FROM ssehub_publish($1::bigint[], $2::text[], $3::text[], $4::text[])"
+# The function (migrations/versions/0003) takes the lock, checks each row's caller
+# and channel, draws the ids in request order, inserts and notifies: one round
+# trip, committed when the statement ends. One status per row, in row order.
+_PUBLISH = (
+    "SELECT * FROM ssehub_publish_as($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])"
+)
 _EXISTING = (
     "SELECT e.id, e.type, e.data, e.published_at FROM events e "
     "WHERE e.channel_id = $1 AND e.idempotency_key = $2"
@@ -62,7 +74,7 @@ class NewEvent:
 
 @dataclass
 class _Request:
-    channel_id: int
+    user_id: int
     channel: str
     items: list[NewEvent]
     idempotency_key: str | None
@@ -74,25 +86,28 @@ class _Request:
 class Publisher:
     """Coalesces concurrent publishes into ordered transactions (see module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics) -> None:
-        self._engine = engine
+    def __init__(self, database_url: str, metrics: Metrics) -> None:
+        self._dsn = asyncpg_dsn(database_url)
         self._metrics = metrics
+        self._conn: asyncpg.Connection | None = None
         self._pending: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     async def publish(
-        self, channel_id: int, channel: str, items: list[NewEvent], idempotency_key: str | None
+        self, user_id: int, channel: str, items: list[NewEvent], idempotency_key: str | None
     ) -> tuple[list[StoredEvent], bool]:
-        """Commit ``items`` to the log; returns the events and whether they are new.
+        """Commit ``items`` to ``channel`` as ``user_id``; returns the events and
+        whether they are new.
 
-        With an idempotency key already used on this channel, returns the
-        first event and ``False``, publishing nothing.
+        Raises 401 if the user no longer exists, 403 if they are not an admin,
+        404 if there is no such channel. With an idempotency key already used
+        on this channel, returns the first event and ``False``, publishing nothing.
         """
         if self._closed:
-            raise RuntimeError("publisher is stopped")
-        request = _Request(channel_id, channel, items, idempotency_key)
+            raise Unavailable("The server is shutting down")
+        request = _Request(user_id, channel, items, idempotency_key)
         self._pending.append(request)
         self._wake.set()
         return await request.done
@@ -106,6 +121,8 @@ class Publisher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        if self._conn is not None:
+            await self._conn.close()
 
     async def _run(self) -> None:
         while True:
@@ -126,94 +143,119 @@ class Publisher:
             count += len(request.items)
         return taken
 
+    async def _connection(self) -> asyncpg.Connection:
+        """The writer's own connection, opened again once it is lost."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                self._dsn, server_settings={"application_name": WRITER_NAME}, timeout=5
+            )
+        return self._conn
+
     async def _write(self, requests: list[_Request]) -> None:
-        """One transaction for all; if it fails, each request alone, so one bad
-        request (its channel deleted meanwhile) fails only itself."""
+        """One transaction for all. If the database refuses it, it rolled back:
+        each request alone then, so one bad request fails only itself. If the
+        connection is lost, the outcome is unknown: 503 for all, no retry."""
         try:
             results = await self._transaction(requests)
         except Exception as exc:
-            if len(requests) == 1:
-                self._fail(requests[0], exc)
+            if _rolled_back(exc) and len(requests) > 1:
+                for request in requests:
+                    await self._write([request])
                 return
+            error = self._error(requests[0], exc)
             for request in requests:
-                await self._write([request])
+                _settle(request, error)
             return
         for request, result in zip(requests, results, strict=True):
-            if not request.done.done():
-                request.done.set_result(result)
+            _settle(request, result)
 
-    def _fail(self, request: _Request, exc: Exception) -> None:
-        error: Exception = exc
+    def _error(self, request: _Request, exc: Exception) -> Exception:
+        """What a failed transaction answers: 404 for a channel deleted under it,
+        503 when the outcome is unknown, else the error itself (a 500, logged)."""
         if isinstance(exc, asyncpg.ForeignKeyViolationError):
-            error = NotFound(f"Channel {request.channel!r} not found")
-        else:
-            log.error("publish failed", exc_info=exc)
-        if not request.done.done():
-            request.done.set_exception(error)
+            return NotFound(f"Channel {request.channel!r} not found")
+        log.error("publish failed", exc_info=exc)
+        if _rolled_back(exc):
+            return exc
+        self._drop_connection()
+        return Unavailable("The database did not confirm the publish; retry it")
 
-    async def _transaction(self, requests: list[_Request]) -> list[tuple[list[StoredEvent], bool]]:
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def _transaction(
+        self, requests: list[_Request]
+    ) -> list[tuple[list[StoredEvent], bool] | SsehubError]:
         rows = [(r, item) for r in requests for item in r.items]
-        async with raw_connection(self._engine) as conn:
-            inserted = await conn.fetch(
-                _PUBLISH,
-                [r.channel_id for r, _ in rows],
-                [item.type for _, item in rows],
-                [item.data for _, item in rows],
-                [r.idempotency_key for r, _ in rows],
-            )
-            results = await self._match(conn, requests, inserted)
-        self._metrics.events_published.inc(len(inserted))
-        return results
-
-    async def _match(
-        self, conn: Any, requests: list[_Request], inserted: list[Any]
-    ) -> list[tuple[list[StoredEvent], bool]]:
-        """Pair returned rows with requests, in order; a request whose key was
-        already used gets the event stored under that key instead."""
-        ids_by_request: list[list[tuple[int, datetime]]] = []
-        rows = iter(sorted(inserted, key=lambda row: row["event_id"]))
-        keyed_new = {
-            (row["event_channel_id"], row["event_key"])
-            for row in inserted
-            if row["event_key"] is not None
-        }
-        claimed: set[tuple[int, str]] = set()
+        conn = await self._connection()
+        statuses = await conn.fetch(
+            _PUBLISH,
+            [r.user_id for r, _ in rows],
+            [r.channel for r, _ in rows],
+            [item.type for _, item in rows],
+            [item.data for _, item in rows],
+            [r.idempotency_key for r, _ in rows],
+        )
+        results = []
+        at = 0
         for request in requests:
-            key = (request.channel_id, request.idempotency_key or "")
-            if request.idempotency_key is not None and (key not in keyed_new or key in claimed):
-                ids_by_request.append([])
-                continue
-            if request.idempotency_key is not None:
-                claimed.add(key)
-            ids_by_request.append(
-                [
-                    (row["event_id"], row["event_published_at"])
-                    for row in _take_n(rows, len(request.items))
-                ]
-            )
-        results: list[tuple[list[StoredEvent], bool]] = []
-        for request, ids in zip(requests, ids_by_request, strict=True):
-            if ids:
-                events = [
-                    StoredEvent(id_, request.channel_id, request.channel, it.type, it.data, at)
-                    for (id_, at), it in zip(ids, request.items, strict=True)
-                ]
-                results.append((events, True))
-            else:
-                existing = await conn.fetchrow(
-                    _EXISTING, request.channel_id, request.idempotency_key
-                )
-                event = StoredEvent(
-                    existing["id"],
-                    request.channel_id,
-                    request.channel,
-                    existing["type"],
-                    existing["data"],
-                    existing["published_at"],
-                )
-                results.append(([event], False))
+            mine = statuses[at : at + len(request.items)]
+            at += len(request.items)
+            results.append(await self._result(conn, request, mine))
+        self._metrics.events_published.inc(sum(1 for s in statuses if s["status"] == "created"))
         return results
 
+    async def _result(
+        self, conn: Any, request: _Request, rows: list[Any]
+    ) -> tuple[list[StoredEvent], bool] | SsehubError:
+        """What one request gets from its rows: its events, the event stored
+        earlier under its idempotency key, or the error its status names."""
+        status = rows[0]["status"]
+        if status == "created":
+            events = [
+                StoredEvent(
+                    row["event_id"],
+                    row["event_channel_id"],
+                    request.channel,
+                    item.type,
+                    item.data,
+                    row["event_published_at"],
+                )
+                for row, item in zip(rows, request.items, strict=True)
+            ]
+            return events, True
+        if status == "duplicate":
+            channel_id = rows[0]["event_channel_id"]
+            existing = await conn.fetchrow(_EXISTING, channel_id, request.idempotency_key)
+            event = StoredEvent(
+                existing["id"],
+                channel_id,
+                request.channel,
+                existing["type"],
+                existing["data"],
+                existing["published_at"],
+            )
+            return [event], False
+        if status == "unauthorized":
+            return Unauthorized("User no longer exists")
+        if status == "forbidden":
+            return Forbidden("Admin only")
+        return NotFound(f"Channel {request.channel!r} not found")
 
-def _take_n(rows: Any, n: int) -> list[Any]:
-    return [next(rows) for _ in range(n)]
+
+def _rolled_back(exc: BaseException) -> bool:
+    """An error the server reported for the statement: its transaction did not commit."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.PostgresConnectionError
+    )
+
+
+def _settle(request: _Request, outcome: tuple[list[StoredEvent], bool] | BaseException) -> None:
+    if request.done.done():
+        return
+    if isinstance(outcome, BaseException):
+        request.done.set_exception(outcome)
+    else:
+        request.done.set_result(outcome)

@@ -15,7 +15,7 @@ from app.logs import install_token_redaction
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
-def run_server(host: str, port: int, workers: int) -> None:
+def run_server(host: str, port: int, workers: int, access_log: bool = True) -> None:
     install_token_redaction()
     uvicorn.run(
         "app.main:create_app_from_env",
@@ -24,4 +24,5 @@ def run_server(host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        access_log=access_log,
     )

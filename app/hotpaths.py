@@ -1,0 +1,89 @@
+"""The hot endpoints, dispatched without FastAPI's per-request machinery.
+
+Publishing and the two stream endpoints carry the load. Through FastAPI's
+routing, dependency solving and exception wrapping a publish spent about
+60% of its CPU before reaching our code, and every open stream held that
+machinery's per-request state for its whole life. This middleware, the
+innermost of ours (so CORS still wraps it), matches exactly those four routes
+and calls the very endpoint functions the FastAPI routes declare, resolving
+their few parameters itself: there is one implementation of each endpoint,
+and OpenAPI and ``/docs`` still describe it. Everything else goes on to FastAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.auth.deps import access_claims, bearer_scheme, stream_caller
+from app.errors import SsehubError, render_error
+from app.events import routes as events
+from app.realtime import routes as streams
+
+Endpoint = Callable[[Request, str], Awaitable[Response]]
+
+
+async def _publish(request: Request, name: str) -> Response:
+    settings = request.app.state.settings
+    caller = await access_claims(settings, await bearer_scheme(request))
+    key = request.headers.get("idempotency-key")
+    return await events.publish(name, request, settings, caller, key)
+
+
+async def _publish_batch(request: Request, name: str) -> Response:
+    settings = request.app.state.settings
+    caller = await access_claims(settings, await bearer_scheme(request))
+    return await events.publish_batch(name, request, settings, caller)
+
+
+async def _stream_channel(request: Request, name: str) -> Response:
+    return await streams.stream_channel(name, request, await stream_caller(request))
+
+
+async def _stream_subscriptions(request: Request, _name: str) -> Response:
+    return await streams.stream_subscriptions(request, await stream_caller(request))
+
+
+def route(method: str, path: str) -> tuple[Endpoint, str] | None:
+    """The hot endpoint for a request, with its ``{name}``, or None."""
+    if method == "GET" and path == "/stream":
+        return _stream_subscriptions, ""
+    parts = path.split("/")
+    # "", "channels", name, "events" | "stream" [, "batch"]
+    if len(parts) < 4 or parts[1] != "channels" or not parts[2]:
+        return None
+    name, rest = parts[2], parts[3:]
+    if method == "POST" and rest == ["events"]:
+        return _publish, name
+    if method == "POST" and rest == ["events", "batch"]:
+        return _publish_batch, name
+    if method == "GET" and rest == ["stream"]:
+        return _stream_channel, name
+    return None
+
+
+class HotPaths:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = route(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if found is None or scope.get("root_path"):
+            await self.app(scope, receive, send)
+            return
+        endpoint, name = found
+        response = await _respond(endpoint, Request(scope, receive), name)
+        # An event stream lives on in this frame: keep nothing else alive with it.
+        await response(scope, receive, send)
+
+
+async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
+    """The endpoint's response, or the error response FastAPI's handlers would give."""
+    try:
+        return await endpoint(request, name)
+    except (SsehubError, RequestValidationError) as exc:
+        return render_error(exc)
