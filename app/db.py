@@ -1,9 +1,12 @@
 """Database access: the engine, request sessions, raw connections, the embedded Postgres.
 
 SQLAlchemy sessions serve the ordinary request/response endpoints. The hot
-paths (the ordered write path, the broker's tail of the event log, stream
-replay) borrow the pooled asyncpg connection underneath with
-``raw_connection`` so they pay for no ORM work.
+paths (opening a stream, its replay, the broker's tail of the event log,
+history pages, retention) borrow a bare asyncpg connection with
+``raw_connection`` from a pool of their own, so they pay for no ORM work and
+no per-checkout ping or reset (measured: 0.58 ms of CPU per checkout and
+query through SQLAlchemy's pool, 0.17 ms through this one). The ordered write
+path has a connection of its own (``app.events.publisher``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
@@ -83,12 +87,33 @@ async def insert_unique(session: AsyncSession, row: Row, conflict: str) -> Row:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
+HOT_POOL_SIZE = 20
+
+
+async def create_pool(url: str) -> Any:
+    """The hot paths' asyncpg pool (see the module docstring). Its connections
+    carry no session state: a released one is only rolled back, and only if a
+    cancelled query left a transaction open. A connection the database closed
+    is noticed by asyncpg and replaced on the next acquire."""
+    return await asyncpg.create_pool(
+        asyncpg_dsn(url),
+        min_size=1,
+        max_size=HOT_POOL_SIZE,
+        reset=_rollback_if_open,
+        server_settings={"application_name": "ssehub"},
+    )
+
+
+async def _rollback_if_open(conn: Any) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 @asynccontextmanager
-async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """Borrow a pooled connection as a bare ``asyncpg.Connection`` for hot paths."""
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        yield raw.driver_connection
+async def raw_connection(pool: Any) -> AsyncIterator[Any]:
+    """Borrow a bare ``asyncpg.Connection`` from the hot paths' pool."""
+    async with pool.acquire() as conn:
+        yield conn
 
 
 def asyncpg_dsn(url: str) -> str:

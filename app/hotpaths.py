@@ -2,28 +2,33 @@
 
 Publishing and the two stream endpoints carry the load. Through FastAPI's
 routing, dependency solving and exception wrapping a publish spent about
-60% of its CPU before reaching our code, and every open stream held that
-machinery's per-request state for its whole life. This middleware, the
-innermost of ours (so CORS still wraps it), matches exactly those four routes
-and calls the very endpoint functions the FastAPI routes declare, resolving
-their few parameters itself: there is one implementation of each endpoint,
-and OpenAPI and ``/docs`` still describe it. Everything else goes on to FastAPI.
+60% of its CPU before reaching our code; every open stream held that
+machinery's per-request state for its whole life, and every frame it wrote
+went through the middlewares' ``send`` wrappers. ``HotPaths`` sits in front
+of the FastAPI app (only CORS, when configured, is in front of it), matches
+exactly those four routes and calls the very endpoint functions the FastAPI
+routes declare, resolving their few parameters itself: there is one
+implementation of each endpoint, and OpenAPI and ``/docs`` still describe it.
+Everything else, the lifespan included, goes on to FastAPI.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from app.auth.deps import access_claims, bearer_scheme, stream_caller
-from app.errors import SsehubError, render_error
+from app.auth.deps import access_claims, bearer_scheme, stream_claims
+from app.errors import SsehubError, error_response, render_error
 from app.events import routes as events
 from app.realtime import routes as streams
 
+log = logging.getLogger("ssehub")
 Endpoint = Callable[[Request, str], Awaitable[Response]]
 
 
@@ -41,11 +46,11 @@ async def _publish_batch(request: Request, name: str) -> Response:
 
 
 async def _stream_channel(request: Request, name: str) -> Response:
-    return await streams.stream_channel(name, request, await stream_caller(request))
+    return await streams.stream_channel(name, request, stream_claims(request))
 
 
 async def _stream_subscriptions(request: Request, _name: str) -> Response:
-    return await streams.stream_subscriptions(request, await stream_caller(request))
+    return await streams.stream_subscriptions(request, stream_claims(request))
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str] | None:
@@ -67,7 +72,7 @@ def route(method: str, path: str) -> tuple[Endpoint, str] | None:
 
 
 class HotPaths:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -75,6 +80,7 @@ class HotPaths:
         if found is None or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
+        scope["app"] = self.app  # what ``request.app`` is, as under FastAPI
         endpoint, name = found
         response = await _respond(endpoint, Request(scope, receive), name)
         # An event stream lives on in this frame: keep nothing else alive with it.
@@ -82,8 +88,12 @@ class HotPaths:
 
 
 async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
-    """The endpoint's response, or the error response FastAPI's handlers would give."""
+    """The endpoint's response, or the error response FastAPI's handlers would
+    give (a bug included: logged, and a JSON 500 like every other error)."""
     try:
         return await endpoint(request, name)
     except (SsehubError, RequestValidationError) as exc:
         return render_error(exc)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, "Internal server error")

@@ -1,13 +1,14 @@
 """``create_app(settings)``: wiring and lifespan, nothing else.
 
 The lifespan builds the shared objects once per process and hangs them on
-``app.state``: the engine and sessionmaker, the metrics, then (in this order)
+``app.state``: the engine and sessionmaker, the hot paths' pool, the metrics, then (in this order)
 the event log's writer and retention (``app.events.lifespan``) and the
 real-time side, hub and broker (``app.realtime.lifespan``).
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -16,12 +17,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from app import ops
 from app.auth.routes import router as auth_router
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
-from app.db import create_engine, create_sessionmaker
+from app.db import create_engine, create_pool, create_sessionmaker
 from app.errors import install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
@@ -34,8 +36,12 @@ from app.realtime.routes import router as realtime_router
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the ASGI app; ``settings.database_url`` must be resolved already."""
+def create_app(settings: Settings) -> ASGIApp:
+    """Build the ASGI app; ``settings.database_url`` must be resolved already.
+
+    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), and
+    CORS, when configured, in front of both.
+    """
     if not settings.database_url:
         raise ValueError(
             "create_app needs settings.database_url (the CLI resolves the embedded one)"
@@ -45,12 +51,15 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_token_redaction()
+        tune_garbage_collector()
         assert settings.database_url
         engine = create_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
+            app.state.pool = await create_pool(settings.database_url)
+            stack.push_async_callback(app.state.pool.close)
             await stack.enter_async_context(events_lifespan.running(app))
             await stack.enter_async_context(realtime_lifespan.running(app))
             yield
@@ -64,22 +73,40 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    app.add_middleware(HotPaths)  # the innermost of ours: CORS, added next, wraps it
+    for router in (ops.router, auth_router, channels_router, events_router, realtime_router):
+        app.include_router(router)
+    if STATIC_DIR.joinpath("index.html").exists():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    served: ASGIApp = HotPaths(app)
     if settings.cors_origin_list:
-        app.add_middleware(
-            CORSMiddleware,
+        served = CORSMiddleware(
+            served,
             allow_origins=settings.cors_origin_list,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["*"],
         )
-    for router in (ops.router, auth_router, channels_router, events_router, realtime_router):
-        app.include_router(router)
-    if STATIC_DIR.joinpath("index.html").exists():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    return app
+    return served
 
 
-def create_app_from_env() -> FastAPI:
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Collect garbage less often, and never look at what start-up made again.
+
+    Every open stream holds about 80 tracked objects, and every wake-up makes a
+    future that lives until the stream has written. With CPython's default
+    thresholds those futures outlived the frequent young collections, reached
+    the oldest generation, and set off full collections of about 800,000
+    objects at 10,000 streams: half a second each, every two to three seconds
+    (measured with ``gc.callbacks``). Rarer young collections let them die
+    young: 64k → 87k deliveries/s at 10,000 streams x 10 events/s.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def create_app_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory`` and the CLI's workers: settings from the environment."""
     return create_app(Settings())

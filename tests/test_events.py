@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import re
+import time
 
 import pytest
 
-from tests.support import Api
+from tests.support import Api, sql
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -189,3 +191,71 @@ def test_history_is_for_readers(api: Api, admin: dict[str, str]) -> None:
     bob = api.user("bob")
     assert api.http.get("/channels/vip/events", headers=bob).status_code == 404
     assert api.http.get("/channels/news/events", headers=bob).status_code == 200
+
+
+def test_publish_checks_the_caller_and_the_channel(
+    api: Api, admin: dict[str, str], database_url: str
+) -> None:
+    """The publish function checks these inside the writing transaction."""
+    bob = api.user("bob")
+    one = {"data": 1}
+    batch = {"events": [one]}
+    assert api.http.post("/channels/news/events", json=one, headers=bob).status_code == 403
+    assert api.http.post("/channels/news/events/batch", json=batch, headers=bob).status_code == 403
+    r = api.http.post("/channels/nope/events", json=one, headers=admin)
+    assert r.status_code == 404 and r.json() == {"detail": "Channel 'nope' not found"}
+    # Names no channel can have (a NUL byte cannot even be sent to Postgres) are a 404 too.
+    for name in ("%00", "UPPER", "a%20b", "x" * 100):
+        for path in (f"/channels/{name}/events", f"/channels/{name}/stream"):
+            r = api.http.request(
+                "GET" if "stream" in path else "POST", path, json=one, headers=admin
+            )
+            assert r.status_code == 404, (path, r.status_code, r.text)
+    # A deleted user's token is refused, alone in a batch of good publishes.
+    admin2 = api.user("chief")
+    asyncio.run(sql(database_url, "UPDATE users SET is_admin = true WHERE username = 'chief'"))
+    asyncio.run(sql(database_url, "DELETE FROM users WHERE username = 'chief'"))
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(
+                lambda h: api.http.post("/channels/news/events", json=one, headers=h).status_code,
+                [admin, admin2] * 8,
+            )
+        )
+    assert results == [201, 401] * 8
+    assert len(_history(api, admin)["events"]) == 8  # type: ignore[arg-type]
+
+
+def test_batch_events_share_one_publish_time(api: Api, admin: dict[str, str]) -> None:
+    body = {"events": [{"data": i} for i in range(20)]}
+    got = api.http.post("/channels/news/events/batch", json=body, headers=admin).json()["events"]
+    assert len({e["published_at"] for e in got}) == 1 and TIMESTAMP.match(got[0]["published_at"])
+
+
+def test_publishing_survives_losing_the_writer_connection(
+    api: Api, admin: dict[str, str], database_url: str
+) -> None:
+    """The writer's own connection is killed: the next publishes open a new one."""
+    assert (
+        api.http.post("/channels/news/events", json={"data": 1}, headers=admin).status_code == 201
+    )
+    killed = asyncio.run(
+        sql(
+            database_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'ssehub-writer' AND datname = current_database()",
+        )
+    )
+    assert killed and all(row[0] for row in killed)
+    statuses = []
+    for i in range(5):
+        r = api.http.post("/channels/news/events", json={"data": i}, headers=admin)
+        statuses.append(r.status_code)
+        if r.status_code != 201:
+            # The connection's loss may be seen only by the publish that uses it:
+            # that one is a 503 with a retryable answer, never a 500 or a lost event.
+            assert r.status_code == 503 and r.json()["detail"]
+            time.sleep(0.2)
+    assert statuses.count(201) >= 4 and statuses[-1] == 201
+    published = [e["data"] for e in _history(api, admin)["events"]]  # type: ignore[union-attr]
+    assert published == [1] + [i for i, s in enumerate(statuses) if s == 201]

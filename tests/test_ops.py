@@ -74,3 +74,39 @@ def test_nothing_a_client_sends_is_a_500(api: Api) -> None:
         assert r.json()["detail"], (path, r.text)
         if r.status_code == 401:
             assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_cors_covers_every_endpoint_the_hot_paths_included(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Publishing and streams are served in front of FastAPI: CORS must cover them too."""
+    srv = start_server(SSEHUB_CORS_ORIGINS="https://app.example")
+    api = Api(srv.url)
+    admin = api.admin()
+    assert api.http.post("/channels", json={"name": "news"}, headers=admin).status_code == 201
+    origin = {"Origin": "https://app.example"}
+    preflight = api.http.options(
+        "/channels/news/events",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    r = api.http.post("/channels/news/events", json={"data": 1}, headers={**admin, **origin})
+    assert r.status_code == 201
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    token = api.http.post("/auth/stream-token", headers=admin).json()["stream_token"]
+    with api.http.stream(
+        "GET", f"/channels/news/stream?access_token={token}", headers=origin
+    ) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["access-control-allow-origin"] == "https://app.example"
+    r = api.http.get("/channels/news", headers={**admin, **origin})
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    foreign = api.http.post(
+        "/channels/news/events",
+        json={"data": 2},
+        headers={**admin, "Origin": "https://evil.example"},
+    )
+    assert "access-control-allow-origin" not in foreign.headers

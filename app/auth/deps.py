@@ -1,4 +1,4 @@
-"""The caller dependencies: ``AccessClaims``, ``CurrentUser``, ``AdminUser``, ``StreamCallerDep``.
+"""The caller dependencies: ``AccessClaims``, ``CurrentUser``, ``AdminUser``, ``StreamClaims``.
 
 REST endpoints accept only access tokens, from the ``Authorization`` header.
 ``AccessClaims`` is the token alone, for the publish routes: the publish
@@ -9,7 +9,6 @@ The stream endpoints also accept stream tokens, and a token in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -66,18 +65,13 @@ async def admin_user(user: CurrentUser) -> User:
 AdminUser = Annotated[User, Depends(admin_user)]
 
 
-@dataclass(frozen=True)
-class StreamCaller:
-    """Who opened a stream, and until when their token is good."""
+def stream_claims(request: Request) -> TokenClaims:
+    """A stream's token from the header or ``?access_token=`` (header first).
 
-    user_id: int
-    username: str
-    is_admin: bool
-    expires_at: float
-
-
-def stream_credentials(request: Request) -> TokenClaims:
-    """Decode the stream's token from the header or ``?access_token=`` (header first)."""
+    Checked without the database: the stream's own lookup
+    (``app.channels.service.stream_access``) checks that the user still exists,
+    in the same query that finds its channels.
+    """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not (scheme.lower() == "bearer" and token):
@@ -87,18 +81,4 @@ def stream_credentials(request: Request) -> TokenClaims:
     return decode_token(request.app.state.settings, token.strip(), ACCESS_OR_STREAM)
 
 
-async def stream_caller(request: Request) -> StreamCaller:
-    """Authenticate a stream with a short session of its own.
-
-    Deliberately not ``SessionDep``: a yield dependency would keep its session
-    (and a pooled connection) until the endless response ends.
-    """
-    claims = stream_credentials(request)
-    async with request.app.state.sessionmaker() as session:
-        user = await get_user(session, claims.user_id)
-    if user is None:
-        raise Unauthorized("User no longer exists")
-    return StreamCaller(user.id, user.username, user.is_admin, claims.expires_at)
-
-
-StreamCallerDep = Annotated[StreamCaller, Depends(stream_caller)]
+StreamClaims = Annotated[TokenClaims, Depends(stream_claims)]

@@ -7,6 +7,8 @@ exactly like a missing one (404), so private names do not leak.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, exists, func, select
@@ -14,9 +16,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import get_user_by_name
-from app.channels.schemas import ChannelIn, ChannelOut
+from app.channels.schemas import CHANNEL_NAME_PATTERN, ChannelIn, ChannelOut
 from app.db import insert_unique
-from app.errors import NotFound
+from app.errors import NotFound, Unauthorized
 from app.models import Channel, ChannelMember, Event, Subscription, User
 from app.notify import notify_control
 
@@ -27,6 +29,56 @@ def _readable_by(user_id: int) -> Any:
         ChannelMember.channel_id == Channel.id, ChannelMember.user_id == user_id
     )
     return (Channel.private.is_(False)) | member
+
+
+# Opening a stream, in bare SQL on the hot paths' pool: a reconnect storm opens
+# thousands a second. One query checks that the user still exists and finds the
+# channels; "readable" is the rule of ``_readable_by``, and admins read everything.
+_STREAM_ONE = """
+SELECT u.is_admin, c.id, c.name FROM users u
+LEFT JOIN channels c ON c.name = $2
+    AND (u.is_admin OR NOT c.private OR EXISTS (
+        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
+WHERE u.id = $1"""
+_STREAM_SUBSCRIBED = """
+SELECT u.is_admin, c.id, c.name FROM users u
+LEFT JOIN subscriptions s ON s.user_id = u.id
+LEFT JOIN channels c ON c.id = s.channel_id
+    AND (u.is_admin OR NOT c.private OR EXISTS (
+        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
+WHERE u.id = $1"""
+_CHANNEL_NAME = re.compile(CHANNEL_NAME_PATTERN)
+
+
+def lookup_name(name: str) -> str:
+    """``name`` if a channel could have it, else ``""``, which no channel has.
+
+    Names come from URLs: one with a NUL byte, say, cannot even be sent to
+    Postgres, but as ``""`` it is simply not found, by the same query.
+    """
+    return name if _CHANNEL_NAME.match(name) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccess:
+    is_admin: bool
+    channels: dict[int, str]  # id -> name
+
+
+async def stream_access(conn: Any, user_id: int, name: str | None) -> StreamAccess:
+    """What a stream opened by ``user_id`` may carry: the channel ``name`` (404
+    unless they can read it) or, with ``None``, their subscribed channels that
+    they can still read. 401 if the user no longer exists."""
+    if name is None:
+        rows = await conn.fetch(_STREAM_SUBSCRIBED, user_id)
+    else:
+        rows = await conn.fetch(_STREAM_ONE, user_id, lookup_name(name))
+    if not rows:
+        raise Unauthorized("User no longer exists")
+    channels = {row[1]: row[2] for row in rows if row[1] is not None}
+    if name is not None and not channels:
+        raise NotFound(f"Channel {name!r} not found")
+    return StreamAccess(rows[0][0], channels)
 
 
 async def get_channel(session: AsyncSession, name: str) -> Channel:
@@ -172,18 +224,6 @@ async def subscriptions_of(session: AsyncSession, user_id: int) -> list[tuple[st
         .order_by(Channel.name)
     )
     return list(rows.tuples())
-
-
-async def subscribed_channels(session: AsyncSession, user_id: int, is_admin: bool) -> list[Channel]:
-    """The caller's stored subscriptions that it can still read: what ``/stream`` carries."""
-    query = (
-        select(Channel)
-        .join(Subscription, Subscription.channel_id == Channel.id)
-        .where(Subscription.user_id == user_id)
-    )
-    if not is_admin:
-        query = query.where(_readable_by(user_id))
-    return list((await session.execute(query)).scalars())
 
 
 async def subscribe(session: AsyncSession, user_id: int, channel: Channel) -> bool:

@@ -19,7 +19,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     publisher.start()
     app.state.publisher = publisher
     interval = app.state.settings.retention_interval_seconds
-    sweeper = asyncio.create_task(retention.run(app.state.engine, interval), name="retention")
+    sweeper = asyncio.create_task(retention.run(app.state.pool, interval), name="retention")
     try:
         yield
     finally:

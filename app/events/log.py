@@ -26,8 +26,25 @@ _AFTER = _SELECT + "WHERE e.id > $1 ORDER BY e.id LIMIT $2"
 
 
 def format_timestamp(at: datetime) -> str:
-    """``2026-11-25T10:00:00.123456Z``: UTC, always microseconds, a ``Z``."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-25T10:00:00.123456Z``: UTC, always microseconds, a ``Z``.
+
+    Formatting was a sixth of the CPU of publishing in batches, and all the
+    events of a publishing transaction share one time: the last one formatted
+    is kept. Postgres hands timestamps over in UTC already.
+    """
+    global _last_formatted
+    if _last_formatted[0] == at:
+        return _last_formatted[1]
+    utc = at.astimezone(UTC) if at.utcoffset() else at
+    text = (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T"
+        f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}Z"
+    )
+    _last_formatted = (at, text)
+    return text
+
+
+_last_formatted: tuple[datetime | None, str] = (None, "")
 
 
 @dataclass(frozen=True, slots=True)

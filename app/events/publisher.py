@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncpg
 
+from app.channels.service import lookup_name
 from app.db import asyncpg_dsn
 from app.errors import Forbidden, NotFound, SsehubError, Unauthorized, Unavailable
 from app.events.log import StoredEvent
@@ -193,7 +194,7 @@ class Publisher:
         statuses = await conn.fetch(
             _PUBLISH,
             [r.user_id for r, _ in rows],
-            [r.channel for r, _ in rows],
+            [lookup_name(r.channel) for r, _ in rows],
             [item.type for _, item in rows],
             [item.data for _, item in rows],
             [r.idempotency_key for r, _ in rows],

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import Any
 
 from app.db import raw_connection
 
@@ -49,10 +48,10 @@ _EXPIRE_KEYS = (
 )
 
 
-async def sweep(engine: AsyncEngine) -> int:
+async def sweep(pool: Any) -> int:
     """One pass over every bounded channel; returns how many channels were trimmed."""
     trimmed = 0
-    async with raw_connection(engine) as conn, conn.transaction():
+    async with raw_connection(pool) as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK):
             return 0
         for channel_id, max_events, max_age in await conn.fetch(_BOUNDED):
@@ -68,11 +67,11 @@ async def sweep(engine: AsyncEngine) -> int:
     return trimmed
 
 
-async def run(engine: AsyncEngine, interval: float) -> None:
+async def run(pool: Any, interval: float) -> None:
     """Sweep forever; a failed sweep (database away) is logged and retried."""
     while True:
         try:
-            await sweep(engine)
+            await sweep(pool)
         except Exception as exc:
             log.warning("retention sweep failed: %s", exc)
         await asyncio.sleep(interval)

@@ -131,7 +131,7 @@ async def history(
     for the next page, or null when there is nothing more."""
     channel = await get_readable_channel(session, user.id, user.is_admin, name)
     await session.commit()
-    async with raw_connection(request.app.state.engine) as conn:
+    async with raw_connection(request.app.state.pool) as conn:
         events = await read_after(conn, [channel.id], after, limit + 1)
     more = len(events) > limit
     events = events[:limit]

@@ -21,7 +21,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import asyncpg_dsn, raw_connection
 from app.events.log import last_event_id, tail
@@ -37,9 +36,9 @@ LISTENER_NAME = "ssehub-listener"
 
 
 class Broker:
-    def __init__(self, database_url: str, engine: AsyncEngine, hub: Hub) -> None:
+    def __init__(self, database_url: str, pool: Any, hub: Hub) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._engine = engine
+        self._pool = pool
         self._hub = hub
         self._dirty = asyncio.Event()
         self._lost = asyncio.Event()
@@ -49,7 +48,7 @@ class Broker:
         self.position = 0
 
     async def start(self) -> None:
-        async with raw_connection(self._engine) as conn:
+        async with raw_connection(self._pool) as conn:
             self.position = await last_event_id(conn)
         self._hub.position = self.position
         self._tasks = [
@@ -127,7 +126,13 @@ class Broker:
                 self._dirty.set()
 
     async def _read_tail(self) -> None:
-        async with raw_connection(self._engine) as conn:
+        async with raw_connection(self._pool) as conn:
+            if not self._hub.carries_any():
+                # No stream to fan out to: just move past what is committed (new
+                # streams start at ``hub.position``) instead of reading every row.
+                self.position = max(self.position, await last_event_id(conn))
+                self._hub.position = max(self._hub.position, self.position)
+                return
             while True:
                 events = await tail(conn, self.position, TAIL_PAGE)
                 if not events:
@@ -164,7 +169,7 @@ class Broker:
         subscribers = [s for s in self._hub.subscribers_of(channel_id) if not s.is_admin]
         if not subscribers:
             return
-        async with raw_connection(self._engine) as conn:
+        async with raw_connection(self._pool) as conn:
             private = await conn.fetchval("SELECT private FROM channels WHERE id = $1", channel_id)
             members = {
                 r[0]

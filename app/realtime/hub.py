@@ -8,6 +8,8 @@ without a resume position starts there.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -16,6 +18,8 @@ from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.realtime.sse import event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
+
+SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go
 
 
 class Hub:
@@ -91,8 +95,38 @@ class Hub:
             if not sub.follows_subscriptions:
                 sub.close("channel removed")
 
+    def carries_any(self) -> bool:
+        """Whether any open stream carries any channel."""
+        return bool(self._by_channel)
+
     def subscribers_of(self, channel_id: int) -> list[Subscriber]:
         return list(self._by_channel.get(channel_id, ()))
+
+    async def tick_forever(self, heartbeat: float) -> None:
+        """Run ``tick`` a few times per heartbeat interval (at most a second apart)."""
+        interval = min(1.0, heartbeat / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.tick(heartbeat, interval)
+
+    def tick(self, heartbeat: float, slack: float) -> None:
+        """The one timer of all streams (see ``app.realtime.subscriber``): cancel
+        writes stuck for ``SEND_TIMEOUT_SECONDS``, close streams whose token has
+        expired, and wake those due a heartbeat (``slack`` early, so none is late)."""
+        mono, wall = time.monotonic(), time.time()
+        for streams in self._by_user.values():
+            for sub in streams:
+                if sub.sending_since and mono - sub.sending_since >= SEND_TIMEOUT_SECONDS:
+                    if sub.closed != "stalled" and sub.writer is not None:
+                        sub.closed = "stalled"
+                        sub.writer.cancel()
+                elif sub.closed:
+                    continue
+                elif sub.expires_at <= wall:
+                    sub.close("expired")
+                elif mono - sub.last_write >= heartbeat - slack:
+                    sub.heartbeat_due = True
+                    sub.wake()
 
     def close_all(self, reason: str) -> None:
         """End every stream (shutdown): clients reconnect to another instance."""

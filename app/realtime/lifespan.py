@@ -1,8 +1,9 @@
-"""Start and stop the hub and the broker; end streams as soon as shutdown begins."""
+"""Start and stop the hub (and its ticker) and the broker; end streams as soon as shutdown begins."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,14 +23,18 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
-    broker = Broker(settings.database_url, app.state.engine, hub)
+    broker = Broker(settings.database_url, app.state.pool, hub)
     await broker.start()
     app.state.hub, app.state.broker = hub, broker
+    ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")
     try:
         with streams_closed_on_signal(hub):
             yield
     finally:
         hub.close_all("shutdown")
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
         await broker.stop()
 
 

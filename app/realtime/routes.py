@@ -2,7 +2,8 @@
 
 Everything that can fail (credentials 401, an unreadable channel 404, a bad
 resume position 400, too many streams 429) fails here, before the stream
-starts; the database session used for it is closed before streaming.
+starts; the one query it needs (``stream_access``) returns its connection
+before streaming.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.auth.deps import StreamCaller, StreamCallerDep
-from app.channels.service import get_readable_channel, subscribed_channels
+from app.auth.deps import StreamClaims
+from app.auth.tokens import TokenClaims
+from app.channels.service import stream_access
+from app.db import raw_connection
 from app.errors import BadRequest
 from app.realtime.stream import EventStream
 from app.realtime.subscriber import Subscriber
@@ -38,27 +41,25 @@ def resume_position(request: Request) -> int | None:
     return int(raw)
 
 
-def _open(
-    request: Request,
-    caller: StreamCaller,
-    channels: dict[int, str],
-    follows: bool,
-    position: int | None,
+async def _open(
+    request: Request, claims: TokenClaims, name: str | None, position: int | None
 ) -> EventStream:
     state = request.app.state
-    sub = Subscriber(caller.user_id, caller.is_admin, channels, follows)
+    async with raw_connection(state.pool) as conn:
+        access = await stream_access(conn, claims.user_id, name)
+    sub = Subscriber(
+        claims.user_id, access.is_admin, access.channels, name is None, claims.expires_at
+    )
     sub.position = state.hub.position
     state.hub.register(sub)  # before any replay: see app.realtime.stream
-    return EventStream(state, sub, position, caller.expires_at)
+    return EventStream(state, sub, position)
 
 
 @router.get("/stream", status_code=200, response_class=EventStream, responses=STREAM_RESPONSE)
-async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> EventStream:
+async def stream_subscriptions(request: Request, claims: StreamClaims) -> EventStream:
     """Events of every channel the caller is subscribed to, following changes live."""
     position = resume_position(request)  # a bad one is a 400 before any database work
-    async with request.app.state.sessionmaker() as session:
-        channels = await subscribed_channels(session, caller.user_id, caller.is_admin)
-    return _open(request, caller, {c.id: c.name for c in channels}, True, position)
+    return await _open(request, claims, None, position)
 
 
 @router.get(
@@ -67,9 +68,7 @@ async def stream_subscriptions(request: Request, caller: StreamCallerDep) -> Eve
     response_class=EventStream,
     responses=STREAM_RESPONSE,
 )
-async def stream_channel(name: str, request: Request, caller: StreamCallerDep) -> EventStream:
+async def stream_channel(name: str, request: Request, claims: StreamClaims) -> EventStream:
     """Events of one channel the caller can read."""
     position = resume_position(request)
-    async with request.app.state.sessionmaker() as session:
-        channel = await get_readable_channel(session, caller.user_id, caller.is_admin, name)
-    return _open(request, caller, {channel.id: channel.name}, False, position)
+    return await _open(request, claims, name, position)

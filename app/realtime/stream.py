@@ -29,57 +29,63 @@ from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
 
 REPLAY_PAGE = 1000
-SEND_TIMEOUT_SECONDS = 30.0
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class EventStream(Response):
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        state: Any,
-        sub: Subscriber,
-        resume_from: int | None,
-        expires_at: float,
-    ) -> None:
+    def __init__(self, state: Any, sub: Subscriber, resume_from: int | None) -> None:
         super().__init__(headers=HEADERS, media_type=self.media_type)
         # A stream has no length: drop the ``content-length: 0`` Response adds.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._hub: Hub = state.hub
-        self._engine = state.engine
+        self._pool = state.pool
         self._metrics: Metrics = state.metrics
-        self._heartbeat: float = state.settings.heartbeat_seconds
         self._sub = sub
         self._resume_from = resume_from
-        self._expires_at = expires_at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self._sub
+        sub.writer = asyncio.current_task()
         watcher = asyncio.create_task(self._watch_disconnect(receive))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            await self._send(send, start)
             await self._run(send)
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (OSError, TimeoutError):
-            pass  # the client went away, or stopped reading: it resumes with Last-Event-ID
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away: it resumes with Last-Event-ID
+        except asyncio.CancelledError:
+            if sub.closed != "stalled":
+                raise
+            # The hub's ticker cancelled a send the reader took no bytes of for
+            # SEND_TIMEOUT_SECONDS: the connection is dropped and the client resumes.
+            if sub.writer is not None:
+                sub.writer.uncancel()
+            self._metrics.slow_reader_disconnects.inc()
         finally:
             watcher.cancel()
-            self._hub.unregister(self._sub)
+            sub.writer = None
+            self._hub.unregister(sub)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self._sub.close("disconnected")
 
+    async def _send(self, send: Send, message: dict[str, Any]) -> None:
+        """One ``send``, timed for the hub's ticker, which cancels one that a
+        reader leaves stuck (``app.realtime.hub.SEND_TIMEOUT_SECONDS``)."""
+        sub = self._sub
+        sub.sending_since = time.monotonic()
+        await send(message)
+        sub.sending_since = 0.0
+        sub.last_write = time.monotonic()
+        sub.heartbeat_due = False
+
     async def _write(self, send: Send, chunk: bytes) -> None:
-        """One ``send``; a reader that takes no bytes for 30 s is let go."""
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TimeoutError:
-            self._metrics.slow_reader_disconnects.inc()
-            raise
+        await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _run(self, send: Send) -> None:
         sub = self._sub
@@ -88,7 +94,6 @@ class EventStream(Response):
         if self._resume_from is not None:
             replayed = await self._replay(send, self._resume_from)
         await self._write(send, notice_frame("ssehub.live", {"replayed": replayed}))
-        last_write = time.monotonic()
         while True:
             if sub.closed is not None:
                 if sub.closed == "expired":
@@ -99,38 +104,24 @@ class EventStream(Response):
             if sub.lagging:
                 sub.lagging = False
                 await self._replay(send, sub.position)
-                last_write = time.monotonic()
-                continue
-            if sub.outbox:
+            elif sub.outbox:
                 await self._flush(send)
-                last_write = time.monotonic()
-                continue
-            now = time.monotonic()
-            until_expiry = self._expires_at - time.time()
-            if until_expiry <= 0:
-                sub.close("expired")
-                continue
-            if now - last_write >= self._heartbeat:
+            elif sub.heartbeat_due:
                 await self._write(send, HEARTBEAT)
-                last_write = now
-                continue
-            await sub.wait(min(self._heartbeat - (now - last_write), until_expiry))
+            else:
+                await sub.wait()
 
     async def _flush(self, send: Send) -> None:
         """All pending frames in one ``send``."""
-        items = self._sub.take()
-        if not items:
+        sub = self._sub
+        ids, frames, times = sub.take()
+        if not frames:
             return
-        now = time.time()
-        delivered = 0
-        for event_id, _frame, published_at in items:
-            if event_id:
-                delivered += 1
-                self._sub.position = max(self._sub.position, event_id)
-                self._metrics.delivery_latency.observe(max(0.0, now - published_at))
-        await self._write(send, b"".join(item[1] for item in items))
-        if delivered:
-            self._metrics.events_delivered.inc(delivered)
+        sub.position = max(sub.position, *ids)
+        await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
+        self._metrics.deliveries.observe(
+            time.time(), (at for event_id, at in zip(ids, times, strict=True) if event_id)
+        )
 
     async def _replay(self, send: Send, after: int) -> int:
         """Retained events after ``after`` from the log, page by page, each page
@@ -141,7 +132,7 @@ class EventStream(Response):
         if not channel_ids:
             sub.position = max(sub.position, after)
             return 0
-        async with raw_connection(self._engine) as conn:
+        async with raw_connection(self._pool) as conn:
             state = await retention_state(conn, channel_ids)
         notices = b"".join(
             notice_frame("ssehub.truncated", {"channel": sub.channels[cid], "oldest_id": oldest})
@@ -153,13 +144,13 @@ class EventStream(Response):
         cursor, count = after, 0
         while True:
             # A fresh connection per page: never hold one while a slow client reads.
-            async with raw_connection(self._engine) as conn:
+            async with raw_connection(self._pool) as conn:
                 page = await read_after(conn, channel_ids, cursor, REPLAY_PAGE)
             if page:
                 await self._write(send, b"".join(event_frame(e) for e in page))
                 cursor = page[-1].id
                 count += len(page)
-                self._metrics.events_delivered.inc(len(page))
+                self._metrics.deliveries.count(len(page))
             if len(page) < REPLAY_PAGE:
                 break
         sub.position = max(sub.position, cursor)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
+
+from prometheus_client import generate_latest
 
 from app.events.log import StoredEvent
 from app.metrics import Metrics
-from app.realtime.hub import Hub
+from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
 from app.realtime.sse import event_frame, notice_frame
 from app.realtime.subscriber import MAX_OUTBOX_FRAMES, Subscriber
 
@@ -43,7 +46,7 @@ def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
     for sub in subs:
         hub.register(sub)
     hub.fan_out([_event(7)])
-    frames = [sub.take()[0][1] for sub in subs]
+    frames = [sub.take()[1][0] for sub in subs]
     assert frames[0] is frames[1] is frames[2]
     assert hub.position == 7
 
@@ -64,7 +67,8 @@ def test_stale_frames_are_dropped_after_replay() -> None:
         sub.offer(i, b"%d" % i, 0.0)
     sub.notify(b"notice")
     sub.position = 4  # the replay got up to 4
-    assert [item[0] for item in sub.take()] == [5, 6, 0]
+    ids, frames, _times = sub.take()
+    assert ids == [5, 6, 0] and frames == [b"5", b"6", b"notice"]
 
 
 def test_per_user_limit_and_unregister() -> None:
@@ -89,21 +93,68 @@ def test_revoke_tells_and_ends_single_channel_streams() -> None:
     hub.revoke(hub.subscribers_of(1), 1, "news")
     assert single.closed and not multi.closed
     assert multi.channels == {2: "other"}
-    assert b"ssehub.channel_removed" in multi.take()[0][1]
+    assert b"ssehub.channel_removed" in multi.take()[1][0]
     hub.fan_out([_event(9, channel_id=1)])
-    assert multi.take() == []
+    assert multi.take() == ([], [], [])
 
 
-def test_wait_returns_on_offer_or_timeout() -> None:
+def test_wait_returns_on_offer() -> None:
     async def scenario() -> None:
         sub = Subscriber(1, False, {1: "news"}, False)
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        await sub.wait(0.05)
-        assert loop.time() - started >= 0.04
         loop.call_later(0.01, sub.offer, 1, b"x", 0.0)
         started = loop.time()
-        await sub.wait(5)
-        assert loop.time() - started < 1
+        await asyncio.wait_for(sub.wait(), 5)
+        assert loop.time() - started < 1 and sub.outbox
 
     asyncio.run(scenario())
+
+
+def test_tick_wakes_heartbeats_and_closes_expired_streams() -> None:
+    async def scenario() -> None:
+        hub = Hub(Metrics(), max_streams_per_user=5)
+        idle = Subscriber(1, False, {1: "news"}, False, last_write=time.monotonic() - 10)
+        fresh = Subscriber(2, False, {1: "news"}, False)
+        expired = Subscriber(3, False, {1: "news"}, False, expires_at=time.time() - 1)
+        for sub in (idle, fresh, expired):
+            hub.register(sub)
+        waiting = asyncio.create_task(idle.wait())
+        await asyncio.sleep(0)
+        hub.tick(heartbeat=5, slack=1)
+        await asyncio.wait_for(waiting, 1)  # woken by the tick
+        assert idle.heartbeat_due and not idle.closed
+        assert not fresh.heartbeat_due and not fresh.closed
+        assert expired.closed == "expired"
+
+    asyncio.run(scenario())
+
+
+def test_tick_cancels_a_send_stuck_past_the_timeout() -> None:
+    async def scenario() -> None:
+        hub = Hub(Metrics(), max_streams_per_user=5)
+        stuck, sending = (Subscriber(i, False, {1: "news"}, False) for i in (1, 2))
+        for sub in (stuck, sending):
+            hub.register(sub)
+            sub.writer = asyncio.create_task(asyncio.sleep(60))
+        stuck.sending_since = time.monotonic() - SEND_TIMEOUT_SECONDS - 1
+        sending.sending_since = time.monotonic() - 1
+        await asyncio.sleep(0)
+        hub.tick(heartbeat=15, slack=1)
+        await asyncio.sleep(0)
+        assert stuck.closed == "stalled" and stuck.writer.cancelled()
+        assert sending.closed is None and not sending.writer.done()
+        sending.writer.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_delivery_metrics_count_and_bucket_latencies() -> None:
+    metrics = Metrics()
+    metrics.deliveries.observe(100.0, [99.9995, 99.5, 101.0])  # a clock skew counts as 0
+    metrics.deliveries.count(5)
+    text = generate_latest(metrics.registry).decode()
+    assert "ssehub_events_delivered_total 8.0" in text
+    assert 'ssehub_delivery_latency_seconds_bucket{le="0.001"} 2.0' in text
+    assert 'ssehub_delivery_latency_seconds_bucket{le="0.5"} 3.0' in text
+    assert 'ssehub_delivery_latency_seconds_bucket{le="+Inf"} 3.0' in text
+    assert "ssehub_delivery_latency_seconds_count 3.0" in text
