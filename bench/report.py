@@ -44,6 +44,27 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; {pg}; {platform.platform()}"
 
 
+def _versions() -> str:
+    """The libraries the numbers depend on (FastAPI's per-request cost grew between releases)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in (
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "asyncpg",
+        "sse-starlette",
+    ):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
 def _fan_rows(results: dict[str, Any], name: str, n: int, rate: float) -> list[dict[str, Any]]:
     return [
         r for r in results.get(name, {}).get("fan_out", []) if r["n"] == n and r["rate"] == rate
@@ -58,7 +79,8 @@ def write_report(path: Path, results: dict[str, Any], plan: Any, seconds: float,
         "Written by `make bench` (`python -m bench`); raw numbers in `bench/results/`.",
         f"Machine: {_machine()}. Server pinned to CPU 0 (`taskset -c 0`), one worker; "
         "load generator (asyncio + uvloop, raw protocols) on CPU 1; Postgres unpinned.",
-        f"Run: `python -m bench {argv}`, {seconds:.0f} s; medians of {plan.reps} runs with (min–max).",
+        f"Libraries: {_versions()}.",
+        f"Run: `{' '.join(['python -m bench', argv]).strip()}`, {seconds:.0f} s; medians of {plan.reps} runs with (min–max).",
         "The baseline is the usual FastAPI tutorial (`bench/baseline/app.py`): dict of queues, "
         "JSON per subscriber, sse-starlette, no auth, no persistence.",
         "",

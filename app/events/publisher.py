@@ -52,7 +52,10 @@ from app.metrics import Metrics
 log = logging.getLogger("ssehub")
 
 PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish_as()
-MAX_EVENTS_PER_TRANSACTION = 5000
+# Small enough that the database writes one transaction while the server parses
+# and answers the requests around it: with 5,000, four clients sending batches
+# of 1,000 waited for each other, 43k events/s; with 1,000, 53k.
+MAX_EVENTS_PER_TRANSACTION = 1000
 WRITER_NAME = "ssehub-writer"
 
 # The function (migrations/versions/0003) takes the lock, checks each row's caller
