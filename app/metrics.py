@@ -42,6 +42,14 @@ class Deliveries:
         self.total += n
         self._latency_sum += total
 
+    def observe_one(self, now: float, published: float) -> None:
+        """One live event written at ``now``; a notice (``published`` 0) is not counted."""
+        if published:
+            latency = now - published if now > published else 0.0
+            self._counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+            self._latency_sum += latency
+            self.total += 1
+
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "ssehub_events_delivered",

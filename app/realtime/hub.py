@@ -17,7 +17,7 @@ from app.errors import TooManyRequests
 from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.realtime.sse import event_frame, notice_frame
-from app.realtime.subscriber import Subscriber
+from app.realtime.subscriber import FIRST, OVERFLOWED, Subscriber
 
 SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go
 
@@ -54,17 +54,26 @@ class Hub:
         self._metrics.streams_open.dec()
 
     def fan_out(self, events: Iterable[StoredEvent]) -> None:
-        """Offer each event, encoded once, to the subscribers of its channel."""
+        """Offer each event, encoded once, to the subscribers of its channel; then
+        have each subscriber that got something deliver it (``Subscriber.deliver``):
+        all of a page's events for one stream go out in one write."""
         overflowed = 0
+        touched: list[Subscriber] = []
         for event in events:
             subscribers = self._by_channel.get(event.channel_id)
             if subscribers:
                 frame = event_frame(event)
                 published = event.published_at.timestamp()
                 for sub in subscribers:
-                    if not sub.offer(event.id, frame, published):
+                    outcome = sub.offer(event.id, frame, published)
+                    if outcome == FIRST:
+                        touched.append(sub)
+                    elif outcome == OVERFLOWED:
                         overflowed += 1
             self.position = max(self.position, event.id)
+        deliveries, now = self._metrics.deliveries, time.time()
+        for sub in touched:
+            sub.deliver(deliveries, now)
         if overflowed:
             self._metrics.slow_reader_catchups.inc(overflowed)
 

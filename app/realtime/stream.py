@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -32,6 +33,17 @@ REPLAY_PAGE = 1000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def suspends_only_before_writing(send: Send) -> bool:
+    """Whether ``send`` is uvicorn's own (httptools or h11), whose one suspension
+    point, waiting for a paused socket, comes before it writes anything. Any other
+    ``send`` (a middleware's wrapper, another server) is only ever awaited."""
+    owner = getattr(send, "__self__", None)
+    return type(owner).__module__ in (
+        "uvicorn.protocols.http.httptools_impl",
+        "uvicorn.protocols.http.h11_impl",
+    )
+
+
 class EventStream(Response):
     media_type = "text/event-stream"
 
@@ -44,10 +56,14 @@ class EventStream(Response):
         self._metrics: Metrics = state.metrics
         self._sub = sub
         self._resume_from = resume_from
+        self._direct_send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self._sub
         sub.writer = asyncio.current_task()
+        if suspends_only_before_writing(send):
+            self._direct_send = send
+            sub.write_now = self._write_now
         watcher = asyncio.create_task(self._watch_disconnect(receive))
         try:
             start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
@@ -67,6 +83,8 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             sub.writer = None
+            sub.write_now = None
+            self._direct_send = None
             self._hub.unregister(sub)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
@@ -83,6 +101,32 @@ class EventStream(Response):
         sub.sending_since = 0.0
         sub.last_write = time.monotonic()
         sub.heartbeat_due = False
+
+    def _write_now(self, chunk: bytes) -> bool:
+        """Write ``chunk`` without a task switch, if the socket takes it now.
+
+        Runs the server's ``send`` up to its first suspension. uvicorn's only
+        suspends (waiting for a socket whose buffer is full) before it writes:
+        so either it finishes, the bytes written, or it is abandoned having
+        written nothing, and the caller queues the chunk for the writer task.
+        """
+        send = self._direct_send
+        if send is None:
+            return False
+        # uvicorn's send is a coroutine function (checked when this was enabled).
+        sending = cast(
+            Coroutine[Any, Any, None],
+            send({"type": "http.response.body", "body": chunk, "more_body": True}),
+        )
+        try:
+            sending.send(None)
+        except StopIteration:
+            self._sub.last_write = time.monotonic()
+            return True
+        except Exception:
+            return False  # the writer task will meet the same error and end the stream
+        sending.close()
+        return False
 
     async def _write(self, send: Send, chunk: bytes) -> None:
         await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})

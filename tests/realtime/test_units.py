@@ -12,7 +12,7 @@ from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
 from app.realtime.sse import event_frame, notice_frame
-from app.realtime.subscriber import MAX_OUTBOX_FRAMES, Subscriber
+from app.realtime.subscriber import FIRST, MAX_OUTBOX_FRAMES, OVERFLOWED, QUEUED, Subscriber
 
 AT = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
 
@@ -54,10 +54,10 @@ def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
 def test_full_outbox_switches_to_catch_up_without_growing() -> None:
     sub = Subscriber(1, False, {1: "news"}, False)
     for i in range(1, MAX_OUTBOX_FRAMES + 1):
-        assert sub.offer(i, b"x", 0.0)
-    assert not sub.offer(MAX_OUTBOX_FRAMES + 1, b"x", 0.0)
+        assert sub.offer(i, b"x", 0.0) in (QUEUED, FIRST)
+    assert sub.offer(MAX_OUTBOX_FRAMES + 1, b"x", 0.0) == OVERFLOWED
     assert sub.lagging and sub.outbox == []
-    assert sub.offer(MAX_OUTBOX_FRAMES + 2, b"x", 0.0)  # ignored while lagging
+    assert sub.offer(MAX_OUTBOX_FRAMES + 2, b"x", 0.0) == QUEUED  # ignored while lagging
     assert sub.outbox == []
 
 
@@ -98,14 +98,16 @@ def test_revoke_tells_and_ends_single_channel_streams() -> None:
     assert multi.take() == ([], [], [])
 
 
-def test_wait_returns_on_offer() -> None:
+def test_a_fan_out_wakes_a_waiting_writer() -> None:
     async def scenario() -> None:
-        sub = Subscriber(1, False, {1: "news"}, False)
+        hub = Hub(Metrics(), max_streams_per_user=5)
+        sub = Subscriber(1, False, {1: "news"}, False)  # no write_now: always the writer
+        hub.register(sub)
         loop = asyncio.get_running_loop()
-        loop.call_later(0.01, sub.offer, 1, b"x", 0.0)
+        loop.call_later(0.01, hub.fan_out, [_event(1)])
         started = loop.time()
         await asyncio.wait_for(sub.wait(), 5)
-        assert loop.time() - started < 1 and sub.outbox
+        assert loop.time() - started < 1 and sub.outbox_ids == [1]
 
     asyncio.run(scenario())
 
@@ -158,3 +160,35 @@ def test_delivery_metrics_count_and_bucket_latencies() -> None:
     assert 'ssehub_delivery_latency_seconds_bucket{le="0.5"} 3.0' in text
     assert 'ssehub_delivery_latency_seconds_bucket{le="+Inf"} 3.0' in text
     assert "ssehub_delivery_latency_seconds_count 3.0" in text
+
+
+def test_an_idle_stream_is_written_to_without_waking_its_writer() -> None:
+    async def scenario() -> None:
+        hub = Hub(Metrics(), max_streams_per_user=5)
+        socket: list[bytes] = []
+        takes = True
+
+        def write_now(chunk: bytes) -> bool:
+            if takes:
+                socket.append(chunk)
+            return takes
+
+        sub = Subscriber(1, False, {1: "news"}, False, write_now=write_now)
+        hub.register(sub)
+        hub.fan_out([_event(1)])  # the writer is not parked yet: queued
+        assert socket == [] and sub.outbox_ids == [1]
+        sub.take()
+        parked = asyncio.create_task(sub.wait())
+        await asyncio.sleep(0)
+        hub.fan_out([_event(2), _event(3)])  # one page: one write
+        assert len(socket) == 1 and socket[0].count(b"id: ") == 2
+        assert sub.position == 3 and sub.outbox == [] and not parked.done()
+        hub.fan_out([_event(3)])  # stale (already written): dropped
+        assert len(socket) == 1 and sub.outbox == []
+        takes = False  # the socket is full: left for the writer, which is woken
+        hub.fan_out([_event(4)])
+        assert len(socket) == 1 and sub.outbox_ids == [4]
+        await asyncio.wait_for(parked, 1)
+        assert hub._metrics.deliveries.total == 2
+
+    asyncio.run(scenario())
