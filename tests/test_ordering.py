@@ -9,12 +9,16 @@ reader must end with every published id, once each, in increasing order.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 
+import asyncpg
 import httpx
 
+from app.db import asyncpg_dsn
+from app.events.publisher import PUBLISH_LOCK
 from tests.support import Api, Server
 
 PUBLISHERS = 12
@@ -76,3 +80,45 @@ def test_reader_polling_after_last_seen_misses_nothing(start_server) -> None:
     assert not missing, (
         f"{len(missing)} of {len(published)} events lost behind the cursor: {missing[:10]}"
     )
+
+
+def test_a_publish_waits_for_the_ordering_lock(server: Server, database_url: str) -> None:
+    """The guarantee rests on every publish taking ``PUBLISH_LOCK`` before it
+    draws ids. The test above no longer catches the lock's absence (the one-
+    statement publish leaves too narrow a window), so check its presence: while
+    another transaction holds the lock, a publish must neither finish nor draw
+    an id; once it is released, the publish completes with the next id."""
+    admin = Api(server.url).admin()
+    assert httpx.post(f"{server.url}/channels", json={"name": "locked"}, headers=admin).is_success
+    first = httpx.post(f"{server.url}/channels/locked/events", json={"data": 1}, headers=admin)
+    answers: list[httpx.Response] = []
+
+    async def hold_lock_while_publishing() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PUBLISH_LOCK)
+                publisher = threading.Thread(
+                    target=lambda: answers.append(
+                        httpx.post(
+                            f"{server.url}/channels/locked/events",
+                            json={"data": 2},
+                            headers=admin,
+                            timeout=30,
+                        )
+                    )
+                )
+                publisher.start()
+                await asyncio.sleep(1.5)
+                assert not answers, "the publish finished while the ordering lock was held"
+                drawn = await conn.fetchval(
+                    "SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass)"
+                )
+                assert drawn == first.json()["id"], "ids were drawn before the lock was taken"
+            await asyncio.to_thread(publisher.join, 30)
+        finally:
+            await conn.close()
+
+    asyncio.run(hold_lock_while_publishing())
+    assert [r.status_code for r in answers] == [201]
+    assert answers[0].json()["id"] > first.json()["id"]
