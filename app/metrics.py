@@ -30,25 +30,20 @@ class Deliveries:
         """``n`` events written without a live latency (replayed from the log)."""
         self.total += n
 
-    def observe(self, now: float, published: Iterable[float]) -> None:
-        """Live events written at ``now`` (timestamps), one latency each."""
+    def observe(self, now: float, published: Iterable[float], copies: int = 1) -> None:
+        """Live events written at ``now`` (their publish timestamps), each to
+        ``copies`` streams: one latency per delivery."""
+        if copies <= 0:
+            return
         counts = self._counts
         n, total = 0, 0.0
         for at in published:
             latency = now - at if now > at else 0.0
-            counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+            counts[bisect_left(LATENCY_BUCKETS, latency)] += copies
             total += latency
             n += 1
-        self.total += n
-        self._latency_sum += total
-
-    def observe_one(self, now: float, published: float) -> None:
-        """One live event written at ``now``; a notice (``published`` 0) is not counted."""
-        if published:
-            latency = now - published if now > published else 0.0
-            self._counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
-            self._latency_sum += latency
-            self.total += 1
+        self.total += n * copies
+        self._latency_sum += total * copies
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(

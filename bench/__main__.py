@@ -222,6 +222,18 @@ async def _publish_at(target: Target, channel: str, rate: float, seconds: float)
     return sent
 
 
+async def _quiet(totals: Totals, limit: float = 120) -> None:
+    """Until no frame has arrived for a second (at most ``limit`` s): a server
+    that fell behind drains its backlog before the next measurement starts, so
+    no repetition counts or waits behind the previous one's frames."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = totals.events
+        await asyncio.sleep(1)
+        if totals.events == before:
+            return
+
+
 async def fan_out(
     target: Target, n: int, rates: list[float], seconds: float, reps: int
 ) -> list[dict[str, Any]]:
@@ -255,7 +267,7 @@ async def fan_out(
                     "p99_ms": 1000 * percentile(totals.latencies, 99),
                 }
             )
-            await asyncio.sleep(1)
+            await _quiet(totals)
     for t in transports:
         t.close()
     await asyncio.sleep(1)

@@ -1,7 +1,7 @@
 """The in-process hub: fans each live event out to the subscribers of its channel.
 
-Fan-out encodes a frame once per event and offers the same bytes to every
-subscriber, without awaiting any of them (see ``Subscriber.offer``). The
+Fan-out encodes a frame once per event and hands the same bytes to every
+subscriber, without awaiting any of them (see ``fan_out``). The
 hub's ``position`` is the highest id it has fanned out: a stream opened
 without a resume position starts there.
 """
@@ -12,12 +12,13 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import groupby
 
 from app.errors import TooManyRequests
 from app.events.log import StoredEvent
 from app.metrics import Metrics
-from app.realtime.sse import event_frame, notice_frame
-from app.realtime.subscriber import FIRST, OVERFLOWED, Subscriber
+from app.realtime.sse import event_frame, http_chunk, notice_frame
+from app.realtime.subscriber import Subscriber
 
 SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go
 
@@ -54,26 +55,37 @@ class Hub:
         self._metrics.streams_open.dec()
 
     def fan_out(self, events: Iterable[StoredEvent]) -> None:
-        """Offer each event, encoded once, to the subscribers of its channel; then
-        have each subscriber that got something deliver it (``Subscriber.deliver``):
-        all of a page's events for one stream go out in one write."""
+        """Hand a page of events to the subscribers of their channels, in order.
+
+        Each run of consecutive events on one channel is encoded once, as the
+        bytes its sockets need, and the same bytes go to every subscriber of the
+        channel: written straight to the sockets of idle streams
+        (``Subscriber.write_run``), else queued one event at a time for the
+        stream's writer (``Subscriber.offer``), which writes all it finds in one
+        ``send``. A subscriber gets the runs in page order, so ids stay increasing
+        on every stream."""
+        deliveries = self._metrics.deliveries
+        now, monotonic = time.time(), time.monotonic()
         overflowed = 0
-        touched: list[Subscriber] = []
-        for event in events:
-            subscribers = self._by_channel.get(event.channel_id)
-            if subscribers:
-                frame = event_frame(event)
-                published = event.published_at.timestamp()
-                for sub in subscribers:
-                    outcome = sub.offer(event.id, frame, published)
-                    if outcome == FIRST:
-                        touched.append(sub)
-                    elif outcome == OVERFLOWED:
+        for channel_id, grouped in groupby(events, key=lambda event: event.channel_id):
+            run = list(grouped)
+            self.position = max(self.position, run[-1].id)
+            subscribers = self._by_channel.get(channel_id)
+            if not subscribers:
+                continue
+            frames = [event_frame(event) for event in run]
+            published = [event.published_at.timestamp() for event in run]
+            chunk = http_chunk(frames[0] if len(frames) == 1 else b"".join(frames))
+            first_id, last_id = run[0].id, run[-1].id
+            written = 0
+            for sub in subscribers:
+                if sub.write_run(chunk, first_id, last_id, monotonic):
+                    written += 1
+                    continue
+                for event, frame, at in zip(run, frames, published, strict=True):
+                    if sub.offer(event.id, frame, at):
                         overflowed += 1
-            self.position = max(self.position, event.id)
-        deliveries, now = self._metrics.deliveries, time.time()
-        for sub in touched:
-            sub.deliver(deliveries, now)
+            deliveries.observe(now, published, copies=written)
         if overflowed:
             self._metrics.slow_reader_catchups.inc(overflowed)
 

@@ -31,3 +31,10 @@ def event_frame(event: StoredEvent) -> bytes:
 def notice_frame(type_: str, data: dict[str, Any]) -> bytes:
     """A server notice: no ``id:``, so it never moves the client's position."""
     return b"event: %s\ndata: %s\n\n" % (_field(type_), orjson.dumps(data))
+
+
+def http_chunk(body: bytes) -> bytes:
+    """``body`` as one HTTP/1.1 chunk, the framing the server puts around each
+    ``send`` of a streamed response: built once per run of events, so the same
+    bytes can be written to every subscriber's socket (``Hub.fan_out``)."""
+    return b"%x\r\n%b\r\n" % (len(body), body)

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -33,15 +32,20 @@ REPLAY_PAGE = 1000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def suspends_only_before_writing(send: Send) -> bool:
-    """Whether ``send`` is uvicorn's own (httptools or h11), whose one suspension
-    point, waiting for a paused socket, comes before it writes anything. Any other
-    ``send`` (a middleware's wrapper, another server) is only ever awaited."""
-    owner = getattr(send, "__self__", None)
-    return type(owner).__module__ in (
-        "uvicorn.protocols.http.httptools_impl",
-        "uvicorn.protocols.http.h11_impl",
-    )
+def uvicorn_cycle(send: Send) -> Any | None:
+    """The uvicorn (httptools) response cycle behind ``send``, if that is what it
+    is: its transport can then be written to directly, between ``send`` calls,
+    with bytes framed as uvicorn frames each ``send`` (``sse.http_chunk``). Any
+    other ``send`` (a middleware's wrapper, h11, another server) is only awaited.
+    """
+    cycle = getattr(send, "__self__", None)
+    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
+        return None
+    if not all(
+        hasattr(cycle, a) for a in ("transport", "flow", "disconnected", "chunked_encoding")
+    ):
+        return None
+    return cycle
 
 
 class EventStream(Response):
@@ -56,18 +60,19 @@ class EventStream(Response):
         self._metrics: Metrics = state.metrics
         self._sub = sub
         self._resume_from = resume_from
-        self._direct_send: Send | None = None
+        self._cycle: Any = None  # uvicorn's, while frames may go straight to its transport
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self._sub
         sub.writer = asyncio.current_task()
-        if suspends_only_before_writing(send):
-            self._direct_send = send
-            sub.write_now = self._write_now
         watcher = asyncio.create_task(self._watch_disconnect(receive))
         try:
             start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
             await self._send(send, start)
+            cycle = uvicorn_cycle(send)
+            if cycle is not None and cycle.chunked_encoding is True:
+                self._cycle = cycle
+                sub.write_now = self._write_now
             await self._run(send)
             await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
@@ -84,7 +89,7 @@ class EventStream(Response):
             watcher.cancel()
             sub.writer = None
             sub.write_now = None
-            self._direct_send = None
+            self._cycle = None
             self._hub.unregister(sub)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
@@ -103,30 +108,20 @@ class EventStream(Response):
         sub.heartbeat_due = False
 
     def _write_now(self, chunk: bytes) -> bool:
-        """Write ``chunk`` without a task switch, if the socket takes it now.
+        """Write ``chunk`` (HTTP-framed) to the socket now, if it takes bytes now.
 
-        Runs the server's ``send`` up to its first suspension. uvicorn's only
-        suspends (waiting for a socket whose buffer is full) before it writes:
-        so either it finishes, the bytes written, or it is abandoned having
-        written nothing, and the caller queues the chunk for the writer task.
+        The writer task is parked, so nothing else is writing; a paused transport
+        (the reader's buffer is full) or a gone client is left to the writer task,
+        which waits for the one and ends on the other.
         """
-        send = self._direct_send
-        if send is None:
+        cycle = self._cycle
+        if cycle is None or cycle.flow.write_paused or cycle.disconnected:
             return False
-        # uvicorn's send is a coroutine function (checked when this was enabled).
-        sending = cast(
-            Coroutine[Any, Any, None],
-            send({"type": "http.response.body", "body": chunk, "more_body": True}),
-        )
         try:
-            sending.send(None)
-        except StopIteration:
-            self._sub.last_write = time.monotonic()
-            return True
-        except Exception:
-            return False  # the writer task will meet the same error and end the stream
-        sending.close()
-        return False
+            cycle.transport.write(chunk)
+        except (OSError, RuntimeError):
+            return False  # closing: the writer task ends the stream
+        return True
 
     async def _write(self, send: Send, chunk: bytes) -> None:
         await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})

@@ -6,14 +6,14 @@ bound is not allowed to hold more memory: the outbox is dropped and the
 subscriber marked ``lagging``; its writer then catches up from the event log
 from its position, exactly as a resume does, and goes live again.
 
-The hub offers a whole page of events, then calls ``deliver`` once per
-subscriber it queued something for: a stream whose writer is idle (parked in
-``wait``) gets its outbox written straight to its socket through
-``write_now``, in one write, without waking the writer task; under a
-10,000-way fan-out the wake-up, the task switch and the writer's loop cost
-more than the write itself. ``write_now`` only ever succeeds or writes
-nothing (see ``app.realtime.stream``); when it writes nothing, the writer is
-woken and writes the outbox as usual.
+The hub hands each run of a page's events on one channel to every subscriber
+of the channel, framed once as the bytes its socket needs (``write_run``). A
+stream whose writer is idle (parked in ``wait``, nothing queued) has them
+written straight to its socket through ``write_now``, without waking the
+writer task: under a 10,000-way fan-out the wake-up, the task switch and the
+writer's loop cost more than the write itself. ``write_now`` either writes
+all of it or nothing (see ``app.realtime.stream``); when it writes nothing
+the events are offered to the outbox and the writer is woken as usual.
 
 A subscriber keeps no timer of its own. Heartbeats, token expiry and sends
 stuck on a reader that takes no bytes are all found by the hub's one ticker
@@ -28,13 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.metrics import Deliveries
-
 MAX_OUTBOX_FRAMES = 1000
 MAX_OUTBOX_BYTES = 4 * 1024 * 1024
-
-# What ``offer`` did with an event.
-QUEUED, FIRST, OVERFLOWED = 0, 1, 2
 
 
 @dataclass(eq=False, slots=True)
@@ -58,58 +53,51 @@ class Subscriber:
     last_write: float = field(default_factory=time.monotonic)
     sending_since: float = 0.0  # monotonic start of the send in progress, 0 if none
     writer: asyncio.Task[None] | None = None  # the task writing the stream
-    # Writes a chunk at once if the socket takes it now, else writes nothing and
-    # returns False; None where the server's send cannot promise that.
+    # Writes bytes ready for the socket (``sse.http_chunk``) at once if it takes them
+    # now, else writes nothing and returns False; None where the server cannot.
     write_now: Callable[[bytes], bool] | None = None
     _waiter: asyncio.Future[None] | None = None
 
-    def offer(self, event_id: int, frame: bytes, published_at: float) -> int:
-        """Queue a live event without waiting or waking anyone: ``FIRST`` if the
-        outbox was empty (the caller then calls ``deliver``), ``QUEUED``, or
-        ``OVERFLOWED`` (the stream now catches up from the log, woken)."""
+    def offer(self, event_id: int, frame: bytes, published_at: float) -> bool:
+        """Queue a live event and wake the writer, without waiting; True if the
+        outbox overflowed (the stream now catches up from the log instead)."""
         if self.lagging or self.closed or event_id <= self.position:
-            return QUEUED  # nothing to do; at or below the position it is stale
+            return False  # nothing to do; at or below the position it is stale
         if len(self.outbox) >= MAX_OUTBOX_FRAMES or self.outbox_bytes > MAX_OUTBOX_BYTES:
             self.lagging = True
             self.take()
             self.wake()
-            return OVERFLOWED
-        first = not self.outbox
+            return True
         self.outbox.append(frame)
         self.outbox_ids.append(event_id)
         self.outbox_times.append(published_at)
         self.outbox_bytes += len(frame)
-        return FIRST if first else QUEUED
-
-    def deliver(self, deliveries: Deliveries, now: float) -> None:
-        """After a page of offers: write the outbox straight to the socket if the
-        writer is idle and the socket takes it now, else wake the writer.
-
-        Nothing in the outbox is stale here: the writer parks only with an empty
-        outbox, and ``offer`` drops what is at or below the position.
-        """
-        waiter = self._waiter
-        frames = self.outbox
-        if (
-            self.write_now is not None
-            and waiter is not None
-            and not waiter.done()
-            and frames
-            and not (self.lagging or self.closed)
-            and self.write_now(frames[0] if len(frames) == 1 else b"".join(frames))
-        ):
-            ids, times = self.outbox_ids, self.outbox_times
-            self.position = max(self.position, max(ids))
-            if len(ids) == 1:
-                deliveries.observe_one(now, times[0])
-            else:
-                deliveries.observe(now, [at for i, at in zip(ids, times, strict=True) if i])
-            frames.clear()
-            ids.clear()
-            times.clear()
-            self.outbox_bytes = 0
-            return
         self.wake()
+        return False
+
+    def write_run(self, chunk: bytes, first_id: int, last_id: int, now: float) -> bool:
+        """Write a run of live events straight to the socket, if nothing must go
+        before them: the writer parked with an empty outbox, none of the ids at or
+        below the position, and the socket taking bytes now. ``chunk`` is their
+        frames as the socket needs them, shared by every subscriber of the
+        channel; ``now`` is ``time.monotonic()``. False means nothing was written:
+        the caller then offers the events one by one."""
+        waiter = self._waiter
+        write_now = self.write_now
+        if (
+            write_now is None
+            or waiter is None
+            or waiter.done()
+            or self.outbox
+            or first_id <= self.position
+            or self.lagging
+            or self.closed
+            or not write_now(chunk)
+        ):
+            return False
+        self.position = last_id
+        self.last_write = now
+        return True
 
     def notify(self, frame: bytes) -> None:
         """Queue a notice (never dropped by the bound: notices are few and small)."""

@@ -12,7 +12,7 @@ from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
 from app.realtime.sse import event_frame, notice_frame
-from app.realtime.subscriber import FIRST, MAX_OUTBOX_FRAMES, OVERFLOWED, QUEUED, Subscriber
+from app.realtime.subscriber import MAX_OUTBOX_FRAMES, Subscriber
 
 AT = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
 
@@ -54,10 +54,10 @@ def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
 def test_full_outbox_switches_to_catch_up_without_growing() -> None:
     sub = Subscriber(1, False, {1: "news"}, False)
     for i in range(1, MAX_OUTBOX_FRAMES + 1):
-        assert sub.offer(i, b"x", 0.0) in (QUEUED, FIRST)
-    assert sub.offer(MAX_OUTBOX_FRAMES + 1, b"x", 0.0) == OVERFLOWED
+        assert sub.offer(i, b"x", 0.0) is False
+    assert sub.offer(MAX_OUTBOX_FRAMES + 1, b"x", 0.0) is True  # overflowed
     assert sub.lagging and sub.outbox == []
-    assert sub.offer(MAX_OUTBOX_FRAMES + 2, b"x", 0.0) == QUEUED  # ignored while lagging
+    assert sub.offer(MAX_OUTBOX_FRAMES + 2, b"x", 0.0) is False  # ignored while lagging
     assert sub.outbox == []
 
 
@@ -180,8 +180,10 @@ def test_an_idle_stream_is_written_to_without_waking_its_writer() -> None:
         sub.take()
         parked = asyncio.create_task(sub.wait())
         await asyncio.sleep(0)
-        hub.fan_out([_event(2), _event(3)])  # one page: one write
+        hub.fan_out([_event(2), _event(3)])  # one run: one write, framed for the socket
         assert len(socket) == 1 and socket[0].count(b"id: ") == 2
+        size, _, rest = socket[0].partition(b"\r\n")
+        assert int(size, 16) == len(rest) - 2 and rest.endswith(b"\n\n\r\n")
         assert sub.position == 3 and sub.outbox == [] and not parked.done()
         hub.fan_out([_event(3)])  # stale (already written): dropped
         assert len(socket) == 1 and sub.outbox == []
@@ -190,5 +192,47 @@ def test_an_idle_stream_is_written_to_without_waking_its_writer() -> None:
         assert len(socket) == 1 and sub.outbox_ids == [4]
         await asyncio.wait_for(parked, 1)
         assert hub._metrics.deliveries.total == 2
+
+    asyncio.run(scenario())
+
+
+def test_runs_on_several_channels_reach_a_stream_in_id_order() -> None:
+    """A page mixing channels is written run by run; once a run is queued for
+    the writer, later runs queue behind it instead of overtaking it."""
+
+    async def scenario() -> None:
+        hub = Hub(Metrics(), max_streams_per_user=5)
+        socket: list[bytes] = []
+        refuse = 0  # how many writes the socket refuses next
+
+        def write_now(chunk: bytes) -> bool:
+            nonlocal refuse
+            if refuse:
+                refuse -= 1
+                return False
+            socket.append(chunk)
+            return True
+
+        sub = Subscriber(1, False, {1: "news", 2: "sport"}, True, write_now=write_now)
+        hub.register(sub)
+        parked = asyncio.create_task(sub.wait())
+        await asyncio.sleep(0)
+        hub.fan_out([_event(1), _event(2, channel_id=2), _event(3), _event(4)])
+        ids = [int(line[4:]) for line in b"".join(socket).split(b"\n") if line.startswith(b"id: ")]
+        assert ids == [1, 2, 3, 4] and len(socket) == 3
+        sub.position = 5  # as if a replay had got ahead of the live tail
+        await asyncio.sleep(0)
+        assert not parked.done()
+        hub.fan_out([_event(5), _event(6)])  # 5 is stale: the run is offered event by event
+        assert sub.outbox_ids == [6] and len(socket) == 3
+        await asyncio.wait_for(parked, 1)
+        assert hub._metrics.deliveries.total == 4
+        sub.take()
+        parked = asyncio.create_task(sub.wait())
+        await asyncio.sleep(0)
+        refuse = 1  # the first run is refused: the second, accepted, must queue behind it
+        hub.fan_out([_event(7), _event(8, channel_id=2)])
+        assert sub.outbox_ids == [7, 8] and len(socket) == 3
+        await asyncio.wait_for(parked, 1)
 
     asyncio.run(scenario())
