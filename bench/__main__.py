@@ -222,7 +222,7 @@ async def _publish_at(target: Target, channel: str, rate: float, seconds: float)
     return sent
 
 
-async def _quiet(totals: Totals, limit: float = 120) -> None:
+async def _quiet(totals: Totals, limit: float = 30) -> None:
     """Until no frame has arrived for a second (at most ``limit`` s): a server
     that fell behind drains its backlog before the next measurement starts, so
     no repetition counts or waits behind the previous one's frames."""
