@@ -1,18 +1,25 @@
-"""Framing, subscriber outboxes and hub fan-out as plain unit tests (no server)."""
+"""Framing, subscriber outboxes and hub fan-out as plain unit tests (no ssehub
+server; the direct write's contract with uvicorn is checked on a bare uvicorn)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
+import httpx
+import uvicorn
 from prometheus_client import generate_latest
 
 from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
-from app.realtime.sse import event_frame, notice_frame
+from app.realtime.sse import event_frame, http_chunk, notice_frame
+from app.realtime.stream import uvicorn_cycle
 from app.realtime.subscriber import MAX_OUTBOX_FRAMES, Subscriber
+from tests.support import free_port
 
 AT = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
 
@@ -236,3 +243,41 @@ def test_runs_on_several_channels_reach_a_stream_in_id_order() -> None:
         await asyncio.wait_for(parked, 1)
 
     asyncio.run(scenario())
+
+
+def test_uvicorn_cycle_is_found_and_takes_chunks_between_sends() -> None:
+    """The direct write relies on uvicorn's httptools cycle (``uvicorn_cycle``):
+    a real uvicorn on a real socket must be recognised, stream chunked, and
+    accept an ``http_chunk`` written to its transport between two ``send``s as
+    part of the body an HTTP client reads. If uvicorn changes, this fails rather
+    than the optimisation silently switching itself off."""
+    found: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        cycle = uvicorn_cycle(send)
+        found.append(cycle)
+        await send({"type": "http.response.body", "body": b"one\n", "more_body": True})
+        if cycle is not None and cycle.chunked_encoding is True:
+            cycle.transport.write(http_chunk(b"two\n"))
+        await send({"type": "http.response.body", "body": b"three\n", "more_body": False})
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, port=port, http="httptools", log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = httpx.get(f"http://127.0.0.1:{port}/")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert found and found[0] is not None and found[0].chunked_encoding is True
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert response.content == b"one\ntwo\nthree\n"
