@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_event_bytes: PositiveInt = 65536
     max_streams_per_user: PositiveInt = 20
     cors_origins: str = ""
+    # Limits: what a hostile or broken client gets (the contract's section of that name).
+    max_batch_bytes: PositiveInt = 8 * 1024 * 1024
+    login_attempts_per_minute: PositiveInt = 10
+    trusted_proxies: str = ""
+    max_connections: PositiveInt = 15000
+    db_pool_size: int = Field(default=20, ge=2)
     # Not in the public contract's list: how often history bounds are enforced,
     # and whether uvicorn logs a line per request.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
@@ -79,7 +85,16 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         """The comma-separated ``SSEHUB_CORS_ORIGINS`` as a list."""
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return _comma_list(self.cors_origins)
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """The comma-separated ``SSEHUB_TRUSTED_PROXIES`` (addresses or CIDRs) as a list."""
+        return _comma_list(self.trusted_proxies)
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def ensure_secret_key(settings: Settings) -> Settings:
