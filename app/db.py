@@ -36,15 +36,34 @@ log = logging.getLogger("ssehub")
 EMBEDDED_DATABASE = "ssehub"
 
 
-def create_engine(url: str, pool_size: int = 40) -> AsyncEngine:
-    """One engine per process; ``pool_pre_ping`` survives a restarted database.
+# Every wait on the database is bounded: a connection from a pool within
+# ACQUIRE_TIMEOUT_SECONDS (else 503), every query within QUERY_TIMEOUT_SECONDS.
+ACQUIRE_TIMEOUT_SECONDS = 5.0
+QUERY_TIMEOUT_SECONDS = 10.0
 
-    The pool is sized for the concurrency we serve rather than kept small:
-    connections past ``pool_size`` are opened (with a TLS attempt) and closed
-    again per checkout, which measured 120 publishes/s instead of thousands
-    with 32 concurrent publishers. Connections are only opened when needed.
-    """
-    return create_async_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+
+def split_budget(pool_size: int) -> tuple[int, int]:
+    """``SSEHUB_DB_POOL_SIZE`` shared by the two pools: the ORM's (REST endpoints)
+    and the hot paths' (stream opening, history, retention). Together they never
+    open more than the budget, so an instance's connections are known in advance:
+    the budget plus the writer's and the listener's."""
+    orm = max(1, pool_size // 2)
+    return orm, max(1, pool_size - orm)
+
+
+def create_engine(url: str, pool_size: int) -> AsyncEngine:
+    """One engine per process, at most ``pool_size`` connections, no overflow:
+    a request that finds none free within ``ACQUIRE_TIMEOUT_SECONDS`` gets 503
+    (``app.errors.database_unavailable``). ``pool_pre_ping`` survives a restarted
+    database. Connections are only opened when needed."""
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=ACQUIRE_TIMEOUT_SECONDS,
+        pool_pre_ping=True,
+        connect_args={"command_timeout": QUERY_TIMEOUT_SECONDS, "timeout": ACQUIRE_TIMEOUT_SECONDS},
+    )
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -87,19 +106,19 @@ async def insert_unique(session: AsyncSession, row: Row, conflict: str) -> Row:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-HOT_POOL_SIZE = 20
-
-
-async def create_pool(url: str) -> Any:
+async def create_pool(url: str, max_size: int) -> Any:
     """The hot paths' asyncpg pool (see the module docstring). Its connections
     carry no session state: a released one is only rolled back, and only if a
     cancelled query left a transaction open. A connection the database closed
-    is noticed by asyncpg and replaced on the next acquire."""
+    is noticed by asyncpg and replaced on the next acquire. Every query has a
+    timeout (``command_timeout``)."""
     return await asyncpg.create_pool(
         asyncpg_dsn(url),
         min_size=1,
-        max_size=HOT_POOL_SIZE,
+        max_size=max_size,
         reset=_rollback_if_open,
+        command_timeout=QUERY_TIMEOUT_SECONDS,
+        timeout=ACQUIRE_TIMEOUT_SECONDS,
         server_settings={"application_name": "ssehub"},
     )
 
@@ -111,8 +130,9 @@ async def _rollback_if_open(conn: Any) -> None:
 
 @asynccontextmanager
 async def raw_connection(pool: Any) -> AsyncIterator[Any]:
-    """Borrow a bare ``asyncpg.Connection`` from the hot paths' pool."""
-    async with pool.acquire() as conn:
+    """Borrow a bare ``asyncpg.Connection`` from the hot paths' pool; none free
+    within ``ACQUIRE_TIMEOUT_SECONDS`` raises ``TimeoutError`` (a 503)."""
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
         yield conn
 
 

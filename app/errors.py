@@ -3,17 +3,25 @@
 Services raise a subclass of ``SsehubError``; ``install_error_handlers`` renders
 it, and also maps FastAPI's request validation so a body that is not JSON at
 all is a 400 while a JSON body with a bad field is a 422.
+
+A database that is away (restarting, failing over, out of connections, or
+simply not answering in time) is not a bug: whatever it interrupts answers
+503 with ``Retry-After``, never 500 (``database_unavailable``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ssehub")
@@ -23,9 +31,11 @@ class SsehubError(Exception):
     status_code = 400
     headers: dict[str, str] | None = None
 
-    def __init__(self, detail: Any = None) -> None:
+    def __init__(self, detail: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail if detail is not None else self.default_detail()
+        if headers is not None:
+            self.headers = {**(self.headers or {}), **headers}
 
     def default_detail(self) -> str:
         return type(self).__name__
@@ -66,9 +76,48 @@ class Invalid(SsehubError):
 class TooManyRequests(SsehubError):
     status_code = 429
 
+    def __init__(self, detail: Any = None, retry_after: float = 1) -> None:
+        super().__init__(detail, {"Retry-After": str(max(1, math.ceil(retry_after)))})
+
 
 class Unavailable(SsehubError):
     status_code = 503
+    headers = {"Retry-After": "1"}
+
+    def default_detail(self) -> str:
+        return "The database is unavailable; retry shortly"
+
+
+# SQLSTATEs of a server that is going away or not there yet (57P01 admin shutdown,
+# 57P02 crash shutdown, 57P03 cannot connect now) or out of connections (53300).
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database is away rather than
+    that the request was wrong: a lost or refused connection, a server shutting
+    down or starting up, a pool with no connection free in time, a query timeout.
+
+    SQLAlchemy wraps asyncpg's errors (``DBAPIError.orig`` and the exception
+    chain), so the chain is followed down to the driver's own exception.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError | TimeoutError | asyncpg.InterfaceError):
+            return True
+        if isinstance(current, asyncpg.PostgresError):
+            state = getattr(current, "sqlstate", "") or ""
+            if state.startswith("08") or state in _UNAVAILABLE_STATES:
+                return True
+        if isinstance(current, SQLAlchemyTimeout):
+            return True  # QueuePool: no connection free within pool_timeout
+        todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
+    return False
 
 
 def error_response(
@@ -98,10 +147,19 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, exc.detail, exc.headers)
 
 
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    """A bug still answers in the one error format; the traceback goes to the log
-    (Starlette re-raises after this handler), never to the client."""
+def unexpected_error(exc: Exception, where: str) -> JSONResponse:
+    """What an exception nobody handled answers: 503 when the database is away
+    (logged as one line), else a 500 in the one error format, its traceback
+    logged, never sent to the client."""
+    if database_unavailable(exc):
+        log.warning("%s: database unavailable (%s: %s)", where, type(exc).__name__, exc)
+        return render_error(Unavailable())
+    log.error("unexpected error in %s", where, exc_info=exc)
     return error_response(500, "Internal server error")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_error(exc, f"{request.method} {request.url.path}")
 
 
 def _jsonable(errors: Any) -> list[dict[str, Any]]:
@@ -114,4 +172,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SsehubError, _handled_error)
     app.add_exception_handler(RequestValidationError, _handled_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # The database's own errors are handled here (not re-raised to the server, as
+    # Starlette does with a bare ``Exception`` handler): a restart must answer
+    # 503s, not fill the log with tracebacks.
+    for database_error in (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        app.add_exception_handler(database_error, _unexpected_error)
     app.add_exception_handler(Exception, _unexpected_error)

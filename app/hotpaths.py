@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.auth.deps import access_claims, bearer_scheme, stream_claims
-from app.errors import SsehubError, error_response, render_error
+from app.errors import SsehubError, render_error, unexpected_error
 from app.events import routes as events
 from app.realtime import routes as streams
 
@@ -94,6 +94,5 @@ async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
         return await endpoint(request, name)
     except (SsehubError, RequestValidationError) as exc:
         return render_error(exc)
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, "Internal server error")
+    except Exception as exc:
+        return unexpected_error(exc, f"{request.method} {request.url.path}")

@@ -21,9 +21,10 @@ from starlette.types import ASGIApp
 
 from app import ops
 from app.auth.routes import router as auth_router
+from app.auth.throttle import LoginThrottle
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
-from app.db import create_engine, create_pool, create_sessionmaker
+from app.db import create_engine, create_pool, create_sessionmaker, split_budget
 from app.errors import install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
@@ -53,12 +54,15 @@ def create_app(settings: Settings) -> ASGIApp:
         install_token_redaction()
         tune_garbage_collector()
         assert settings.database_url
-        engine = create_engine(settings.database_url)
+        orm_size, raw_size = split_budget(settings.db_pool_size)
+        engine = create_engine(settings.database_url, orm_size)
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
-            app.state.pool = await create_pool(settings.database_url)
+            app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
+            stack.callback(app.state.login_throttle.close)
+            app.state.pool = await create_pool(settings.database_url, raw_size)
             stack.push_async_callback(app.state.pool.close)
             await stack.enter_async_context(events_lifespan.running(app))
             await stack.enter_async_context(realtime_lifespan.running(app))

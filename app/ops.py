@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+
+from app.db import raw_connection
 
 router = APIRouter(tags=["operations"])
+# The writer's statements and the broker's queries time out well before this; a
+# part still busy past it is stuck, and the instance leaves its load balancer.
+STUCK_SECONDS = 15.0
 
 
 @router.get("/healthz")
@@ -20,21 +25,26 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """200 when the database answers and the cross-instance listener is up, else 503."""
-    database = await _database_ok(request)
-    listener = bool(request.app.state.broker.listening)
-    ok = database and listener
+    """200 when the database answers, the cross-instance listener is up, and
+    neither the writer nor the listener's loop is stuck; else 503."""
+    state, now = request.app.state, time.monotonic()
+    checks = {
+        "database": await _database_ok(request),
+        "listener": bool(state.broker.listening),
+        "broker": state.broker.stuck_for(now) < STUCK_SECONDS,
+        "writer": state.publisher.stuck_for(now) < STUCK_SECONDS,
+    }
+    ok = all(checks.values())
     return JSONResponse(
-        {"status": "ok" if ok else "unavailable", "database": database, "listener": listener},
-        status_code=200 if ok else 503,
+        {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
     )
 
 
 async def _database_ok(request: Request) -> bool:
+    """One query on the hot paths' pool, within 2 s."""
     try:
-        async with asyncio.timeout(2):
-            async with request.app.state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+        async with asyncio.timeout(2), raw_connection(request.app.state.pool) as conn:
+            await conn.fetchval("SELECT 1")
         return True
     except Exception:
         return False
