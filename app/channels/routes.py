@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from app.auth.deps import AdminUser, CurrentUser
 from app.channels import service
@@ -16,9 +16,13 @@ from app.channels.schemas import (
     SubscriptionOut,
 )
 from app.db import SessionDep
+from app.text import Text
 
 router = APIRouter(tags=["channels"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
+# Path and query texts reach SQL: ``Text`` refuses what Postgres cannot store.
+ChannelName = Annotated[Text, Path()]
+Username = Annotated[Text, Path()]
 
 
 @router.post("/channels", status_code=201, response_model=ChannelOut)
@@ -33,7 +37,7 @@ async def list_channels(
     session: SessionDep,
     user: CurrentUser,
     limit: Limit = 100,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[Text | None, Query(max_length=64)] = None,
 ) -> list[ChannelOut]:
     """The channels the caller can read, in name order; page with ``after``."""
     channels = await service.list_readable(session, user.id, user.is_admin, after, limit)
@@ -41,7 +45,7 @@ async def list_channels(
 
 
 @router.get("/channels/{name}", response_model=ChannelOut)
-async def get_channel(name: str, session: SessionDep, user: CurrentUser) -> ChannelOut:
+async def get_channel(name: ChannelName, session: SessionDep, user: CurrentUser) -> ChannelOut:
     """One channel the caller can read."""
     channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
     return (await service.describe(session, [channel]))[0]
@@ -49,7 +53,7 @@ async def get_channel(name: str, session: SessionDep, user: CurrentUser) -> Chan
 
 @router.patch("/channels/{name}", response_model=ChannelOut)
 async def patch_channel(
-    name: str, body: ChannelPatch, session: SessionDep, _: AdminUser
+    name: ChannelName, body: ChannelPatch, session: SessionDep, _: AdminUser
 ) -> ChannelOut:
     """Change description, privacy or history bounds (admin)."""
     channel = await service.get_channel(session, name)
@@ -58,14 +62,14 @@ async def patch_channel(
 
 
 @router.delete("/channels/{name}", status_code=204)
-async def delete_channel(name: str, session: SessionDep, _: AdminUser) -> Response:
+async def delete_channel(name: ChannelName, session: SessionDep, _: AdminUser) -> Response:
     """Delete a channel with its events, members and subscriptions (admin)."""
     await service.delete_channel(session, await service.get_channel(session, name))
     return Response(status_code=204)
 
 
 @router.get("/channels/{name}/members", response_model=list[MemberOut])
-async def list_members(name: str, session: SessionDep, _: AdminUser) -> list[MemberOut]:
+async def list_members(name: ChannelName, session: SessionDep, _: AdminUser) -> list[MemberOut]:
     """Members of a channel (admin)."""
     channel = await service.get_channel(session, name)
     rows = await service.list_members(session, channel)
@@ -73,14 +77,18 @@ async def list_members(name: str, session: SessionDep, _: AdminUser) -> list[Mem
 
 
 @router.put("/channels/{name}/members/{username}", status_code=204)
-async def add_member(name: str, username: str, session: SessionDep, _: AdminUser) -> Response:
+async def add_member(
+    name: ChannelName, username: Username, session: SessionDep, _: AdminUser
+) -> Response:
     """Let a user read a private channel (admin)."""
     await service.add_member(session, await service.get_channel(session, name), username)
     return Response(status_code=204)
 
 
 @router.delete("/channels/{name}/members/{username}", status_code=204)
-async def remove_member(name: str, username: str, session: SessionDep, _: AdminUser) -> Response:
+async def remove_member(
+    name: ChannelName, username: Username, session: SessionDep, _: AdminUser
+) -> Response:
     """Revoke a member; its open streams stop carrying the channel (admin)."""
     await service.remove_member(session, await service.get_channel(session, name), username)
     return Response(status_code=204)
@@ -95,7 +103,7 @@ async def my_subscriptions(session: SessionDep, user: CurrentUser) -> list[Subsc
 
 @router.put("/me/subscriptions/{name}", response_model=SubscriptionOut)
 async def subscribe(
-    name: str, session: SessionDep, user: CurrentUser, response: Response
+    name: ChannelName, session: SessionDep, user: CurrentUser, response: Response
 ) -> SubscriptionOut:
     """Subscribe: 201 when new, 200 when already there."""
     channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
@@ -106,7 +114,7 @@ async def subscribe(
 
 
 @router.delete("/me/subscriptions/{name}", status_code=204)
-async def unsubscribe(name: str, session: SessionDep, user: CurrentUser) -> Response:
+async def unsubscribe(name: ChannelName, session: SessionDep, user: CurrentUser) -> Response:
     """Unsubscribe (204 also when there was no subscription)."""
     channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
     await service.unsubscribe(session, user.id, channel)

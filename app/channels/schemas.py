@@ -7,6 +7,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.text import Text
+
 CHANNEL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
 # The columns are Postgres integers: a larger bound was a 500 from the insert.
 Bound = Annotated[int, Field(gt=0, le=2_147_483_647)]
@@ -16,7 +18,7 @@ class ChannelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=CHANNEL_NAME_PATTERN, examples=["news"])
-    description: str = Field(default="", max_length=1000)
+    description: Text = Field(default="", max_length=1000)
     private: bool = False
     max_events: Bound | None = None
     max_age_seconds: Bound | None = None
@@ -27,7 +29,7 @@ class ChannelPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    description: str | None = Field(default=None, max_length=1000)
+    description: Text | None = Field(default=None, max_length=1000)
     private: bool | None = None
     max_events: Bound | None = None
     max_age_seconds: Bound | None = None
