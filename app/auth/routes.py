@@ -4,37 +4,70 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.auth import service
 from app.auth.deps import CurrentUser, SettingsDep
+from app.auth.passwords import hash_password
 from app.auth.schemas import RegisterIn, StreamTokenOut, TokenOut, UserOut
+from app.auth.throttle import LoginThrottle, client_address
 from app.auth.tokens import issue_token
 from app.db import SessionDep
-from app.errors import Forbidden
+from app.errors import Conflict, Forbidden, Unauthorized
 from app.models import User
 
 router = APIRouter(tags=["auth"])
 
 
-@router.post("/auth/register", status_code=201, response_model=UserOut)
-async def register(body: RegisterIn, session: SessionDep, settings: SettingsDep) -> User:
+def _throttle(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle
+
+
+@router.post(
+    "/auth/register",
+    status_code=201,
+    response_model=UserOut,
+    responses={429: {"description": "Too many failed attempts, or too many at once"}},
+)
+async def register(
+    body: RegisterIn, request: Request, session: SessionDep, settings: SettingsDep
+) -> User:
     """Create an account (403 when registration is closed)."""
     if not settings.registration_open:
         raise Forbidden("Registration is closed")
-    return await service.create_user(session, body.username, body.password)
+    throttle, address = _throttle(request), client_address(request)
+    throttle.check(address, body.username)
+    password_hash = await throttle.run(hash_password, body.password)
+    try:
+        return await service.create_user(session, body.username, password_hash)
+    except Conflict:
+        throttle.failed(address, body.username)
+        raise
 
 
-@router.post("/auth/token", response_model=TokenOut)
+@router.post(
+    "/auth/token",
+    response_model=TokenOut,
+    responses={429: {"description": "Too many failed attempts, or too many at once"}},
+)
 async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
 ) -> TokenOut:
     """Exchange username and password for an access token (OAuth2 password flow)."""
-    user = await service.authenticate(session, form.username, form.password)
-    access_token, ttl = issue_token(settings, user.id, "access")
+    throttle, address = _throttle(request), client_address(request)
+    throttle.check(address, form.username)
+    try:
+        user_id = await service.authenticate(
+            request.app.state.pool, throttle, form.username, form.password
+        )
+    except Unauthorized:
+        throttle.failed(address, form.username)
+        raise
+    access_token, ttl = issue_token(settings, user_id, "access")
     return TokenOut(access_token=access_token, expires_in=ttl)
 
 

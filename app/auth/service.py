@@ -1,16 +1,24 @@
-"""Users: create, authenticate, promote. Services never commit; the caller does."""
+"""Users: create, authenticate, promote. Services never commit; the caller does.
+
+Password hashing is slow on purpose: it never runs while a database connection
+is held (``authenticate`` looks the hash up and lets the connection go first;
+``create_user`` takes a finished hash), so a flood of logins cannot empty the
+pool that every other request needs (``app.auth.throttle``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.passwords import hash_password, verify_password
 from app.auth.schemas import USERNAME_PATTERN
-from app.db import insert_unique
+from app.auth.throttle import LoginThrottle
+from app.db import insert_unique, raw_connection
 from app.errors import Unauthorized
 from app.models import User
 
@@ -28,26 +36,31 @@ async def get_user_by_name(session: AsyncSession, username: str) -> User | None:
 
 
 async def create_user(
-    session: AsyncSession, username: str, password: str, is_admin: bool = False
+    session: AsyncSession, username: str, password_hash: str, is_admin: bool = False
 ) -> User:
     """Insert a user; a taken name is a 409 even when two requests race for it."""
-    password_hash = await asyncio.to_thread(hash_password, password)
     user = User(username=username, password_hash=password_hash, is_admin=is_admin)
     return await insert_unique(session, user, f"Username {username!r} is taken")
 
 
-async def authenticate(session: AsyncSession, username: str, password: str) -> User:
-    """The same 401 for an unknown user and a wrong password, in the same time.
+async def authenticate(pool: Any, throttle: LoginThrottle, username: str, password: str) -> int:
+    """The user id; the same 401 for an unknown user and a wrong password, in the same time.
 
     A name that could never have been registered (a NUL byte, say, which
-    Postgres cannot even compare) is an unknown user, not a query. Argon2 runs
-    in a thread: it takes tens of milliseconds that open streams must not wait for.
+    Postgres cannot even compare) is an unknown user, not a query. The hash is
+    read on a pooled connection that is returned before argon2 runs, in the
+    throttle's bounded pool.
     """
-    user = await get_user_by_name(session, username) if _USERNAME.match(username) else None
-    known_hash = user.password_hash if user else None
-    if not await asyncio.to_thread(verify_password, password, known_hash) or user is None:
+    row = None
+    if _USERNAME.match(username):
+        async with raw_connection(pool) as conn:
+            row = await conn.fetchrow(
+                "SELECT id, password_hash FROM users WHERE username = $1", username
+            )
+    known_hash = row[1] if row else None
+    if not await throttle.run(verify_password, password, known_hash) or row is None:
         raise Unauthorized("Incorrect username or password")
-    return user
+    return int(row[0])
 
 
 async def ensure_admin(session: AsyncSession, username: str, password: str) -> tuple[User, bool]:
@@ -60,7 +73,8 @@ async def ensure_admin(session: AsyncSession, username: str, password: str) -> t
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMIN_LOCK})
     user = await get_user_by_name(session, username)
     if user is None:
-        return await create_user(session, username, password, is_admin=True), True
+        password_hash = await asyncio.to_thread(hash_password, password)
+        return await create_user(session, username, password_hash, is_admin=True), True
     user.is_admin = True
     user.password_hash = await asyncio.to_thread(hash_password, password)
     await session.flush()
