@@ -49,8 +49,8 @@ class Channel(Base):
     max_age_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Every event of this channel with an id at or below this has been removed
-    # by retention; a resume position below it gets ``ssehub.truncated``.
-    pruned_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    # by retention; a stream that had not delivered them gets ``ssehub.truncated``.
+    pruned_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"), index=True)
 
 
 class ChannelMember(Base):
@@ -82,15 +82,8 @@ class Event(Base):
     __table_args__ = (
         # "events of these channels after id N", in id order: replay and history.
         Index("ix_events_channel_id_id", "channel_id", "id"),
-        # Retention by age and expiry of idempotency keys.
+        # Retention by age.
         Index("ix_events_published_at", "published_at"),
-        Index(
-            "uq_events_channel_idempotency_key",
-            "channel_id",
-            "idempotency_key",
-            unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -100,4 +93,21 @@ class Event(Base):
     published_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.clock_timestamp()
     )
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+
+class IdempotencyKey(Base):
+    """A used ``Idempotency-Key`` and a copy of the event it answers with.
+
+    Kept apart from the event so that it lives its 24 hours even when retention
+    deletes the event sooner (``app.events.retention``)."""
+
+    __tablename__ = "idempotency_keys"
+
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[str] = mapped_column(Text)
+    published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

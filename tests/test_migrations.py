@@ -16,7 +16,7 @@ from app.config import Settings
 from app.models import Base
 from tests.support import ROOT, TEST_SECRET, create_database, drop_database, sql, unique_name
 
-TABLES = {"users", "channels", "channel_members", "subscriptions", "events"}
+TABLES = {"users", "channels", "channel_members", "subscriptions", "events", "idempotency_keys"}
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None
     # Every index the models declare exists: the migration and the models agree.
     declared = {ix.name for table in Base.metadata.tables.values() for ix in table.indexes}
     assert declared <= indexes, declared - indexes
-    assert {"ix_events_channel_id_id", "uq_events_channel_idempotency_key"} <= indexes
+    assert {"ix_events_channel_id_id", "idempotency_keys_pkey"} <= indexes
     command.downgrade(alembic_config(empty_database), "base")
     # Only Alembic's own bookkeeping table is left, and it records no version.
     assert _tables(empty_database) == {"alembic_version"}

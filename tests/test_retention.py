@@ -85,19 +85,38 @@ def test_idempotency_keys_expire_after_24_hours(start_server, database_url: str)
     asyncio.run(
         sql(
             database_url,
-            "UPDATE events SET published_at = now() - interval '25 hours' WHERE id = $1",
-            first.json()["id"],
+            "UPDATE idempotency_keys SET published_at = now() - interval '25 hours'",
         )
     )
 
     def key_cleared() -> bool:
-        rows = asyncio.run(
-            sql(
-                database_url, "SELECT idempotency_key FROM events WHERE id = $1", first.json()["id"]
-            )
-        )
-        return rows[0][0] is None
+        return asyncio.run(sql(database_url, "SELECT 1 FROM idempotency_keys")) == []
 
     _eventually(key_cleared)
     again = api.http.post("/channels/news/events", json={"data": 2}, headers=keyed)
     assert again.status_code == 201 and again.json()["id"] != first.json()["id"]
+
+
+def test_retention_deleting_the_event_does_not_revive_its_key(
+    start_server, database_url: str
+) -> None:
+    """A key lasts 24 h even when retention removes its event sooner: a retry an
+    hour later must not publish a second time."""
+    api = _fast_retention(start_server)
+    admin = api.admin()
+    api.http.post("/channels", json={"name": "short", "max_events": 1}, headers=admin)
+    keyed = {**admin, "Idempotency-Key": "order-42"}
+    first = api.http.post("/channels/short/events", json={"data": {"n": 1}}, headers=keyed)
+    assert first.status_code == 201
+    later = api.http.post("/channels/short/events", json={"data": "pushes it out"}, headers=admin)
+
+    def pruned() -> bool:
+        history = api.http.get("/channels/short/events", headers=admin).json()["events"]
+        return [e["id"] for e in history] == [later.json()["id"]]
+
+    _eventually(pruned)
+    retry = api.http.post("/channels/short/events", json={"data": {"n": 1}}, headers=keyed)
+    assert retry.status_code == 200, retry.text
+    assert retry.json() == first.json()
+    history = api.http.get("/channels/short/events", headers=admin).json()["events"]
+    assert [e["id"] for e in history] == [later.json()["id"]]

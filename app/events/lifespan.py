@@ -1,4 +1,4 @@
-"""Start and stop the event log's background parts: the writer and retention."""
+"""Start and stop the event log's parts: the writer, the publish rights, retention."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.events import retention
 from app.events.publisher import Publisher
+from app.events.rights import PublishRights
 
 
 @asynccontextmanager
@@ -18,6 +19,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     publisher = Publisher(app.state.settings.database_url, app.state.metrics)
     publisher.start()
     app.state.publisher = publisher
+    app.state.publish_rights = PublishRights(app.state.pool)
     interval = app.state.settings.retention_interval_seconds
     sweeper = asyncio.create_task(retention.run(app.state.pool, interval), name="retention")
     try:

@@ -15,14 +15,36 @@ from typing import Any
 
 import orjson
 
-_SELECT = (
-    "SELECT e.id, e.channel_id, c.name, e.type, e.data, e.published_at "
-    "FROM events e JOIN channels c ON c.id = e.channel_id "
+# One page of the log past a position, bounded by a count and by bytes of
+# ``data`` (a page of 1,000 events of 64 KiB each would be 64 MiB held per slow
+# stream): the rows that start within ``$4`` bytes, so a page can pass the bound
+# by at most one event. In the same statement, hence the same snapshot, the
+# channels pruned past the position (``Gap``): what retention removed before
+# this read is known exactly, with no race between the two. And how many rows
+# the page had before the byte bound, so a cut page is never taken for the end.
+_PAGE = """
+WITH page AS (
+    SELECT e.id, e.channel_id, e.type, e.data, e.published_at,
+           sum(octet_length(e.data)) OVER (ORDER BY e.id) - octet_length(e.data) AS before
+    FROM events e WHERE {events} AND e.id > $2 ORDER BY e.id LIMIT $3
 )
-_AFTER_IN_CHANNELS = (
-    _SELECT + "WHERE e.channel_id = ANY($1::bigint[]) AND e.id > $2 ORDER BY e.id LIMIT $3"
+SELECT 1 AS kind, p.id, p.channel_id, c.name, p.type, p.data, p.published_at, NULL::bigint
+FROM page p JOIN channels c ON c.id = p.channel_id WHERE p.before < $4
+UNION ALL
+SELECT 0, c.pruned_through, c.id, c.name, NULL, NULL, NULL,
+       (SELECT min(e.id) FROM events e WHERE e.channel_id = c.id)
+FROM channels c WHERE c.pruned_through > $2 AND {channels}
+UNION ALL
+SELECT 2, count(*), NULL, NULL, NULL, NULL, NULL, NULL FROM page
+ORDER BY 1, 2
+"""
+_PAGE_IN_CHANNELS = _PAGE.format(
+    events="e.channel_id = ANY($1::bigint[])", channels="c.id = ANY($1::bigint[])"
 )
-_AFTER = _SELECT + "WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+# The broker's tail: every channel ($1 is unused, but keeps the parameters alike).
+_PAGE_ALL = _PAGE.format(events="$1::bigint[] IS NULL", channels="$1::bigint[] IS NULL")
+PAGE_EVENTS = 1000
+PAGE_BYTES = 1024 * 1024
 
 
 def format_timestamp(at: datetime) -> str:
@@ -77,29 +99,53 @@ class StoredEvent:
         )
 
 
-def _event(row: Any) -> StoredEvent:
-    return StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5])
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Retention removed every event of a channel at or below ``pruned_through``,
+    some of them after the position the page was read from: whoever had not
+    delivered them must say so (``ssehub.truncated``) before going on."""
+
+    channel_id: int
+    channel: str
+    pruned_through: int
+    oldest_id: int | None  # the oldest event the channel still has
 
 
-async def read_after(
-    conn: Any, channel_ids: Sequence[int], after_id: int, limit: int
-) -> list[StoredEvent]:
-    """Events of ``channel_ids`` with an id above ``after_id``, ascending, at most ``limit``.
-
-    History pages and stream replay both read through here.
-    """
-    rows = await conn.fetch(_AFTER_IN_CHANNELS, list(channel_ids), after_id, limit)
-    return [_event(r) for r in rows]
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[StoredEvent]
+    gaps: list[Gap]
+    more: bool  # cut by the count or the bytes: read on from the last event's id
 
 
-async def tail(conn: Any, after_id: int, limit: int) -> list[StoredEvent]:
-    """Every channel's events above ``after_id``: what the broker fans out live.
+async def read_page(
+    conn: Any,
+    channel_ids: Sequence[int] | None,
+    after_id: int,
+    limit: int = PAGE_EVENTS,
+    max_bytes: int = PAGE_BYTES,
+) -> Page:
+    """Events of ``channel_ids`` (``None``: of every channel) above ``after_id``,
+    ascending, at most ``limit`` of them and about ``max_bytes`` of data, with the
+    channels pruned past ``after_id``. History pages, stream replays and the
+    broker's tail all read through here.
 
     Complete because ids become visible in increasing order (see
     ``app.events.publisher``): nothing can later appear below an id once read.
     """
-    rows = await conn.fetch(_AFTER, after_id, limit)
-    return [_event(r) for r in rows]
+    query = _PAGE_ALL if channel_ids is None else _PAGE_IN_CHANNELS
+    ids = None if channel_ids is None else list(channel_ids)
+    rows = await conn.fetch(query, ids, after_id, limit, max_bytes)
+    events, gaps, read = [], [], 0
+    for row in rows:
+        kind = row[0]
+        if kind == 1:
+            events.append(StoredEvent(row[1], row[2], row[3], row[4], row[5], row[6]))
+        elif kind == 0:
+            gaps.append(Gap(row[2], row[3], row[1], row[7]))
+        else:
+            read = row[1]
+    return Page(events, gaps, read >= limit or read > len(events))
 
 
 async def last_event_id(conn: Any) -> int:
@@ -108,18 +154,12 @@ async def last_event_id(conn: Any) -> int:
     return int(value)
 
 
-async def retention_state(
-    conn: Any, channel_ids: Sequence[int]
-) -> dict[int, tuple[int, int | None]]:
-    """Per channel: ``pruned_through`` and the oldest retained id (or None).
+async def last_issued_id(conn: Any) -> int:
+    """The highest id the database has ever drawn (committed or not), or 0.
 
-    A resume position below ``pruned_through`` is older than the channel's
-    retained history: the stream says so with ``ssehub.truncated``.
-    """
-    rows = await conn.fetch(
-        "SELECT c.id, c.pruned_through, "
-        "(SELECT min(e.id) FROM events e WHERE e.channel_id = c.id) "
-        "FROM channels c WHERE c.id = ANY($1::bigint[])",
-        list(channel_ids),
+    A resume position above it cannot come from this database (a restore, or
+    another deployment): every future id may be below it (``ssehub.reset``)."""
+    value = await conn.fetchval(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0)"
     )
-    return {r[0]: (int(r[1]), r[2]) for r in rows}
+    return int(value)

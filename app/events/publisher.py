@@ -26,17 +26,33 @@ the lock.
 Within a transaction the ids are drawn first, sorted, and handed to the rows
 in request order, so a batch's ids increase in the order given.
 
-**Failures.** An error the database reports means the transaction rolled
-back: the requests are retried one by one so that only the bad one fails. A
-lost connection is different: the commit may or may not have happened, so
-nothing is retried; every request in flight answers 503 and the client's
-retry with its ``Idempotency-Key`` settles it.
+**Rights before the lock.** The function checks every row's caller and
+channel before it takes the lock, and takes none when no row passes; and a
+request only reaches this writer after ``app.events.rights`` let it through.
+So a caller who may not publish never makes anybody's publish wait.
+
+**Failures, and why nothing is published twice.** The one statement is the
+whole transaction: it either commits as it returns, or the server reports an
+error for it and it rolled back. Only an error that says so (a constraint, bad
+data, a query cancelled) is treated as a rollback: the requests are then
+retried one by one so that only the bad one fails. Everything else leaves the
+outcome unknown: a lost connection, a server shutting down (57P01 may arrive
+after the commit), a timeout, a cancelled writer. Then nothing is retried;
+every request in flight answers 503, and the client's retry with its
+``Idempotency-Key`` settles it. No query runs after the commit (a duplicate's
+first event comes back from the same statement), so no later failure can be
+mistaken for a rollback.
+
+**Bounded.** At most ``MAX_PENDING_EVENTS`` events or ``MAX_PENDING_BYTES``
+wait for the writer; past that a publish is answered 503 at once, so a burst
+never turns into unbounded memory or unbounded latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +60,7 @@ from typing import Any
 import asyncpg
 
 from app.channels.service import lookup_name
-from app.db import asyncpg_dsn
+from app.db import ACQUIRE_TIMEOUT_SECONDS, asyncpg_dsn
 from app.errors import Forbidden, NotFound, SsehubError, Unauthorized, Unavailable
 from app.events.log import StoredEvent
 from app.metrics import Metrics
@@ -52,22 +68,24 @@ from app.metrics import Metrics
 log = logging.getLogger("ssehub")
 
 PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish_as()
+MAX_PENDING_EVENTS = 20_000
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+# Every statement of the writer; past it the outcome is unknown (503).
+WRITE_TIMEOUT_SECONDS = 10.0
 # Small enough that the database writes one transaction while the server parses
 # and answers the requests around it: with 5,000, four clients sending batches
 # of 1,000 waited for each other, 43k events/s; with 1,000, 53k.
 MAX_EVENTS_PER_TRANSACTION = 1000
 WRITER_NAME = "ssehub-writer"
 
-# The function (migrations/versions/0003) takes the lock, checks each row's caller
-# and channel, draws the ids in request order, inserts and notifies: one round
+# The function (migrations/versions/0004) checks each row's caller and channel,
+# takes the lock, draws the ids in request order, inserts and notifies: one round
 # trip, committed when the statement ends. One status per row, in row order.
 _PUBLISH = (
     "SELECT * FROM ssehub_publish_as($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])"
 )
-_EXISTING = (
-    "SELECT e.id, e.type, e.data, e.published_at FROM events e "
-    "WHERE e.channel_id = $1 AND e.idempotency_key = $2"
-)
+# Errors after which the transaction may have committed (see "Failures").
+_OUTCOME_UNKNOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57014"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +100,7 @@ class _Request:
     channel: str
     items: list[NewEvent]
     idempotency_key: str | None
+    size: int
     done: asyncio.Future[tuple[list[StoredEvent], bool]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -98,6 +117,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._pending_events = 0
+        self._pending_bytes = 0
+        self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
 
     async def publish(
         self, user_id: int, channel: str, items: list[NewEvent], idempotency_key: str | None
@@ -111,10 +133,23 @@ class Publisher:
         """
         if self._closed:
             raise Unavailable("The server is shutting down")
-        request = _Request(user_id, channel, items, idempotency_key)
+        size = sum(len(item.data) for item in items)
+        if (
+            self._pending_events + len(items) > MAX_PENDING_EVENTS
+            or self._pending_bytes + size > MAX_PENDING_BYTES
+        ):
+            raise Unavailable("Too many publishes are waiting; retry shortly")
+        request = _Request(user_id, channel, items, idempotency_key, size)
         self._pending.append(request)
+        self._pending_events += len(items)
+        self._pending_bytes += size
         self._wake.set()
         return await request.done
+
+    def stuck_for(self, now: float) -> float:
+        """How long the transaction in flight has been running (0 if none):
+        readiness fails when the writer is stuck."""
+        return now - self.busy_since if self.busy_since else 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ssehub-publisher")
@@ -145,23 +180,29 @@ class Publisher:
             request = self._pending.popleft()
             taken.append(request)
             count += len(request.items)
+        self._pending_events -= count
+        self._pending_bytes -= sum(request.size for request in taken)
         return taken
 
     async def _connection(self) -> asyncpg.Connection:
         """The writer's own connection, opened again once it is lost."""
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
-                self._dsn, server_settings={"application_name": WRITER_NAME}, timeout=5
+                self._dsn,
+                server_settings={"application_name": WRITER_NAME},
+                timeout=ACQUIRE_TIMEOUT_SECONDS,
+                command_timeout=WRITE_TIMEOUT_SECONDS,
             )
         return self._conn
 
     async def _write(self, requests: list[_Request]) -> None:
-        """One transaction for all. If the database refuses it, it rolled back:
+        """One transaction for all. If the database refused it, it rolled back:
         each request alone then, so one bad request fails only itself. If the
-        connection is lost, the outcome is unknown: 503 for all, no retry."""
+        outcome is unknown: 503 for all, no retry (see "Failures")."""
+        self.busy_since = time.monotonic()
         try:
             results = await self._transaction(requests)
-        except Exception as exc:
+        except BaseException as exc:
             if _rolled_back(exc) and len(requests) > 1:
                 for request in requests:
                     await self._write([request])
@@ -169,18 +210,24 @@ class Publisher:
             error = self._error(requests[0], exc)
             for request in requests:
                 _settle(request, error)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the requests are answered, the task ends
             return
+        finally:
+            self.busy_since = 0.0
         for request, result in zip(requests, results, strict=True):
             _settle(request, result)
 
-    def _error(self, request: _Request, exc: Exception) -> Exception:
+    def _error(self, request: _Request, exc: BaseException) -> Exception:
         """What a failed transaction answers: 404 for a channel deleted under it,
         503 when the outcome is unknown, else the error itself (a 500, logged)."""
         if isinstance(exc, asyncpg.ForeignKeyViolationError):
             return NotFound(f"Channel {request.channel!r} not found")
-        log.error("publish failed", exc_info=exc)
         if _rolled_back(exc):
+            log.error("publish failed", exc_info=exc)
+            assert isinstance(exc, Exception)
             return exc
+        log.warning("publish outcome unknown (%s: %s); answering 503", type(exc).__name__, exc)
         self._drop_connection()
         return Unavailable("The database did not confirm the publish; retry it")
 
@@ -201,59 +248,64 @@ class Publisher:
             [item.type for _, item in rows],
             [item.data for _, item in rows],
             [r.idempotency_key for r, _ in rows],
+            timeout=WRITE_TIMEOUT_SECONDS,
         )
         results = []
         at = 0
         for request in requests:
             mine = statuses[at : at + len(request.items)]
             at += len(request.items)
-            results.append(await self._result(conn, request, mine))
+            results.append(_result(request, mine))
         self._metrics.events_published.inc(sum(1 for s in statuses if s["status"] == "created"))
         return results
 
-    async def _result(
-        self, conn: Any, request: _Request, rows: list[Any]
-    ) -> tuple[list[StoredEvent], bool] | SsehubError:
-        """What one request gets from its rows: its events, the event stored
-        earlier under its idempotency key, or the error its status names."""
-        status = rows[0]["status"]
-        if status == "created":
-            events = [
-                StoredEvent(
-                    row["event_id"],
-                    row["event_channel_id"],
-                    request.channel,
-                    item.type,
-                    item.data,
-                    row["event_published_at"],
-                )
-                for row, item in zip(rows, request.items, strict=True)
-            ]
-            return events, True
-        if status == "duplicate":
-            channel_id = rows[0]["event_channel_id"]
-            existing = await conn.fetchrow(_EXISTING, channel_id, request.idempotency_key)
-            event = StoredEvent(
-                existing["id"],
-                channel_id,
+
+def _result(request: _Request, rows: list[Any]) -> tuple[list[StoredEvent], bool] | SsehubError:
+    """What one request gets from its rows: its events, the event stored
+    earlier under its idempotency key, or the error its status names."""
+    status = rows[0]["status"]
+    if status == "created":
+        events = [
+            StoredEvent(
+                row["event_id"],
+                row["event_channel_id"],
                 request.channel,
-                existing["type"],
-                existing["data"],
-                existing["published_at"],
+                item.type,
+                item.data,
+                row["event_published_at"],
             )
-            return [event], False
-        if status == "unauthorized":
-            return Unauthorized("User no longer exists")
-        if status == "forbidden":
-            return Forbidden("Admin only")
-        return NotFound(f"Channel {request.channel!r} not found")
+            for row, item in zip(rows, request.items, strict=True)
+        ]
+        return events, True
+    if status == "duplicate":
+        row = rows[0]
+        event = StoredEvent(
+            row["event_id"],
+            row["event_channel_id"],
+            request.channel,
+            row["event_type"],
+            row["event_data"],
+            row["event_published_at"],
+        )
+        return [event], False
+    if status == "unauthorized":
+        return Unauthorized("User no longer exists")
+    if status == "forbidden":
+        return Forbidden("Admin only")
+    return NotFound(f"Channel {request.channel!r} not found")
 
 
 def _rolled_back(exc: BaseException) -> bool:
-    """An error the server reported for the statement: its transaction did not commit."""
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+    """An error the server reported for the statement that certainly means it did
+    not commit: not a connection failure (class 08), not the server going away or
+    a cancel that may have come after the commit, not a timeout or a lost socket
+    (which are not ``PostgresError`` at all)."""
+    if not isinstance(exc, asyncpg.PostgresError) or isinstance(
         exc, asyncpg.PostgresConnectionError
-    )
+    ):
+        return False
+    state = getattr(exc, "sqlstate", "") or ""
+    return not (state.startswith("08") or state in _OUTCOME_UNKNOWN_STATES)
 
 
 def _settle(request: _Request, outcome: tuple[list[StoredEvent], bool] | BaseException) -> None:

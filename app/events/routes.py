@@ -1,5 +1,11 @@
 """Publishing (single and batch) and history of a channel.
 
+A publish checks, in this order and before anything costly: the token, the
+``Idempotency-Key``, the caller's right to publish to the channel
+(``app.events.rights``), and only then reads and parses the body and hands it
+to the ordered writer. So a caller who may not publish never gets its body
+parsed and never delays the writer.
+
 Responses are built from ``StoredEvent.to_json()`` so ``data`` goes out as
 stored, byte for byte, without a decode/encode round trip.
 """
@@ -9,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
@@ -17,17 +23,23 @@ from app.auth.deps import AccessClaims, CurrentUser, SettingsDep
 from app.channels.service import get_readable_channel
 from app.db import SessionDep, raw_connection
 from app.errors import BadRequest, Invalid, PayloadTooLarge
-from app.events.log import StoredEvent, read_after
+from app.events.log import StoredEvent, read_page
 from app.events.publisher import NewEvent, Publisher
-from app.events.schemas import MAX_BATCH, BatchIn, EventIn
+from app.events.rights import PublishRights
+from app.events.schemas import BatchIn, EventIn
+from app.text import Text, storable
 
 router = APIRouter(tags=["events"])
+BODY_SLACK_BYTES = 16 * 1024  # a single publish's body: the data's limit plus this
 JSON = "application/json"
 M = TypeVar("M", bound=BaseModel)
 MAX_IDEMPOTENCY_KEY = 200
 # Checked in ``publish`` itself, which ``app.hotpaths`` calls without FastAPI; the
 # schema still shows the limit.
-IdempotencyKey = Annotated[str | None, Header(json_schema_extra={"maxLength": MAX_IDEMPOTENCY_KEY})]
+IdempotencyKey = Annotated[
+    str | None, Header(json_schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY})
+]
+ChannelName = Annotated[Text, Path()]
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -71,14 +83,29 @@ def _new_event(event: EventIn, max_bytes: int) -> NewEvent:
     return NewEvent(event.type, data.decode())
 
 
-def _body_limit(max_event_bytes: int, events: int) -> int:
-    """Room for ``events`` events at the size limit, with whitespace and envelope."""
-    return events * (2 * max_event_bytes + 1024) + 65536
-
-
 def _publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher
+
+
+async def _may_publish(request: Request, caller: AccessClaims, name: str) -> None:
+    """Rights before work: 401/403/404 before the body is read (``app.events.rights``)."""
+    rights: PublishRights = request.app.state.publish_rights
+    await rights.check(caller.user_id, name)
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    """The header's key: 400 if empty or not storable text, 422 if too long."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise BadRequest("Idempotency-Key must not be empty")
+    if len(value) > MAX_IDEMPOTENCY_KEY:
+        raise Invalid(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+    try:
+        return storable(value)
+    except ValueError as exc:
+        raise BadRequest(f"Idempotency-Key {exc}") from exc
 
 
 @router.post(
@@ -96,13 +123,12 @@ async def publish(
 ) -> Response:
     """Publish one event (admin). Retrying with the same Idempotency-Key within 24 h
     answers 200 with the first event."""
-    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        raise Invalid(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-    body = _validate(EventIn, await _read_json(request, _body_limit(settings.max_event_bytes, 1)))
+    key = _idempotency_key(idempotency_key)
+    await _may_publish(request, caller, name)
+    limit = settings.max_event_bytes + BODY_SLACK_BYTES
+    body = _validate(EventIn, await _read_json(request, limit))
     item = _new_event(body, settings.max_event_bytes)
-    events, created = await _publisher(request).publish(
-        caller.user_id, name, [item], idempotency_key
-    )
+    events, created = await _publisher(request).publish(caller.user_id, name, [item], key)
     return Response(events[0].to_json(), status_code=201 if created else 200, media_type=JSON)
 
 
@@ -111,8 +137,8 @@ async def publish_batch(
     name: str, request: Request, settings: SettingsDep, caller: AccessClaims
 ) -> Response:
     """Publish 1 to 1000 events at once (admin): all or nothing, ids in the order given."""
-    limit = _body_limit(settings.max_event_bytes, MAX_BATCH)
-    body = _validate(BatchIn, await _read_json(request, limit))
+    await _may_publish(request, caller, name)
+    body = _validate(BatchIn, await _read_json(request, settings.max_batch_bytes))
     items = [_new_event(e, settings.max_event_bytes) for e in body.events]
     events, _created = await _publisher(request).publish(caller.user_id, name, items, None)
     return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
@@ -120,7 +146,7 @@ async def publish_batch(
 
 @router.get("/channels/{name}/events")
 async def history(
-    name: str,
+    name: ChannelName,
     request: Request,
     session: SessionDep,
     user: CurrentUser,
@@ -128,14 +154,14 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Retained events after ``after``, ascending; ``next_after`` is the cursor
-    for the next page, or null when there is nothing more."""
+    for the next page, or null when there is nothing more. A page holds at most
+    ``limit`` events and about 1 MiB of data: follow ``next_after``."""
     channel = await get_readable_channel(session, user.id, user.is_admin, name)
     await session.commit()
     async with raw_connection(request.app.state.pool) as conn:
-        events = await read_after(conn, [channel.id], after, limit + 1)
-    more = len(events) > limit
-    events = events[:limit]
-    next_after = str(events[-1].id).encode() if more else b"null"
+        page = await read_page(conn, [channel.id], after, limit)
+    events = page.events
+    next_after = str(events[-1].id).encode() if page.more and events else b"null"
     return Response(
         b'{"events":' + _json_list(events) + b',"next_after":' + next_after + b"}",
         media_type=JSON,

@@ -1,0 +1,89 @@
+"""Who may publish where, answered before a publish's body is read.
+
+A publish body may be megabytes, and the ordered writer is shared by every
+instance: a caller who may not publish must be refused before either is
+touched (the contract's "rights before work"). ``PublishRights.check`` answers
+from what this process already knows, asking the database only for what it
+does not: one indexed query on the hot paths' pool, never the writer.
+
+What is remembered, and why it stays true:
+- whether a user is an admin, per user id: forgotten on a ``user_changed``
+  control message (a promotion, a demotion, a deletion), sent in the
+  transaction that makes the change;
+- a channel's id by name, for channels that exist: forgotten on
+  ``channel_deleted``.
+Everything is forgotten when the broker's listener reconnects, because
+control messages sent while it was away are lost (``ControlHandler.resync``).
+A refusal for a channel that does not exist is never remembered: the channel
+may be created the next moment, on another instance.
+
+A stale "may publish" can only let a request reach the writer, whose database
+function checks the caller and the channel again in the writing transaction;
+this module is the fast refusal, not the only check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.channels.service import lookup_name
+from app.db import raw_connection
+from app.errors import Forbidden, NotFound, Unauthorized
+
+CACHE_SIZE = 10_000  # entries per map; cleared whole when full (simple, and bounded)
+
+_CALLER = "SELECT is_admin FROM users WHERE id = $1"
+_CHANNEL = """
+SELECT c.id, NOT c.private OR EXISTS (
+    SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = $2)
+FROM channels c WHERE c.name = $1"""
+
+
+class PublishRights:
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._admins: dict[int, bool] = {}
+        self._channels: dict[str, int] = {}
+
+    async def check(self, user_id: int, channel: str) -> None:
+        """Return if ``user_id`` may publish to ``channel``; else raise what the
+        caller gets: 401 (no such user), 404 (no channel it can see), 403."""
+        is_admin = self._admins.get(user_id)
+        if is_admin is None:
+            is_admin = await self._is_admin(user_id)
+        if is_admin and channel in self._channels:
+            return
+        async with raw_connection(self._pool) as conn:
+            row = await conn.fetchrow(_CHANNEL, lookup_name(channel), user_id)
+        if row is None or not (is_admin or row[1]):
+            raise NotFound(f"Channel {channel!r} not found")
+        if not is_admin:
+            raise Forbidden("Admin only")
+        _remember(self._channels, channel, row[0])
+
+    async def _is_admin(self, user_id: int) -> bool:
+        async with raw_connection(self._pool) as conn:
+            is_admin = await conn.fetchval(_CALLER, user_id)
+        if is_admin is None:
+            raise Unauthorized("User no longer exists")
+        _remember(self._admins, user_id, bool(is_admin))
+        return bool(is_admin)
+
+    # -- kept true by the control messages (``app.realtime.broker``) -------------
+
+    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "user_changed":
+            self._admins.pop(int(message["user_id"]), None)
+        elif op == "channel_deleted":
+            self._channels.pop(str(message["channel"]), None)
+
+    async def resync(self, _conn: Any) -> None:
+        self._admins.clear()
+        self._channels.clear()
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
