@@ -16,12 +16,20 @@ delivered exactly when (and only if) the change commits:
                        (a member removed, or a channel made private)
 ``subscribed``         ``user_id``, ``channel_id``, ``channel``: ``/stream`` adds it
 ``unsubscribed``       ``user_id``, ``channel_id``, ``channel``: ``/stream`` drops it
+``user_changed``       ``user_id``: promoted, demoted or deleted; cached rights
+                       are forgotten, open streams re-checked
 =====================  =====================================================
+
+Every instance applies each message through its ``ControlHandler``s (the open
+streams, ``app.realtime.control``; the publish rights, ``app.events.rights``).
+A message sent while an instance's listener was disconnected is lost to it, so
+after every reconnect each handler ``resync``s: it re-reads from the database
+what the messages would have told it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from sqlalchemy import text
@@ -30,7 +38,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 EVENTS_CHANNEL = "ssehub_events"
 CONTROL_CHANNEL = "ssehub_control"
 
-ControlOp = Literal["channel_deleted", "access_changed", "subscribed", "unsubscribed"]
+ControlOp = Literal[
+    "channel_deleted", "access_changed", "subscribed", "unsubscribed", "user_changed"
+]
+
+
+class ControlHandler(Protocol):
+    """Something an instance keeps that control messages change."""
+
+    async def apply(self, conn: Any, message: dict[str, Any]) -> None:
+        """Apply one message; ``conn`` is the broker's connection, for what it must read."""
+
+    async def resync(self, conn: Any) -> None:
+        """Messages may have been lost: rebuild from the database."""
 
 
 async def notify_control(session: AsyncSession, op: ControlOp, **fields: Any) -> None:

@@ -81,6 +81,57 @@ async def stream_access(conn: Any, user_id: int, name: str | None) -> StreamAcce
     return StreamAccess(rows[0][0], channels)
 
 
+# What open streams may carry now, for many users at once (a control message or
+# a reconnected listener re-checks every affected stream): per user that still
+# exists, the channels it can read among those its streams carry ($1, $2 as
+# pairs) and those it is subscribed to (users $3), each with whether it is
+# subscribed. A user with no such channel still has one row (c.id NULL).
+_STREAMS_ACCESS = """
+WITH wanted AS (
+    SELECT p.uid, p.cid FROM unnest($1::bigint[], $2::bigint[]) AS p(uid, cid)
+    UNION
+    SELECT s.user_id, s.channel_id FROM subscriptions s WHERE s.user_id = ANY($3::bigint[])
+)
+SELECT u.id, u.is_admin, c.id, c.name,
+       EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = u.id AND s.channel_id = c.id)
+FROM users u
+LEFT JOIN wanted w ON w.uid = u.id
+LEFT JOIN channels c ON c.id = w.cid
+    AND (u.is_admin OR NOT c.private OR EXISTS (
+        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
+WHERE u.id = ANY($4::bigint[])"""
+
+
+@dataclass(slots=True)
+class UserAccess:
+    is_admin: bool
+    readable: dict[int, tuple[str, bool]]  # channel id -> (name, subscribed)
+
+
+async def streams_access(
+    conn: Any, carried: list[tuple[int, int]], subscribers: set[int]
+) -> dict[int, UserAccess]:
+    """Per user still existing: what its streams may carry now (``_STREAMS_ACCESS``).
+
+    ``carried``: (user id, channel id) pairs the streams carry; ``subscribers``:
+    users whose ``/stream`` follows their subscriptions. A user missing from the
+    result no longer exists."""
+    users = {uid for uid, _ in carried} | subscribers
+    rows = await conn.fetch(
+        _STREAMS_ACCESS,
+        [uid for uid, _ in carried],
+        [cid for _, cid in carried],
+        list(subscribers),
+        list(users),
+    )
+    access: dict[int, UserAccess] = {}
+    for user_id, is_admin, channel_id, name, subscribed in rows:
+        entry = access.setdefault(user_id, UserAccess(is_admin, {}))
+        if channel_id is not None:
+            entry.readable[channel_id] = (name, subscribed)
+    return access
+
+
 async def get_channel(session: AsyncSession, name: str) -> Channel:
     """Any channel by name (admin paths); 404 if missing."""
     channel = (

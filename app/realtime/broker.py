@@ -1,15 +1,35 @@
-"""The broker: one LISTEN connection per instance, and the tail of the event log.
+"""The broker: one connection per instance, to LISTEN and to read the log's tail.
 
-``ssehub_events`` notifications are only wake-ups. On each, one reader reads
-the log past the broker's position (``app.events.log.tail``) and hands the
+``ssehub_events`` notifications are only wake-ups. On each, the broker reads
+the log past its position (``app.events.log.read_page``) and hands the
 events to the hub, in id order; notifications that arrive meanwhile are
 coalesced into the next read. Because ids become visible in increasing order
 (``app.events.publisher``), "past my position" never misses an event, so when
-the LISTEN connection is lost the broker simply reconnects and reads the tail
-again: whatever was published while it was away is delivered, in order. A
-slow periodic read is a safety net for a notification lost any other way.
+the connection is lost the broker simply reconnects and reads the tail again:
+whatever was published while it was away is delivered, in order. A read every
+``HEALTH_CHECK_SECONDS`` also checks the connection, and catches a
+notification lost any other way.
 
-``ssehub_control`` messages (``app.notify``) change what open streams carry.
+**Gaps.** Retention may remove events before the broker reads them (a burst
+on a channel keeping few events). Each page says which channels were pruned
+past the broker's position, from the same snapshot as its events, and the
+hub makes the streams that may have missed something catch up from the log,
+where the replay sends ``ssehub.truncated`` (``Hub.mark_gap``).
+
+**Control messages** (``ssehub_control``, ``app.notify``) are applied through
+the instance's ``ControlHandler``s before each page of the tail, so a
+revocation waits for at most one page, not for a whole backlog. A message is
+removed from the queue only once every handler has applied it; if applying
+fails on the database, the connection is dropped, and whatever was queued
+is covered by what follows every (re)connection: each handler ``resync``s from
+the database, because messages sent while the listener was away are lost.
+
+**Everything is bounded in time**: the connection opens within 5 s, every
+query has a timeout, and ``alive_at`` records the loop's last turn, so
+``/readyz`` fails when the loop is stuck as well as when it is disconnected.
+
+The tail and the control reads run on this connection, not the pool's: live
+delivery never waits behind a reconnect storm's queries.
 """
 
 from __future__ import annotations
@@ -17,83 +37,93 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 
-from app.db import asyncpg_dsn, raw_connection
-from app.events.log import last_event_id, tail
-from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL
+from app.db import ACQUIRE_TIMEOUT_SECONDS, QUERY_TIMEOUT_SECONDS, asyncpg_dsn, raw_connection
+from app.events.log import last_event_id, read_page
+from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, ControlHandler
 from app.realtime.hub import Hub
 
 log = logging.getLogger("ssehub")
 
-TAIL_PAGE = 1000
 HEALTH_CHECK_SECONDS = 2.0
-SAFETY_READ_SECONDS = 5.0
 LISTENER_NAME = "ssehub-listener"
 
 
 class Broker:
-    def __init__(self, database_url: str, pool: Any, hub: Hub) -> None:
+    def __init__(self, database_url: str, hub: Hub, handlers: Sequence[ControlHandler]) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._pool = pool
         self._hub = hub
+        self._handlers = list(handlers)
         self._dirty = asyncio.Event()
         self._lost = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._control: list[dict[str, Any]] = []
+        self._control: deque[dict[str, Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
         self.listening = False
         self.position = 0
+        self.alive_at = time.monotonic()
 
-    async def start(self) -> None:
-        async with raw_connection(self._pool) as conn:
+    async def start(self, pool: Any) -> None:
+        async with raw_connection(pool) as conn:
             self.position = await last_event_id(conn)
         self._hub.position = self.position
-        self._tasks = [
-            asyncio.create_task(self._listen_forever(), name="broker-listen"),
-            asyncio.create_task(self._read_forever(), name="broker-read"),
-        ]
+        self.alive_at = time.monotonic()
+        self._task = asyncio.create_task(self._run_forever(), name="broker")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._task
 
-    # -- the LISTEN connection ------------------------------------------------
+    def stuck_for(self, now: float) -> float:
+        """How long since the loop last turned: it turns at least every
+        ``HEALTH_CHECK_SECONDS`` (and every page) while connected."""
+        return now - self.alive_at
 
-    async def _listen_forever(self) -> None:
+    async def _run_forever(self) -> None:
         backoff = 0.1
         while True:
             try:
-                await self._listen_once()
+                await self._session()
                 backoff = 0.1
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("broker: listener connection failed (%s); retrying", exc)
+            except Exception as exc:  # anything: live delivery must go on
+                log.warning("broker: connection failed (%s: %s); retrying", type(exc).__name__, exc)
             self.listening = False
+            self.alive_at = time.monotonic()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def _listen_once(self) -> None:
+    async def _session(self) -> None:
+        """One connection's life: listen, resync, then follow the tail until it is lost."""
         conn = await asyncpg.connect(
-            self._dsn, server_settings={"application_name": LISTENER_NAME}, timeout=5
+            self._dsn,
+            server_settings={"application_name": LISTENER_NAME},
+            timeout=ACQUIRE_TIMEOUT_SECONDS,
+            command_timeout=QUERY_TIMEOUT_SECONDS,
         )
         self._lost.clear()
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
+            self._control.clear()  # what they said, the resync below reads afresh
             await conn.add_listener(EVENTS_CHANNEL, self._on_events)
             await conn.add_listener(CONTROL_CHANNEL, self._on_control)
+            for handler in self._handlers:
+                await handler.resync(conn)
             self.listening = True
             log.info("broker: listening")
-            self._dirty.set()  # read whatever was published while we were away
             while not self._lost.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), HEALTH_CHECK_SECONDS)
-                if not self._lost.is_set():
-                    await conn.fetchval("SELECT 1", timeout=HEALTH_CHECK_SECONDS)
+                self.alive_at = time.monotonic()
+                await self._catch_up(conn)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), HEALTH_CHECK_SECONDS)
+                self._dirty.clear()
         finally:
             self.listening = False
             with contextlib.suppress(Exception):
@@ -105,78 +135,51 @@ class Broker:
         self._dirty.set()
 
     def _on_control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        # Control messages may need the database (access checks): handle them in
-        # order, after the events committed before them have been read.
-        self._control.append(orjson.loads(payload))
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.error("broker: ignoring a control message that is not JSON: %r", payload[:200])
+            return
+        self._control.append(message)
         self._dirty.set()
 
-    # -- reading the tail -----------------------------------------------------
-
-    async def _read_forever(self) -> None:
+    async def _catch_up(self, conn: Any) -> None:
+        """Apply pending control messages, then read the tail page by page (control
+        messages again before each page) until it is read to the end."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), SAFETY_READ_SECONDS)
-            self._dirty.clear()
-            try:
-                await self._read_tail()
-                await self._apply_control()
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("broker: reading the event log failed (%s); retrying", exc)
-                await asyncio.sleep(0.2)
-                self._dirty.set()
-
-    async def _read_tail(self) -> None:
-        async with raw_connection(self._pool) as conn:
-            if not self._hub.carries_any():
-                # No stream to fan out to: just move past what is committed (new
-                # streams start at ``hub.position``) instead of reading every row.
-                self.position = max(self.position, await last_event_id(conn))
-                self._hub.position = max(self._hub.position, self.position)
+            await self._apply_control(conn)
+            self.alive_at = time.monotonic()
+            if not self._hub.carries_any() and await self._skip_ahead(conn):
                 return
-            while True:
-                events = await tail(conn, self.position, TAIL_PAGE)
-                if not events:
-                    return
-                self._hub.fan_out(events)
-                self.position = events[-1].id
-                if len(events) < TAIL_PAGE:
-                    return
+            page = await read_page(conn, None, self.position)
+            for gap in page.gaps:
+                self._hub.mark_gap(gap)
+            if page.events:
+                self._hub.fan_out(page.events)
+                self.position = page.events[-1].id
+            if not page.more:
+                return
 
-    async def _apply_control(self) -> None:
+    async def _skip_ahead(self, conn: Any) -> bool:
+        """With no stream to fan out to, move past what is committed instead of
+        reading every row (new streams start at ``hub.position``). False if a
+        stream appeared meanwhile: then the tail is read as usual."""
+        top = await last_event_id(conn)
+        if self._hub.carries_any():
+            return False
+        self.position = max(self.position, top)
+        self._hub.position = max(self._hub.position, self.position)
+        return True
+
+    async def _apply_control(self, conn: Any) -> None:
+        """Each queued message through every handler, in order; removed only once
+        applied. A database error propagates (the session ends and resyncs); a
+        malformed message (only our own transactions send them) is dropped."""
         while self._control:
-            message = self._control.pop(0)
+            message = self._control[0]
             try:
-                await self._apply(message)
+                for handler in self._handlers:
+                    await handler.apply(conn, message)
             except (KeyError, TypeError, ValueError) as exc:
-                # Only our own transactions send these; a bad one must not stop live delivery.
                 log.error("broker: ignoring malformed control message %r (%s)", message, exc)
-
-    async def _apply(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        channel_id = int(message["channel_id"])
-        name = str(message["channel"])
-        if op == "channel_deleted":
-            self._hub.revoke(self._hub.subscribers_of(channel_id), channel_id, name)
-        elif op == "access_changed":
-            await self._recheck_access(channel_id, name)
-        elif op == "subscribed":
-            self._hub.add_channel(int(message["user_id"]), channel_id, name)
-        elif op == "unsubscribed":
-            self._hub.drop_channel(int(message["user_id"]), channel_id)
-
-    async def _recheck_access(self, channel_id: int, name: str) -> None:
-        """Stop carrying the channel on streams whose user may no longer read it."""
-        subscribers = [s for s in self._hub.subscribers_of(channel_id) if not s.is_admin]
-        if not subscribers:
-            return
-        async with raw_connection(self._pool) as conn:
-            private = await conn.fetchval("SELECT private FROM channels WHERE id = $1", channel_id)
-            members = {
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT user_id FROM channel_members WHERE channel_id = $1", channel_id
-                )
-            }
-        if private is None or private:
-            lost = [s for s in subscribers if s.user_id not in members]
-            self._hub.revoke(lost, channel_id, name)
+            self._control.popleft()

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from itertools import groupby
 
 from app.errors import TooManyRequests
-from app.events.log import StoredEvent
+from app.events.log import Gap, StoredEvent
 from app.metrics import Metrics
 from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.subscriber import Subscriber
@@ -89,19 +89,37 @@ class Hub:
         if overflowed:
             self._metrics.slow_reader_catchups.inc(overflowed)
 
+    def mark_gap(self, gap: Gap) -> None:
+        """Retention removed events of a channel before they were fanned out: every
+        stream of the channel that may have missed some catches up from the log,
+        whose replay tells it (``ssehub.truncated``) before the first event after
+        the gap. A stream never skips ids silently."""
+        for sub in self._by_channel.get(gap.channel_id, ()):
+            if sub.position < gap.pruned_through:
+                sub.catch_up()
+
     def add_channel(self, user_id: int, channel_id: int, name: str) -> None:
         """A new stored subscription: every ``/stream`` of the user carries it from now on."""
         for sub in self._by_user.get(user_id, ()):
-            if sub.follows_subscriptions and channel_id not in sub.channels:
-                sub.channels[channel_id] = name
-                self._by_channel[channel_id].add(sub)
+            if sub.follows_subscriptions:
+                self.carry(sub, channel_id, name)
 
     def drop_channel(self, user_id: int, channel_id: int) -> None:
         """A removed subscription: ``/stream`` stops carrying it, without a notice."""
         for sub in list(self._by_user.get(user_id, ())):
-            if sub.follows_subscriptions and channel_id in sub.channels:
-                del sub.channels[channel_id]
-                self._unroute(sub, channel_id)
+            if sub.follows_subscriptions:
+                self.uncarry(sub, channel_id)
+
+    def carry(self, sub: Subscriber, channel_id: int, name: str) -> None:
+        """``sub`` carries the channel's live events from now on."""
+        if channel_id not in sub.channels:
+            sub.channels[channel_id] = name
+            self._by_channel[channel_id].add(sub)
+
+    def uncarry(self, sub: Subscriber, channel_id: int) -> None:
+        """``sub`` stops carrying the channel, without a notice."""
+        if sub.channels.pop(channel_id, None) is not None:
+            self._unroute(sub, channel_id)
 
     def revoke(self, subscribers: Iterable[Subscriber], channel_id: int, name: str) -> None:
         """The channel is gone or no longer readable for these subscribers:
@@ -110,8 +128,7 @@ class Hub:
         for sub in list(subscribers):
             if channel_id not in sub.channels:
                 continue
-            del sub.channels[channel_id]
-            self._unroute(sub, channel_id)
+            self.uncarry(sub, channel_id)
             sub.notify(frame)
             if not sub.follows_subscriptions:
                 sub.close("channel removed")
@@ -122,6 +139,12 @@ class Hub:
 
     def subscribers_of(self, channel_id: int) -> list[Subscriber]:
         return list(self._by_channel.get(channel_id, ()))
+
+    def streams_of(self, user_id: int) -> list[Subscriber]:
+        return list(self._by_user.get(user_id, ()))
+
+    def all_streams(self) -> list[Subscriber]:
+        return [sub for streams in self._by_user.values() for sub in streams]
 
     async def tick_forever(self, heartbeat: float) -> None:
         """Run ``tick`` a few times per heartbeat interval (at most a second apart)."""

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.realtime.broker import Broker
+from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -23,8 +24,8 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
-    broker = Broker(settings.database_url, app.state.pool, hub)
-    await broker.start()
+    broker = Broker(settings.database_url, hub, [StreamControl(hub), app.state.publish_rights])
+    await broker.start(app.state.pool)
     app.state.hub, app.state.broker = hub, broker
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")
     try:

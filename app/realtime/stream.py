@@ -10,6 +10,16 @@ The handoff from history to live is race-free, as in Mercure: the subscriber
 is registered with the hub *before* the replay reads the log, so an event
 committed at any moment is either read by the replay or queued live; queued
 frames at or below the last replayed id are dropped as duplicates.
+
+A replay (a resume, or a slow stream catching up) reads the log page by page,
+and before each page looks again at what the stream may carry and whether it
+must end: a revocation or an expired token stops it within one page (pages
+are bounded by bytes, ``app.events.log.PAGE_BYTES``), not at the end of a long
+replay. Each page also says which channels retention pruned past the
+replay's cursor, so a gap is told (``ssehub.truncated``) before the first
+event after it, never skipped silently. A resume position above every id the
+database has issued (a restore) would otherwise drop every live event as
+"already seen": the stream says ``ssehub.reset`` and goes on from the head.
 """
 
 from __future__ import annotations
@@ -22,13 +32,12 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.db import raw_connection
-from app.events.log import read_after, retention_state
+from app.events.log import Gap, last_issued_id, read_page
 from app.metrics import Metrics
 from app.realtime.hub import Hub
 from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
 
-REPLAY_PAGE = 1000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -131,8 +140,9 @@ class EventStream(Response):
         await self._write(send, RETRY)
         replayed = 0
         if self._resume_from is not None:
-            replayed = await self._replay(send, self._resume_from)
-        await self._write(send, notice_frame("ssehub.live", {"replayed": replayed}))
+            replayed = await self._resume(send, self._resume_from)
+        if sub.closed is None:
+            await self._write(send, notice_frame("ssehub.live", {"replayed": replayed}))
         while True:
             if sub.closed is not None:
                 if sub.closed == "expired":
@@ -162,35 +172,51 @@ class EventStream(Response):
             time.time(), (at for event_id, at in zip(ids, times, strict=True) if event_id)
         )
 
+    async def _resume(self, send: Send, position: int) -> int:
+        """The client's resume position: replayed from, unless no id this database
+        ever issued reaches it; then ``ssehub.reset`` and on from the head (the
+        subscriber's position, where the live events it is queued start)."""
+        sub = self._sub
+        if position > sub.position:
+            async with raw_connection(self._pool) as conn:
+                issued = await last_issued_id(conn)
+            if position > issued:
+                reset = {"last_event_id": sub.position}
+                await self._write(send, notice_frame("ssehub.reset", reset))
+                return 0
+        return await self._replay(send, position)
+
     async def _replay(self, send: Send, after: int) -> int:
         """Retained events after ``after`` from the log, page by page, each page
         one ``send``; returns how many. Afterwards queued live frames at or
         below the last replayed id are stale and dropped by ``Subscriber.take``."""
         sub = self._sub
-        channel_ids = list(sub.channels)
-        if not channel_ids:
-            sub.position = max(sub.position, after)
-            return 0
-        async with raw_connection(self._pool) as conn:
-            state = await retention_state(conn, channel_ids)
-        notices = b"".join(
-            notice_frame("ssehub.truncated", {"channel": sub.channels[cid], "oldest_id": oldest})
-            for cid, (pruned_through, oldest) in state.items()
-            if pruned_through > after and cid in sub.channels
-        )
-        if notices:
-            await self._write(send, notices)
         cursor, count = after, 0
-        while True:
+        while sub.closed is None and sub.channels:
             # A fresh connection per page: never hold one while a slow client reads.
             async with raw_connection(self._pool) as conn:
-                page = await read_after(conn, channel_ids, cursor, REPLAY_PAGE)
-            if page:
-                await self._write(send, b"".join(event_frame(e) for e in page))
-                cursor = page[-1].id
-                count += len(page)
-                self._metrics.deliveries.count(len(page))
-            if len(page) < REPLAY_PAGE:
+                page = await read_page(conn, list(sub.channels), cursor)
+            # What the stream carries now: a channel revoked since the read is left out.
+            events = [e for e in page.events if e.channel_id in sub.channels]
+            chunk = self._gap_notices(page.gaps, cursor) + b"".join(map(event_frame, events))
+            if chunk:
+                await self._write(send, chunk)
+            if page.events:
+                cursor = page.events[-1].id
+                count += len(events)
+                self._metrics.deliveries.count(len(events))
+            if not page.more:
                 break
         sub.position = max(sub.position, cursor)
         return count
+
+    def _gap_notices(self, gaps: list[Gap], cursor: int) -> bytes:
+        """``ssehub.truncated`` for each channel the stream carries whose events
+        past ``cursor`` retention removed, unless the stream told it already."""
+        sub = self._sub
+        return b"".join(
+            notice_frame("ssehub.truncated", {"channel": gap.channel, "oldest_id": gap.oldest_id})
+            for gap in gaps
+            if gap.channel_id in sub.channels
+            and sub.gap_to_tell(gap.channel_id, gap.pruned_through, cursor)
+        )

@@ -56,6 +56,9 @@ class Subscriber:
     # Writes bytes ready for the socket (``sse.http_chunk``) at once if it takes them
     # now, else writes nothing and returns False; None where the server cannot.
     write_now: Callable[[bytes], bool] | None = None
+    # Per channel, the ``pruned_through`` of the last ``ssehub.truncated`` sent, so
+    # one gap is told once however many pages and catch-ups see it.
+    noticed_gaps: dict[int, int] | None = None
     _waiter: asyncio.Future[None] | None = None
 
     def offer(self, event_id: int, frame: bytes, published_at: float) -> bool:
@@ -64,9 +67,7 @@ class Subscriber:
         if self.lagging or self.closed or event_id <= self.position:
             return False  # nothing to do; at or below the position it is stale
         if len(self.outbox) >= MAX_OUTBOX_FRAMES or self.outbox_bytes > MAX_OUTBOX_BYTES:
-            self.lagging = True
-            self.take()
-            self.wake()
+            self.catch_up()
             return True
         self.outbox.append(frame)
         self.outbox_ids.append(event_id)
@@ -97,6 +98,31 @@ class Subscriber:
             return False
         self.position = last_id
         self.last_write = now
+        return True
+
+    def catch_up(self) -> None:
+        """Stop taking live events: the writer reads them from the log, from the
+        position, as a resume does. Queued events are dropped (the log has them);
+        queued notices are kept."""
+        self.lagging = True
+        if any(self.outbox_ids):
+            keep = [n for n, event_id in enumerate(self.outbox_ids) if event_id == 0]
+            self.outbox = [self.outbox[n] for n in keep]
+            self.outbox_ids = [0] * len(keep)
+            self.outbox_times = [0.0] * len(keep)
+            self.outbox_bytes = sum(len(frame) for frame in self.outbox)
+        self.wake()
+
+    def gap_to_tell(self, channel_id: int, pruned_through: int, after: int) -> bool:
+        """Whether a gap (events of ``channel_id`` at or below ``pruned_through``
+        removed) is news to a stream that has delivered everything up to ``after``;
+        if it is, it is remembered as told."""
+        told = self.noticed_gaps.get(channel_id, 0) if self.noticed_gaps else 0
+        if pruned_through <= max(after, told):
+            return False
+        if self.noticed_gaps is None:
+            self.noticed_gaps = {}
+        self.noticed_gaps[channel_id] = pruned_through
         return True
 
     def notify(self, frame: bytes) -> None:
