@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -94,6 +95,8 @@ async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
         return await endpoint(request, name)
     except (SsehubError, RequestValidationError) as exc:
         return render_error(exc)
+    except HTTPException as exc:  # e.g. a body past its limit (app.limits), raised by receive
+        return error_response(exc.status_code, exc.detail, exc.headers)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return error_response(500, "Internal server error")

@@ -28,6 +28,7 @@ from app.errors import install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
 from app.hotpaths import HotPaths
+from app.limits import BodyLimit
 from app.logs import install_token_redaction
 from app.metrics import Metrics
 from app.realtime import lifespan as realtime_lifespan
@@ -39,8 +40,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings) -> ASGIApp:
     """Build the ASGI app; ``settings.database_url`` must be resolved already.
 
-    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), and
-    CORS, when configured, in front of both.
+    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), the
+    body limits in front of both (``app.limits``: the first to see a body), and
+    CORS, when configured, in front of them all (so a browser can read a 413).
     """
     if not settings.database_url:
         raise ValueError(
@@ -77,7 +79,7 @@ def create_app(settings: Settings) -> ASGIApp:
         app.include_router(router)
     if STATIC_DIR.joinpath("index.html").exists():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    served: ASGIApp = HotPaths(app)
+    served: ASGIApp = BodyLimit(HotPaths(app), settings)
     if settings.cors_origin_list:
         served = CORSMiddleware(
             served,
