@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
+
+import httpx
+import pytest
 
 from tests.support import Api, Server
 
@@ -185,3 +189,101 @@ def test_batch_past_max_batch_bytes_is_413(start_server: Callable[..., Server]) 
     assert (
         len(api.http.get("/channels/news/events?limit=1000", headers=admin).json()["events"]) == 150
     )
+
+
+# Heads
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [["X-Huge: " + "h" * (17 * KIB)], [f"X-Pad-{i}: {'p' * 20}" for i in range(800)]],
+    ids=["one-huge-header", "many-small-headers"],
+)
+def test_oversized_head_is_431(server: Server, headers: list[str]) -> None:
+    with connect(server) as sock:
+        sock.sendall(head("/healthz", *headers))
+        status, response_headers, body = read_response(sock)
+        assert_json_refusal(status, response_headers, body, 431)
+    with connect(server) as sock:  # just under the limit: served
+        sock.sendall(head("/healthz", "X-Big: " + "h" * (15 * KIB)))
+        assert read_response(sock)[0] == 200
+
+
+def test_header_that_never_ends_is_431_before_the_end(server: Server) -> None:
+    with connect(server) as sock:
+        first = b"GET /healthz HTTP/1.1\r\nHost: ssehub.test\r\nX-Endless: "
+        sent, answer = stream_until_answered(sock, first, iter([b"e" * (16 * KIB)] * 640))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert sent < 5 * MIB
+
+
+# Slow clients
+
+
+def drip(sock: socket.socket, data: bytes, started: list[float], closed_at: list[float]) -> None:
+    """Send ``data`` one byte a second until the server closes ``sock`` (20 s at most)."""
+    started.append(time.monotonic())
+    for byte in data[:20]:
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            break
+        if closed_by_peer(sock, timeout=1):
+            break
+    closed_at.append(time.monotonic())
+
+
+def test_slowloris_and_idle_connections_are_closed_after_10s(server: Server) -> None:
+    """A head dripped one byte a second, on a new and on a kept-alive connection,
+    and a connection that sends nothing: each closed at about 10 s, while
+    others are served."""
+    endless = head("/healthz", "X-Slow: " + "s" * 100)  # never completed at a byte a second
+    new, kept, idle = connect(server, 20), connect(server, 20), connect(server, 20)
+    kept.sendall(head("/healthz"))
+    assert read_response(kept)[0] == 200
+    timings: dict[str, tuple[list[float], list[float]]] = {}
+    threads = []
+    for name, sock in (("new", new), ("kept-alive", kept)):
+        timings[name] = ([], [])
+        drip_args = (sock, endless, *timings[name])
+        threads.append(threading.Thread(target=drip, args=drip_args, daemon=True))
+    idle_opened = time.monotonic()
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(8):  # served meanwhile
+            assert client.get("/healthz", timeout=2).status_code == 200
+            time.sleep(1)
+    assert closed_by_peer(idle, timeout=13 - (time.monotonic() - idle_opened))
+    idle_lasted = time.monotonic() - idle_opened
+    for thread in threads:
+        thread.join(15)
+    for sock in (new, kept, idle):
+        sock.close()
+    assert 9 <= idle_lasted <= 13, idle_lasted
+    for name, (started, closed_at) in timings.items():
+        lasted = closed_at[0] - started[0]
+        assert 9 <= lasted <= 13, (name, lasted)
+
+
+def test_connection_flood_past_max_connections_is_503(start_server: Callable[..., Server]) -> None:
+    srv = start_server(SSEHUB_MAX_CONNECTIONS="5")
+    held = [connect(srv) for _ in range(5)]
+    try:
+        for sock in held:  # five connections are served...
+            sock.sendall(head("/healthz"))
+            assert read_response(sock)[0] == 200
+        with connect(srv) as extra:  # ...a sixth is refused at once
+            started = time.monotonic()
+            extra.sendall(head("/healthz"))
+            status, headers, body = read_response(extra)
+            assert time.monotonic() - started < 1
+            assert_json_refusal(status, headers, body, 503)
+        held.pop().close()
+        time.sleep(0.2)
+        with connect(srv) as again:  # a released slot serves again
+            again.sendall(head("/healthz"))
+            assert read_response(again)[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
