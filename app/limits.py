@@ -16,6 +16,9 @@ route has to remember it and none can forget it:
 - **Connections**: uvicorn's own ``limit_concurrency``
   (``uvicorn_limit_concurrency`` says why it is one more than the setting);
   ``HeadLimitedProtocol`` only turns its plain-text 503 into our JSON error.
+- **The client address** is the peer's; ``app.main`` adds uvicorn's
+  ``ProxyHeadersMiddleware`` for ``SSEHUB_TRUSTED_PROXIES`` only, and
+  ``app.realtime.server`` turns off uvicorn's default trust of 127.0.0.1.
 
 Why not Starlette's ``RequestBodyLimitMiddleware`` or FastAPI's
 ``max_body_size``: both call the app before refusing a declared oversize body,

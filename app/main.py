@@ -12,12 +12,14 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import ops
 from app.auth.routes import router as auth_router
@@ -41,8 +43,10 @@ def create_app(settings: Settings) -> ASGIApp:
     """Build the ASGI app; ``settings.database_url`` must be resolved already.
 
     The FastAPI app, with the hot paths in front of it (``app.hotpaths``), the
-    body limits in front of both (``app.limits``: the first to see a body), and
-    CORS, when configured, in front of them all (so a browser can read a 413).
+    body limits in front of both (``app.limits``: the first to see a body), then
+    CORS when configured (so a browser can read a 413), and outermost the
+    trusted proxies' ``X-Forwarded-For``, when configured, so that every layer
+    sees the same client address.
     """
     if not settings.database_url:
         raise ValueError(
@@ -88,6 +92,10 @@ def create_app(settings: Settings) -> ASGIApp:
             allow_headers=["*"],
             expose_headers=["*"],
         )
+    if settings.trusted_proxy_list:
+        # uvicorn types ASGI apps more narrowly than Starlette: the same protocol.
+        proxied = ProxyHeadersMiddleware(cast(Any, served), settings.trusted_proxy_list)
+        served = cast(ASGIApp, proxied)
     return served
 
 

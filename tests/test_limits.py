@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -287,3 +288,28 @@ def test_connection_flood_past_max_connections_is_503(start_server: Callable[...
     finally:
         for sock in held:
             sock.close()
+
+
+# Client address
+
+
+def access_log_client(server: Server, forwarded_for: str) -> str:
+    """The client address in the access log line of one request sent with
+    ``X-Forwarded-For`` from 127.0.0.1."""
+    probe = uuid.uuid4().hex
+    r = httpx.get(f"{server.url}/healthz?probe={probe}", headers={"X-Forwarded-For": forwarded_for})
+    assert r.status_code == 200
+    for _ in range(50):
+        lines = [line for line in server.log().splitlines() if probe in line]
+        if lines:
+            return lines[0].split(" - ")[0].split()[-1]
+        time.sleep(0.05)
+    raise AssertionError("no access log line")
+
+
+def test_forged_forwarded_for_is_ignored_unless_the_proxy_is_trusted(
+    server: Server, start_server: Callable[..., Server]
+) -> None:
+    assert access_log_client(server, "203.0.113.7").startswith("127.0.0.1:")
+    proxied = start_server(SSEHUB_TRUSTED_PROXIES="127.0.0.1/32")
+    assert access_log_client(proxied, "203.0.113.7").startswith("203.0.113.7")

@@ -6,7 +6,10 @@ uvicorn's SIGTERM/SIGINT handler that closes every stream at once, and the
 graceful-shutdown deadline below bounds whatever is left.
 
 The limits on what arrives before the app sees it (``app.limits``) are set
-here: the protocol that bounds request heads, and the connection cap.
+here: the protocol that bounds request heads, the connection cap, and no
+``X-Forwarded-For`` trusted by default (uvicorn trusts it from 127.0.0.1,
+which would let any local client choose its address; ``app.main`` trusts
+exactly ``SSEHUB_TRUSTED_PROXIES``).
 """
 
 from __future__ import annotations
@@ -36,4 +39,5 @@ def run_server(
         access_log=access_log,
         http=HeadLimitedProtocol,
         limit_concurrency=uvicorn_limit_concurrency(max_connections),
+        proxy_headers=False,
     )
