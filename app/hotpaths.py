@@ -19,12 +19,13 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.auth.deps import access_claims, bearer_scheme, stream_claims
-from app.errors import SsehubError, render_error, unexpected_error
+from app.errors import SsehubError, error_response, render_error, unexpected_error
 from app.events import routes as events
 from app.realtime import routes as streams
 
@@ -94,5 +95,7 @@ async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
         return await endpoint(request, name)
     except (SsehubError, RequestValidationError) as exc:
         return render_error(exc)
+    except HTTPException as exc:  # e.g. a body past its limit (app.limits), raised by receive
+        return error_response(exc.status_code, exc.detail, exc.headers)
     except Exception as exc:
         return unexpected_error(exc, f"{request.method} {request.url.path}")

@@ -12,12 +12,14 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import ops
 from app.auth.routes import router as auth_router
@@ -29,6 +31,7 @@ from app.errors import install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
 from app.hotpaths import HotPaths
+from app.limits import BodyLimit
 from app.logs import install_token_redaction
 from app.metrics import Metrics
 from app.realtime import lifespan as realtime_lifespan
@@ -40,8 +43,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings) -> ASGIApp:
     """Build the ASGI app; ``settings.database_url`` must be resolved already.
 
-    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), and
-    CORS, when configured, in front of both.
+    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), the
+    body limits in front of both (``app.limits``: the first to see a body), then
+    CORS when configured (so a browser can read a 413), and outermost the
+    trusted proxies' ``X-Forwarded-For``, when configured, so that every layer
+    sees the same client address.
     """
     if not settings.database_url:
         raise ValueError(
@@ -81,7 +87,7 @@ def create_app(settings: Settings) -> ASGIApp:
         app.include_router(router)
     if STATIC_DIR.joinpath("index.html").exists():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    served: ASGIApp = HotPaths(app)
+    served: ASGIApp = BodyLimit(HotPaths(app), settings)
     if settings.cors_origin_list:
         served = CORSMiddleware(
             served,
@@ -90,6 +96,10 @@ def create_app(settings: Settings) -> ASGIApp:
             allow_headers=["*"],
             expose_headers=["*"],
         )
+    if settings.trusted_proxy_list:
+        # uvicorn types ASGI apps more narrowly than Starlette: the same protocol.
+        proxied = ProxyHeadersMiddleware(cast(Any, served), settings.trusted_proxy_list)
+        served = cast(ASGIApp, proxied)
     return served
 
 

@@ -1,0 +1,315 @@
+"""The contract's limits, attacked over real sockets against a real ``ssehub serve``.
+
+Each test names the attack it plays. Raw sockets where a client library would
+refuse to misbehave (a head that never ends, a body that never ends), httpx
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.support import Api, Server
+
+KIB = 1024
+MIB = 1024 * KIB
+EVENT_LIMIT = 65536 + 16 * KIB  # default SSEHUB_MAX_EVENT_BYTES + 16 KiB
+
+
+def connect(server: Server, timeout: float = 10) -> socket.socket:
+    parts = urlsplit(server.url)
+    assert parts.hostname and parts.port
+    return socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response read to its end (Content-Length) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes ``sock`` within ``timeout`` (what it sends is skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], deadline - time.monotonic())
+        if readable:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except ConnectionResetError:
+                return True
+    return False
+
+
+def head(path: str, *headers: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: ssehub.test", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def assert_json_refusal(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
+    assert status == expected, (status, body)
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert json.loads(body)["detail"]
+
+
+def stream_until_answered(
+    sock: socket.socket, first: bytes, chunks: Iterator[bytes]
+) -> tuple[int, bytes]:
+    """Send ``first`` and then ``chunks`` until the server answers; returns how
+    many bytes were sent by then, and what had arrived."""
+    sock.sendall(first)
+    sent = 0
+    for chunk in chunks:
+        _, writable, _ = select.select([], [sock], [], 5)
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable or not writable:
+            break
+        try:
+            sent += sock.send(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    sock.settimeout(5)
+    return sent, sock.recv(65536)
+
+
+def server_rss(server: Server) -> int:
+    """Resident memory of the server process, in bytes (workers=1: one process)."""
+    assert server.process is not None
+    with open(f"/proc/{server.process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KIB
+    raise AssertionError("no VmRSS")
+
+
+# Bodies
+
+
+def test_declared_2gb_body_is_refused_before_it_is_sent(server: Server) -> None:
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            head(
+                "/auth/register",
+                "Content-Type: application/json",
+                f"Content-Length: {2 * 1024 * MIB}",
+                method="POST",
+            )
+        )
+        status, headers, body = read_response(sock)
+        assert time.monotonic() - started < 2
+        assert_json_refusal(status, headers, body, 413)
+        assert closed_by_peer(sock, timeout=2)
+
+
+def test_chunked_body_that_never_ends_is_cut_at_the_limit(server: Server) -> None:
+    """50 MB of chunked JSON to /auth/register: the 413 comes after the limit,
+    long before the end, and the server does not buffer what it was sent."""
+    piece = b"x" * (64 * KIB)
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    rss_before = server_rss(server)
+    with connect(server) as sock:
+        first = head(
+            "/auth/register",
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked",
+            method="POST",
+        )
+        sent, answer = stream_until_answered(sock, first, iter([chunk] * 800))  # 50 MiB
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert sent < 20 * MIB, f"the 413 came after {sent} bytes"
+    assert server_rss(server) - rss_before < 16 * MIB
+
+
+def test_oversized_login_form_is_413(api: Api) -> None:
+    form = {"username": "admin", "password": "p" * (16 * KIB)}
+    r = api.http.post("/auth/token", data=form)
+    assert_json_refusal(r.status_code, dict(r.headers), r.content, 413)
+    r = api.http.post("/auth/token", data={"username": "admin", "password": "p" * 8000})
+    assert r.status_code == 401  # under the limit: a wrong password, as before
+
+
+def test_oversized_json_body_is_413_declared_or_chunked(api: Api) -> None:
+    account = {"username": "mallory", "password": "p" * EVENT_LIMIT}
+    r = api.http.post("/auth/register", json=account)
+    assert_json_refusal(r.status_code, dict(r.headers), r.content, 413)
+
+    def chunked() -> Iterator[bytes]:
+        yield json.dumps(account).encode()
+
+    r = api.http.post(
+        "/auth/register", content=chunked(), headers={"content-type": "application/json"}
+    )
+    assert "content-length" not in r.request.headers
+    assert_json_refusal(r.status_code, dict(r.headers), r.content, 413)
+
+
+def test_batch_past_max_batch_bytes_is_413(start_server: Callable[..., Server]) -> None:
+    api = Api(start_server(SSEHUB_MAX_BATCH_BYTES="200000").url)
+    admin = api.admin()
+    assert api.http.post("/channels", json={"name": "news"}, headers=admin).status_code == 201
+
+    def batch(n: int) -> bytes:
+        return json.dumps({"events": [{"data": "d" * 1000}] * n}).encode()
+
+    small, large = batch(150), batch(250)
+    assert len(small) < 200_000 < len(large)
+    json_headers = {**admin, "content-type": "application/json"}
+    url = "/channels/news/events/batch"
+    r = api.http.post(url, content=small, headers=json_headers)
+    assert r.status_code == 201, r.text
+    r = api.http.post(url, content=large, headers=json_headers)
+    assert_json_refusal(r.status_code, dict(r.headers), r.content, 413)
+    # Undeclared: the publish reads it on the hot path, and is cut there.
+    r = api.http.post(url, content=iter([large]), headers=json_headers)
+    assert_json_refusal(r.status_code, dict(r.headers), r.content, 413)
+    assert (
+        len(api.http.get("/channels/news/events?limit=1000", headers=admin).json()["events"]) == 150
+    )
+
+
+# Heads
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [["X-Huge: " + "h" * (17 * KIB)], [f"X-Pad-{i}: {'p' * 20}" for i in range(800)]],
+    ids=["one-huge-header", "many-small-headers"],
+)
+def test_oversized_head_is_431(server: Server, headers: list[str]) -> None:
+    with connect(server) as sock:
+        sock.sendall(head("/healthz", *headers))
+        status, response_headers, body = read_response(sock)
+        assert_json_refusal(status, response_headers, body, 431)
+    with connect(server) as sock:  # just under the limit: served
+        sock.sendall(head("/healthz", "X-Big: " + "h" * (15 * KIB)))
+        assert read_response(sock)[0] == 200
+
+
+def test_header_that_never_ends_is_431_before_the_end(server: Server) -> None:
+    with connect(server) as sock:
+        first = b"GET /healthz HTTP/1.1\r\nHost: ssehub.test\r\nX-Endless: "
+        sent, answer = stream_until_answered(sock, first, iter([b"e" * (16 * KIB)] * 640))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert sent < 5 * MIB
+
+
+# Slow clients
+
+
+def drip(sock: socket.socket, data: bytes, started: list[float], closed_at: list[float]) -> None:
+    """Send ``data`` one byte a second until the server closes ``sock`` (20 s at most)."""
+    started.append(time.monotonic())
+    for byte in data[:20]:
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            break
+        if closed_by_peer(sock, timeout=1):
+            break
+    closed_at.append(time.monotonic())
+
+
+def test_slowloris_and_idle_connections_are_closed_after_10s(server: Server) -> None:
+    """A head dripped one byte a second, on a new and on a kept-alive connection,
+    and a connection that sends nothing: each closed at about 10 s, while
+    others are served."""
+    endless = head("/healthz", "X-Slow: " + "s" * 100)  # never completed at a byte a second
+    new, kept, idle = connect(server, 20), connect(server, 20), connect(server, 20)
+    kept.sendall(head("/healthz"))
+    assert read_response(kept)[0] == 200
+    timings: dict[str, tuple[list[float], list[float]]] = {}
+    threads = []
+    for name, sock in (("new", new), ("kept-alive", kept)):
+        timings[name] = ([], [])
+        drip_args = (sock, endless, *timings[name])
+        threads.append(threading.Thread(target=drip, args=drip_args, daemon=True))
+    idle_opened = time.monotonic()
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(8):  # served meanwhile
+            assert client.get("/healthz", timeout=2).status_code == 200
+            time.sleep(1)
+    assert closed_by_peer(idle, timeout=13 - (time.monotonic() - idle_opened))
+    idle_lasted = time.monotonic() - idle_opened
+    for thread in threads:
+        thread.join(15)
+    for sock in (new, kept, idle):
+        sock.close()
+    assert 9 <= idle_lasted <= 13, idle_lasted
+    for name, (started, closed_at) in timings.items():
+        lasted = closed_at[0] - started[0]
+        assert 9 <= lasted <= 13, (name, lasted)
+
+
+def test_connection_flood_past_max_connections_is_503(start_server: Callable[..., Server]) -> None:
+    srv = start_server(SSEHUB_MAX_CONNECTIONS="5")
+    held = [connect(srv) for _ in range(5)]
+    try:
+        for sock in held:  # five connections are served...
+            sock.sendall(head("/healthz"))
+            assert read_response(sock)[0] == 200
+        with connect(srv) as extra:  # ...a sixth is refused at once
+            started = time.monotonic()
+            extra.sendall(head("/healthz"))
+            status, headers, body = read_response(extra)
+            assert time.monotonic() - started < 1
+            assert_json_refusal(status, headers, body, 503)
+        held.pop().close()
+        time.sleep(0.2)
+        with connect(srv) as again:  # a released slot serves again
+            again.sendall(head("/healthz"))
+            assert read_response(again)[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# Client address
+
+
+def access_log_client(server: Server, forwarded_for: str) -> str:
+    """The client address in the access log line of one request sent with
+    ``X-Forwarded-For`` from 127.0.0.1."""
+    probe = uuid.uuid4().hex
+    r = httpx.get(f"{server.url}/healthz?probe={probe}", headers={"X-Forwarded-For": forwarded_for})
+    assert r.status_code == 200
+    for _ in range(50):
+        lines = [line for line in server.log().splitlines() if probe in line]
+        if lines:
+            return lines[0].split(" - ")[0].split()[-1]
+        time.sleep(0.05)
+    raise AssertionError("no access log line")
+
+
+def test_forged_forwarded_for_is_ignored_unless_the_proxy_is_trusted(
+    server: Server, start_server: Callable[..., Server]
+) -> None:
+    assert access_log_client(server, "203.0.113.7").startswith("127.0.0.1:")
+    proxied = start_server(SSEHUB_TRUSTED_PROXIES="127.0.0.1/32")
+    assert access_log_client(proxied, "203.0.113.7").startswith("203.0.113.7")
