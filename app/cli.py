@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from app.config import Settings, ensure_secret_key
+from app.config import KeyFileError, Settings, ensure_secret_key
 
 log = logging.getLogger("ssehub")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = ensure_secret_key(Settings())
     except ValidationError as exc:
         sys.exit(f"ssehub: invalid configuration\n{exc}")
+    except KeyFileError as exc:
+        sys.exit(f"ssehub: {exc}")
     try:
         with database(settings) as settings:
             if args.command == "serve":
