@@ -53,6 +53,10 @@ def test_create_admin_creates_then_promotes(api: Api, database_url: str) -> None
     assert done.returncode == 0 and "promoted" in done.stdout
     rows = asyncio.run(sql(database_url, "SELECT is_admin FROM users WHERE username = 'plain'"))
     assert rows[0][0] is True
+    # Unlike serve's bootstrap, create-admin is the deliberate reset of the password.
+    assert api.login("plain", "new-password")
+    r = api.http.post("/auth/token", data={"username": "plain", "password": "password-123"})
+    assert r.status_code == 401
 
 
 def test_create_admin_refuses_a_weak_password(database_url: str) -> None:

@@ -50,18 +50,26 @@ async def authenticate(session: AsyncSession, username: str, password: str) -> U
     return user
 
 
-async def ensure_admin(session: AsyncSession, username: str, password: str) -> tuple[User, bool]:
-    """Create ``username`` as an admin, or promote it and reset its password.
+async def ensure_admin(
+    session: AsyncSession, username: str, password: str, *, reset: bool = False
+) -> tuple[User, bool]:
+    """Create ``username`` as an admin; with ``reset``, promote an existing one and
+    set its password, else leave it exactly as it is.
 
-    Returns the user and whether it was created. Instances that start together
-    with the same ``SSEHUB_ADMIN_*`` would otherwise all see no such user and
-    all insert it; a transaction-scoped advisory lock makes them take turns.
+    Returns the user and whether it was created. ``serve`` runs this on every
+    start with ``SSEHUB_ADMIN_*``, so it must not reset: that would undo a
+    password changed since, and hand the account to whoever can edit the
+    environment. ``create-admin`` is the deliberate reset. Instances that
+    start together with the same ``SSEHUB_ADMIN_*`` would otherwise all see no
+    such user and all insert it; a transaction-scoped advisory lock makes them
+    take turns.
     """
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMIN_LOCK})
     user = await get_user_by_name(session, username)
     if user is None:
         return await create_user(session, username, password, is_admin=True), True
-    user.is_admin = True
-    user.password_hash = await asyncio.to_thread(hash_password, password)
-    await session.flush()
+    if reset:
+        user.is_admin = True
+        user.password_hash = await asyncio.to_thread(hash_password, password)
+        await session.flush()
     return user, False
