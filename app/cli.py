@@ -118,6 +118,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     elif settings.admin_username or settings.admin_password:
         log.warning("SSEHUB_ADMIN_USERNAME and SSEHUB_ADMIN_PASSWORD go together: no admin made")
     migrate(settings)
+    _check_signing_key(settings)
     if settings.admin_username and settings.admin_password:
         _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
     # Workers build their app from the environment: hand them the resolved values.
@@ -125,6 +126,23 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
     os.environ["SSEHUB_SECRET_KEY"] = settings.secret_key
     run_server(host=host, port=port, workers=workers, access_log=settings.access_log)
+
+
+def _check_signing_key(settings: Settings) -> None:
+    """Exit with one line if another instance signs with another key.
+
+    Every worker checks again as it starts (``app.auth.signing_key``), but a
+    failed start-up there is a traceback, and with ``--workers`` uvicorn's
+    parent exits 0: checking here first makes the common case one clear line
+    and a non-zero exit.
+    """
+    from app.auth.signing_key import SigningKeyConflict, check
+
+    assert settings.database_url and settings.secret_key
+    try:
+        asyncio.run(check(settings.database_url, settings.secret_key))
+    except SigningKeyConflict as exc:
+        sys.exit(f"ssehub: {exc}")
 
 
 def _check_admin_account(username: str, password: str) -> None:

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from app import ops
+from app.auth import signing_key
 from app.auth.routes import router as auth_router
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> ASGIApp:
             stack.push_async_callback(engine.dispose)
             app.state.pool = await create_pool(settings.database_url)
             stack.push_async_callback(app.state.pool.close)
+            await stack.enter_async_context(signing_key.claimed(app))
             await stack.enter_async_context(events_lifespan.running(app))
             await stack.enter_async_context(realtime_lifespan.running(app))
             yield

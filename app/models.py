@@ -101,3 +101,12 @@ class Event(Base):
         DateTime(timezone=True), server_default=func.clock_timestamp()
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+
+class SigningKey(Base):
+    """A fingerprint of a running instance's signing key (``app.auth.signing_key``)."""
+
+    __tablename__ = "signing_keys"
+
+    fingerprint: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.models import Base
 from tests.support import ROOT, TEST_SECRET, create_database, drop_database, sql, unique_name
 
-TABLES = {"users", "channels", "channel_members", "subscriptions", "events"}
+TABLES = {"users", "channels", "channel_members", "subscriptions", "events", "signing_keys"}
 
 
 @pytest.fixture
