@@ -1,0 +1,43 @@
+"""The deployment files: docker-compose.yml, the Dockerfile, and what a deployment installs.
+
+There is no Docker engine (nor ``docker compose``) where the tests run, so
+these read the files themselves; PyYAML comes with ``uvicorn[standard]``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from tests.support import ROOT
+
+REQUIRED = ("SSEHUB_SECRET_KEY", "SSEHUB_ADMIN_USERNAME", "SSEHUB_ADMIN_PASSWORD")
+
+
+def _compose() -> dict[str, object]:
+    compose: dict[str, object] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return compose
+
+
+def test_compose_requires_the_secrets_and_has_no_default_password() -> None:
+    """``${VAR:?message}``: compose refuses to start without them, instead of an admin
+    password every reader of this repository knows."""
+    services = _compose()["services"]
+    assert isinstance(services, dict)
+    instances = {name: svc for name, svc in services.items() if name.startswith("ssehub")}
+    assert len(instances) == 2
+    for name, service in instances.items():
+        env = service["environment"]
+        for var in REQUIRED:
+            assert re.fullmatch(rf"\$\{{{var}:\?[^}}]+\}}", env[var]), (name, var, env[var])
+    assert "change-me" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_compose_publishes_ports_on_localhost_only() -> None:
+    services = _compose()["services"]
+    assert isinstance(services, dict)
+    published = [str(port) for svc in services.values() for port in svc.get("ports", [])]
+    assert published, "the instances are published somewhere"
+    for port in published:
+        assert port.startswith("127.0.0.1:"), port
