@@ -41,3 +41,10 @@ def test_compose_publishes_ports_on_localhost_only() -> None:
     assert published, "the instances are published somewhere"
     for port in published:
         assert port.startswith("127.0.0.1:"), port
+
+
+def test_the_image_health_check_is_readiness() -> None:
+    """A process whose database or listener is down must leave the rotation: /readyz."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    healthcheck = dockerfile.split("HEALTHCHECK", 1)[1].split("\nCMD", 1)[0]
+    assert "/readyz" in healthcheck and "/healthz" not in healthcheck
