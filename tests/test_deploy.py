@@ -6,7 +6,9 @@ these read the files themselves; PyYAML comes with ``uvicorn[standard]``.
 
 from __future__ import annotations
 
+import ast
 import re
+import tomllib
 
 import yaml
 
@@ -48,3 +50,25 @@ def test_the_image_health_check_is_readiness() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     healthcheck = dockerfile.split("HEALTHCHECK", 1)[1].split("\nCMD", 1)[0]
     assert "/readyz" in healthcheck and "/healthz" not in healthcheck
+
+
+def _imported_modules(package: str) -> set[str]:
+    modules = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_sse_starlette_is_installed_only_for_the_benchmarks() -> None:
+    """A deployment installs what it runs: only bench/ uses sse-starlette."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[<>=\[ ]", dep, maxsplit=1)[0] for dep in project["dependencies"]]
+    assert "sse-starlette" not in names
+    bench = project["optional-dependencies"]["bench"]
+    assert any(dep.startswith("sse-starlette") for dep in bench)
+    assert "sse_starlette" not in _imported_modules("app")
+    assert "sse_starlette" in _imported_modules("bench")
