@@ -19,6 +19,8 @@ ENV PATH=/opt/ssehub/bin:$PATH \
 WORKDIR /srv/ssehub
 USER ssehub
 EXPOSE 8000
+# Readiness, not liveness: a process whose database or cross-instance listener
+# is down answers /readyz with 503 and must be taken out of rotation.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+    CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
 CMD ["ssehub", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from app.config import Settings, ensure_secret_key
+from app.config import KeyFileError, Settings, ensure_secret_key
 
 log = logging.getLogger("ssehub")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +71,9 @@ def migrate(settings: Settings) -> None:
     command.upgrade(alembic_config(settings.database_url), "head")
 
 
-async def _ensure_admin(settings: Settings, username: str, password: str) -> bool:
-    """Create or promote ``username``; returns whether it was created."""
+async def _ensure_admin(settings: Settings, username: str, password: str, *, reset: bool) -> bool:
+    """Create ``username`` as an admin if missing; with ``reset``, promote an
+    existing one and set its password. Returns whether it was created."""
     from app.auth.service import ensure_admin
     from app.db import create_engine, create_sessionmaker
 
@@ -80,11 +81,23 @@ async def _ensure_admin(settings: Settings, username: str, password: str) -> boo
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         async with create_sessionmaker(engine)() as session:
-            _, created = await ensure_admin(session, username, password)
+            _, created = await ensure_admin(session, username, password, reset=reset)
             await session.commit()
     finally:
         await engine.dispose()
     return created
+
+
+def _bootstrap_admin(settings: Settings, username: str, password: str) -> None:
+    """The admin of ``SSEHUB_ADMIN_*``, created on the first start only."""
+    if asyncio.run(_ensure_admin(settings, username, password, reset=False)):
+        log.info("created admin %s", username)
+    else:
+        log.info(
+            "admin %s exists: left as it is (`ssehub create-admin %s` resets its password)",
+            username,
+            username,
+        )
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -95,7 +108,7 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Migrate, bootstrap the admin, then run uvicorn with the app factory."""
+    """Migrate, create the bootstrap admin if missing, then run uvicorn with the app factory."""
     from app.realtime.server import run_server
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -105,8 +118,9 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     elif settings.admin_username or settings.admin_password:
         log.warning("SSEHUB_ADMIN_USERNAME and SSEHUB_ADMIN_PASSWORD go together: no admin made")
     migrate(settings)
+    _check_signing_key(settings)
     if settings.admin_username and settings.admin_password:
-        asyncio.run(_ensure_admin(settings, settings.admin_username, settings.admin_password))
+        _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
     # Workers build their app from the environment: hand them the resolved values.
     assert settings.database_url and settings.secret_key
     os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
@@ -118,6 +132,23 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         max_connections=settings.max_connections,
         access_log=settings.access_log,
     )
+
+
+def _check_signing_key(settings: Settings) -> None:
+    """Exit with one line if another instance signs with another key.
+
+    Every worker checks again as it starts (``app.auth.signing_key``), but a
+    failed start-up there is a traceback, and with ``--workers`` uvicorn's
+    parent exits 0: checking here first makes the common case one clear line
+    and a non-zero exit.
+    """
+    from app.auth.signing_key import SigningKeyConflict, check
+
+    assert settings.database_url and settings.secret_key
+    try:
+        asyncio.run(check(settings.database_url, settings.secret_key))
+    except SigningKeyConflict as exc:
+        sys.exit(f"ssehub: {exc}")
 
 
 def _check_admin_account(username: str, password: str) -> None:
@@ -132,13 +163,14 @@ def _check_admin_account(username: str, password: str) -> None:
 
 
 def create_admin(settings: Settings, username: str) -> None:
+    """Create ``username`` as an admin, or promote it and reset its password."""
     password = os.environ.get("SSEHUB_ADMIN_PASSWORD") or getpass.getpass(
         f"Password for {username}: "
     )
     _check_admin_account(username, password)
     migrate(settings)
-    created = asyncio.run(_ensure_admin(settings, username, password))
-    print(f"{'created' if created else 'promoted'} admin {username}")
+    created = asyncio.run(_ensure_admin(settings, username, password, reset=True))
+    print(f"created admin {username}" if created else f"promoted admin {username}, password reset")
 
 
 def configure_logging() -> None:
@@ -157,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument("--port", type=int, default=8000)
     serve_p.add_argument("--workers", type=int, default=1)
     commands.add_parser("migrate", help="apply the Alembic migrations and exit")
-    admin_p = commands.add_parser("create-admin", help="create or promote an admin")
+    admin_p = commands.add_parser(
+        "create-admin", help="create an admin, or promote a user and reset its password"
+    )
     admin_p.add_argument("username")
     args = parser.parse_args(argv)
 
@@ -166,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = ensure_secret_key(Settings())
     except ValidationError as exc:
         sys.exit(f"ssehub: invalid configuration\n{exc}")
+    except KeyFileError as exc:
+        sys.exit(f"ssehub: {exc}")
     try:
         with database(settings) as settings:
             if args.command == "serve":

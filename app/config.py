@@ -73,13 +73,9 @@ class Settings(BaseSettings):
         """Anyone who guesses the key can sign tokens for any user, admin included."""
         if key is None or key == "":
             return None
-        if len(key) < MIN_SECRET_LENGTH or len(set(key)) < 8:
-            raise ValueError(
-                f"SSEHUB_SECRET_KEY must be at least {MIN_SECRET_LENGTH} random characters "
-                "(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
-            )
-        if any(p in key.lower() for p in PLACEHOLDER_SECRETS):
-            raise ValueError("SSEHUB_SECRET_KEY is a placeholder: set a random value")
+        problem = weak_key_problem(key)
+        if problem:
+            raise ValueError(f"SSEHUB_SECRET_KEY {problem}")
         return key
 
     @property
@@ -97,6 +93,27 @@ def _comma_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+class KeyFileError(Exception):
+    """The key file in the data dir cannot be used; the message names the file."""
+
+
+def weak_key_problem(key: str) -> str | None:
+    """What makes ``key`` unfit to sign tokens, or None if nothing does.
+
+    The one rule for both sources of the key, ``SSEHUB_SECRET_KEY`` and the
+    key file in the data dir: a short, repetitive or placeholder key can be
+    guessed, and whoever guesses it signs tokens for any user, admin included.
+    """
+    if len(key) < MIN_SECRET_LENGTH or len(set(key)) < 8:
+        return (
+            f"must be at least {MIN_SECRET_LENGTH} random characters "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
+    if any(p in key.lower() for p in PLACEHOLDER_SECRETS):
+        return "is a placeholder: set a random value"
+    return None
+
+
 def ensure_secret_key(settings: Settings) -> Settings:
     """Return settings with a signing key, generating one into the data dir if unset.
 
@@ -108,8 +125,23 @@ def ensure_secret_key(settings: Settings) -> Settings:
     path = settings.data_dir / SECRET_FILE
     if not path.exists():
         _create_secret_file(path)
+    return settings.model_copy(update={"secret_key": _read_secret_file(path)})
+
+
+def _read_secret_file(path: Path) -> str:
+    """The key in ``path``, refused by the same rule as ``SSEHUB_SECRET_KEY``.
+
+    A file emptied by a full disk, or edited by hand, would otherwise sign
+    tokens with a key anyone can guess (an empty HMAC key is a valid one).
+    """
     key = path.read_text().strip()
-    return settings.model_copy(update={"secret_key": key})
+    problem = weak_key_problem(key) if key else "is empty"
+    if problem:
+        raise KeyFileError(
+            f"refusing the signing key in {path}: it {problem}. Put a random key there, "
+            "delete the file to have one generated, or set SSEHUB_SECRET_KEY"
+        )
+    return key
 
 
 def _create_secret_file(path: Path) -> None:

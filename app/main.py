@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import ops
+from app.auth import signing_key
 from app.auth.routes import router as auth_router
 from app.auth.throttle import LoginThrottle
 from app.channels.routes import router as channels_router
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> ASGIApp:
             stack.callback(app.state.login_throttle.close)
             app.state.pool = await create_pool(settings.database_url, raw_size)
             stack.push_async_callback(app.state.pool.close)
+            await stack.enter_async_context(signing_key.claimed(app))
             await stack.enter_async_context(events_lifespan.running(app))
             await stack.enter_async_context(realtime_lifespan.running(app))
             yield

@@ -111,3 +111,12 @@ class IdempotencyKey(Base):
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[str] = mapped_column(Text)
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class SigningKey(Base):
+    """A fingerprint of a running instance's signing key (``app.auth.signing_key``)."""
+
+    __tablename__ = "signing_keys"
+
+    fingerprint: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

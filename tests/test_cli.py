@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import KeyFileError, Settings, ensure_secret_key
 from tests.support import ROOT, TEST_SECRET, Api, Server, free_port, sql
 
 
@@ -52,6 +53,10 @@ def test_create_admin_creates_then_promotes(api: Api, database_url: str) -> None
     assert done.returncode == 0 and "promoted" in done.stdout
     rows = asyncio.run(sql(database_url, "SELECT is_admin FROM users WHERE username = 'plain'"))
     assert rows[0][0] is True
+    # Unlike serve's bootstrap, create-admin is the deliberate reset of the password.
+    assert api.login("plain", "new-password")
+    r = api.http.post("/auth/token", data={"username": "plain", "password": "password-123"})
+    assert r.status_code == 401
 
 
 def test_create_admin_refuses_a_weak_password(database_url: str) -> None:
@@ -105,11 +110,51 @@ def test_serve_on_the_embedded_postgres_reuses_its_data(tmp_path: Path) -> None:
         second.stop()
 
 
-@pytest.mark.parametrize("key", ["too-short", "x" * 64, "change-me-to-a-long-random-string-42"])
+WEAK_KEYS = ["too-short", "x" * 64, "change-me-to-a-long-random-string-42"]
+
+
+@pytest.mark.parametrize("key", WEAK_KEYS)
 def test_weak_secret_keys_are_refused(database_url: str, key: str) -> None:
     done = _cli("migrate", SSEHUB_DATABASE_URL=database_url, SSEHUB_SECRET_KEY=key)
     assert done.returncode != 0
     assert "SSEHUB_SECRET_KEY" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("key", ["", "  \n\t ", *WEAK_KEYS])
+def test_an_empty_or_weak_key_file_is_refused(tmp_path: Path, database_url: str, key: str) -> None:
+    """The key file is held to the rule of SSEHUB_SECRET_KEY, and never replaced or used.
+
+    ``migrate`` reads the key exactly as ``serve`` does, and returns where a
+    ``serve`` that wrongly accepted the key would go on serving."""
+    key_file = tmp_path / "secret_key"
+    key_file.write_text(key)
+    env = {k: v for k, v in os.environ.items() if k != "SSEHUB_SECRET_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        cwd=ROOT,
+        env={**env, "SSEHUB_DATABASE_URL": database_url, "SSEHUB_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert str(key_file) in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert key_file.read_text() == key
+
+
+@pytest.mark.parametrize("key", WEAK_KEYS)
+def test_one_rule_for_the_key_from_the_environment_and_from_the_file(
+    tmp_path: Path, key: str
+) -> None:
+    with pytest.raises(ValidationError):
+        Settings(secret_key=key)
+    (tmp_path / "secret_key").write_text(key)
+    with pytest.raises(KeyFileError, match="secret_key"):
+        ensure_secret_key(Settings(secret_key=None, data_dir=tmp_path))
+    good = "a-random-looking-key-0123456789-abcdefghijklmnop"
+    (tmp_path / "secret_key").write_text(f"{good}\n")
+    assert ensure_secret_key(Settings(secret_key=None, data_dir=tmp_path)).secret_key == good
 
 
 def test_settings_come_from_a_dotenv_file(tmp_path: Path, database_url: str) -> None:

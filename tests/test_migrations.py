@@ -16,7 +16,15 @@ from app.config import Settings
 from app.models import Base
 from tests.support import ROOT, TEST_SECRET, create_database, drop_database, sql, unique_name
 
-TABLES = {"users", "channels", "channel_members", "subscriptions", "events", "idempotency_keys"}
+TABLES = {
+    "users",
+    "channels",
+    "channel_members",
+    "subscriptions",
+    "events",
+    "idempotency_keys",
+    "signing_keys",
+}
 
 
 @pytest.fixture

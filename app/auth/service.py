@@ -21,6 +21,7 @@ from app.auth.throttle import LoginThrottle
 from app.db import insert_unique, raw_connection
 from app.errors import Unauthorized
 from app.models import User
+from app.notify import notify_control
 
 _USERNAME = re.compile(USERNAME_PATTERN)
 ADMIN_LOCK = 0x55E4DAD  # pg advisory lock key: one admin bootstrap at a time
@@ -63,19 +64,29 @@ async def authenticate(pool: Any, throttle: LoginThrottle, username: str, passwo
     return int(row[0])
 
 
-async def ensure_admin(session: AsyncSession, username: str, password: str) -> tuple[User, bool]:
-    """Create ``username`` as an admin, or promote it and reset its password.
+async def ensure_admin(
+    session: AsyncSession, username: str, password: str, *, reset: bool = False
+) -> tuple[User, bool]:
+    """Create ``username`` as an admin; with ``reset``, promote an existing one and
+    set its password, else leave it exactly as it is.
 
-    Returns the user and whether it was created. Instances that start together
-    with the same ``SSEHUB_ADMIN_*`` would otherwise all see no such user and
-    all insert it; a transaction-scoped advisory lock makes them take turns.
+    Returns the user and whether it was created. ``serve`` runs this on every
+    start with ``SSEHUB_ADMIN_*``, so it must not reset: that would undo a
+    password changed since, and hand the account to whoever can edit the
+    environment. ``create-admin`` is the deliberate reset. Instances that
+    start together with the same ``SSEHUB_ADMIN_*`` would otherwise all see no
+    such user and all insert it; a transaction-scoped advisory lock makes them
+    take turns.
     """
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMIN_LOCK})
     user = await get_user_by_name(session, username)
     if user is None:
         password_hash = await asyncio.to_thread(hash_password, password)
         return await create_user(session, username, password_hash, is_admin=True), True
-    user.is_admin = True
-    user.password_hash = await asyncio.to_thread(hash_password, password)
-    await session.flush()
+    if reset:
+        user.is_admin = True
+        user.password_hash = await asyncio.to_thread(hash_password, password)
+        await session.flush()
+        # Instances remember who may publish (app.events.rights): tell them.
+        await notify_control(session, "user_changed", user_id=user.id)
     return user, False
