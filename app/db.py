@@ -62,7 +62,11 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
         max_overflow=0,
         pool_timeout=ACQUIRE_TIMEOUT_SECONDS,
         pool_pre_ping=True,
-        connect_args={"command_timeout": QUERY_TIMEOUT_SECONDS, "timeout": ACQUIRE_TIMEOUT_SECONDS},
+        connect_args={
+            "command_timeout": QUERY_TIMEOUT_SECONDS,
+            "timeout": ACQUIRE_TIMEOUT_SECONDS,
+            "server_settings": {"application_name": "ssehub-orm"},
+        },
     )
 
 
