@@ -39,12 +39,13 @@ async def register(
         raise Forbidden("Registration is closed")
     throttle, address = _throttle(request), client_address(request)
     throttle.check(address, body.username)
-    password_hash = await throttle.run(hash_password, body.password)
-    try:
-        return await service.create_user(session, body.username, password_hash)
-    except Conflict:
-        throttle.failed(address, body.username)
-        raise
+    with throttle.slot():
+        password_hash = await throttle.run(hash_password, body.password)
+        try:
+            return await service.create_user(session, body.username, password_hash)
+        except Conflict:
+            throttle.failed(address, body.username)
+            raise
 
 
 @router.post(
@@ -60,13 +61,14 @@ async def token(
     """Exchange username and password for an access token (OAuth2 password flow)."""
     throttle, address = _throttle(request), client_address(request)
     throttle.check(address, form.username)
-    try:
-        user_id = await service.authenticate(
-            request.app.state.pool, throttle, form.username, form.password
-        )
-    except Unauthorized:
-        throttle.failed(address, form.username)
-        raise
+    with throttle.slot():
+        try:
+            user_id = await service.authenticate(
+                request.app.state.pool, throttle, form.username, form.password
+            )
+        except Unauthorized:
+            throttle.failed(address, form.username)
+            raise
     access_token, ttl = issue_token(settings, user_id, "access")
     return TokenOut(access_token=access_token, expires_in=ttl)
 

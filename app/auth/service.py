@@ -50,7 +50,7 @@ async def authenticate(pool: Any, throttle: LoginThrottle, username: str, passwo
     A name that could never have been registered (a NUL byte, say, which
     Postgres cannot even compare) is an unknown user, not a query. The hash is
     read on a pooled connection that is returned before argon2 runs, in the
-    throttle's bounded pool.
+    throttle's bounded pool; call it within a ``LoginThrottle.slot``.
     """
     row = None
     if _USERNAME.match(username):

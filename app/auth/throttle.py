@@ -5,7 +5,9 @@ An argon2 hash here costs about 0.2 s of CPU (spread over two threads) and
 
 - Hashing runs in a small thread pool of its own (``HASH_WORKERS``), never in
   the default executor, with at most ``HASH_WAITING`` more requests waiting;
-  past that the answer is 429 at once. Its threads run at a lower priority
+  past that the answer is 429 at once. A login takes its place (``slot``)
+  before it looks the user up, so a flood also costs the database no more
+  than ``HASH_WORKERS + HASH_WAITING`` queries at a time. Its threads run at a lower priority
   (nice ``HASH_NICENESS``, inherited by argon2's own lane threads), so the
   event loop, which serves every other request and every stream, always gets
   the CPU first: ``/readyz`` and the API keep answering during a flood.
@@ -28,7 +30,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -81,17 +83,23 @@ class LoginThrottle:
         self._limiter.hit(self._limit, "address", address)
         self._limiter.hit(self._limit, "username", username)
 
-    async def run(self, work: Callable[..., T], *args: object) -> T:
-        """``work(*args)`` (a hash or a verification) in the hashing pool; 429 at once
-        when ``HASH_WORKERS + HASH_WAITING`` are already running or waiting."""
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """A place among the ``HASH_WORKERS + HASH_WAITING`` logins or registrations
+        in progress; 429 at once when there is none."""
         if self._in_flight >= HASH_WORKERS + HASH_WAITING:
             raise TooManyRequests("Too many logins at once; retry shortly")
         self._in_flight += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, work, *args)
+            yield
         finally:
             self._in_flight -= 1
+
+    async def run(self, work: Callable[..., T], *args: object) -> T:
+        """``work(*args)`` (a hash or a verification) in the hashing pool; call it
+        within a ``slot``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, work, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
