@@ -1,4 +1,4 @@
-"""``ssehub serve | migrate | create-admin``."""
+"""``ssehub serve | migrate | create-admin | api-key create``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
@@ -71,26 +71,60 @@ def migrate(settings: Settings) -> None:
     command.upgrade(alembic_config(settings.database_url), "head")
 
 
-async def _ensure_admin(settings: Settings, username: str, password: str, *, reset: bool) -> bool:
+T = TypeVar("T")
+
+
+def in_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(session)`` in one committed transaction on its own connection."""
+    from app.db import create_engine, create_sessionmaker
+
+    async def run() -> T:
+        assert settings.database_url
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                result = await work(session)
+                await session.commit()
+                return result
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _ensure_admin(settings: Settings, username: str, password: str, *, reset: bool) -> bool:
     """Create ``username`` as an admin if missing; with ``reset``, promote an
     existing one and set its password. Returns whether it was created."""
     from app.auth.service import ensure_admin
-    from app.db import create_engine, create_sessionmaker
 
-    assert settings.database_url
-    engine = create_engine(settings.database_url, pool_size=1)
+    async def work(session: Any) -> bool:
+        _, created = await ensure_admin(session, username, password, reset=reset)
+        return created
+
+    return in_session(settings, work)
+
+
+def create_api_key(settings: Settings, name: str, patterns: list[str]) -> None:
+    """Print a new API key (only its hash is stored: this is the one time it is seen)."""
+    from app.auth.api_key_routes import ApiKeyIn
+    from app.auth.api_keys import create_key
+
     try:
-        async with create_sessionmaker(engine)() as session:
-            _, created = await ensure_admin(session, username, password, reset=reset)
-            await session.commit()
-    finally:
-        await engine.dispose()
-    return created
+        body = ApiKeyIn(name=name, publish=patterns)
+    except ValueError as exc:
+        sys.exit(f"invalid API key: {exc}")
+    migrate(settings)
+
+    async def work(session: Any) -> str:
+        _, key = await create_key(session, body.name, body.publish)
+        return key
+
+    print(in_session(settings, work))
 
 
 def _bootstrap_admin(settings: Settings, username: str, password: str) -> None:
     """The admin of ``SSEHUB_ADMIN_*``, created on the first start only."""
-    if asyncio.run(_ensure_admin(settings, username, password, reset=False)):
+    if _ensure_admin(settings, username, password, reset=False):
         log.info("created admin %s", username)
     else:
         log.info(
@@ -169,7 +203,7 @@ def create_admin(settings: Settings, username: str) -> None:
     )
     _check_admin_account(username, password)
     migrate(settings)
-    created = asyncio.run(_ensure_admin(settings, username, password, reset=True))
+    created = _ensure_admin(settings, username, password, reset=True)
     print(f"created admin {username}" if created else f"promoted admin {username}, password reset")
 
 
@@ -193,6 +227,17 @@ def main(argv: list[str] | None = None) -> None:
         "create-admin", help="create an admin, or promote a user and reset its password"
     )
     admin_p.add_argument("username")
+    keys_p = commands.add_parser("api-key", help="API keys for backend publishers")
+    keys = keys_p.add_subparsers(dest="api_key_command", required=True)
+    create_key_p = keys.add_parser("create", help="create a key and print it (shown only once)")
+    create_key_p.add_argument("name")
+    create_key_p.add_argument(
+        "--publish",
+        nargs="+",
+        required=True,
+        metavar="PATTERN",
+        help="channels it may publish to and read; * matches any run of characters",
+    )
     args = parser.parse_args(argv)
 
     configure_logging()
@@ -208,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                 serve(settings, args.host, args.port, args.workers)
             elif args.command == "migrate":
                 migrate(settings)
+            elif args.command == "api-key":
+                create_api_key(settings, args.name, args.publish)
             else:
                 create_admin(settings, args.username)
     except (OSError, DBAPIError) as exc:

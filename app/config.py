@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("ssehub")
@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
     max_connections: PositiveInt = 15000
     db_pool_size: int = Field(default=20, ge=2)
+    # Your application's own tokens (app.auth.external); unset issuer: off.
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_shared_secret: str | None = None
+    jwt_user_claim: str = "sub"
+    jwt_admin_claim: str | None = None
+    jwt_admin_value: str = "ssehub:admin"
+    # The stream cookie is Secure (HTTPS only) unless this is false.
+    cookie_secure: bool = True
     # Not in the public contract's list: how often history bounds are enforced,
     # and whether uvicorn logs a line per request.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
@@ -77,6 +88,26 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(f"SSEHUB_SECRET_KEY {problem}")
         return key
+
+    @model_validator(mode="after")
+    def _one_external_key(self) -> Settings:
+        """External tokens need exactly one way to verify them, and a shared secret
+        that is ssehub's own key would let the issuer sign ssehub's tokens."""
+        if not self.jwt_issuer:
+            return self
+        sources = [self.jwt_jwks_url, self.jwt_public_key_file, self.jwt_shared_secret]
+        if sum(1 for source in sources if source) != 1:
+            raise ValueError(
+                "SSEHUB_JWT_ISSUER needs exactly one of SSEHUB_JWT_JWKS_URL, "
+                "SSEHUB_JWT_PUBLIC_KEY_FILE and SSEHUB_JWT_SHARED_SECRET"
+            )
+        if self.jwt_shared_secret:
+            problem = weak_key_problem(self.jwt_shared_secret)
+            if problem:
+                raise ValueError(f"SSEHUB_JWT_SHARED_SECRET {problem}")
+            if self.jwt_shared_secret == self.secret_key:
+                raise ValueError("SSEHUB_JWT_SHARED_SECRET must not be SSEHUB_SECRET_KEY")
+        return self
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.auth.deps import access_claims, bearer_scheme, stream_claims
+from app.auth.deps import publisher_caller, stream_caller
 from app.errors import SsehubError, error_response, render_error, unexpected_error
 from app.events import routes as events
 from app.realtime import routes as streams
@@ -34,24 +34,22 @@ Endpoint = Callable[[Request, str], Awaitable[Response]]
 
 
 async def _publish(request: Request, name: str) -> Response:
-    settings = request.app.state.settings
-    caller = await access_claims(settings, await bearer_scheme(request))
+    caller = await publisher_caller(request)
     key = request.headers.get("idempotency-key")
-    return await events.publish(name, request, settings, caller, key)
+    return await events.publish(name, request, request.app.state.settings, caller, key)
 
 
 async def _publish_batch(request: Request, name: str) -> Response:
-    settings = request.app.state.settings
-    caller = await access_claims(settings, await bearer_scheme(request))
-    return await events.publish_batch(name, request, settings, caller)
+    caller = await publisher_caller(request)
+    return await events.publish_batch(name, request, request.app.state.settings, caller)
 
 
 async def _stream_channel(request: Request, name: str) -> Response:
-    return await streams.stream_channel(name, request, stream_claims(request))
+    return await streams.stream_channel(name, request, await stream_caller(request))
 
 
 async def _stream_subscriptions(request: Request, _name: str) -> Response:
-    return await streams.stream_subscriptions(request, stream_claims(request))
+    return await streams.stream_subscriptions(request, await stream_caller(request))
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str] | None:

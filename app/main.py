@@ -1,8 +1,10 @@
 """``create_app(settings)``: wiring and lifespan, nothing else.
 
 The lifespan builds the shared objects once per process and hangs them on
-``app.state``: the engine and sessionmaker, the hot paths' pool, the metrics, then (in this order)
-the event log's writer and retention (``app.events.lifespan``) and the
+``app.state``: the engine and sessionmaker, the hot paths' pool, the metrics,
+then (in this order) the signing key's claim (``app.auth.signing_key``), the
+login throttle and the identity verifiers (``app.auth.lifespan``), the event
+log's writer, publish rights and retention (``app.events.lifespan``) and the
 real-time side, hub and broker (``app.realtime.lifespan``).
 """
 
@@ -22,9 +24,10 @@ from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import ops
+from app.auth import lifespan as auth_lifespan
 from app.auth import signing_key
+from app.auth.api_key_routes import router as api_keys_router
 from app.auth.routes import router as auth_router
-from app.auth.throttle import LoginThrottle
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
 from app.db import create_engine, create_pool, create_sessionmaker, split_budget
@@ -37,6 +40,7 @@ from app.logs import install_token_redaction
 from app.metrics import Metrics
 from app.realtime import lifespan as realtime_lifespan
 from app.realtime.routes import router as realtime_router
+from app.users.routes import router as users_router
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -67,11 +71,10 @@ def create_app(settings: Settings) -> ASGIApp:
         app.state.sessionmaker = create_sessionmaker(engine)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
-            app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
-            stack.callback(app.state.login_throttle.close)
             app.state.pool = await create_pool(settings.database_url, raw_size)
             stack.push_async_callback(app.state.pool.close)
             await stack.enter_async_context(signing_key.claimed(app))
+            await stack.enter_async_context(auth_lifespan.running(app))
             await stack.enter_async_context(events_lifespan.running(app))
             await stack.enter_async_context(realtime_lifespan.running(app))
             yield
@@ -85,7 +88,16 @@ def create_app(settings: Settings) -> ASGIApp:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for router in (ops.router, auth_router, channels_router, events_router, realtime_router):
+    routers = (
+        ops.router,
+        auth_router,
+        users_router,
+        api_keys_router,
+        channels_router,
+        events_router,
+        realtime_router,
+    )
+    for router in routers:
         app.include_router(router)
     if STATIC_DIR.joinpath("index.html").exists():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
@@ -94,6 +106,9 @@ def create_app(settings: Settings) -> ASGIApp:
         served = CORSMiddleware(
             served,
             allow_origins=settings.cors_origin_list,
+            # For the stream cookie: a page on exactly these origins may open a
+            # stream with credentials; any other origin gets no CORS headers.
+            allow_credentials=True,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["*"],

@@ -16,11 +16,13 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -30,19 +32,23 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (Index("uq_users_external_subject", "external_subject", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
-    password_hash: Mapped[str] = mapped_column(Text)
+    password_hash: Mapped[str | None] = mapped_column(Text)  # None: an external user
+    # The identity provider's name for a user created from its token (app.auth.external).
+    external_subject: Mapped[str | None] = mapped_column(Text)
     is_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Channel(Base):
     __tablename__ = "channels"
+    __table_args__ = (Index("uq_channels_owner_id", "owner_id", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(65), unique=True)  # "@" + a username: personal
     description: Mapped[str] = mapped_column(Text, server_default="")
     private: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     max_events: Mapped[int | None] = mapped_column(Integer)
@@ -51,6 +57,8 @@ class Channel(Base):
     # Every event of this channel with an id at or below this has been removed
     # by retention; a stream that had not delivered them gets ``ssehub.truncated``.
     pruned_through: Mapped[int] = mapped_column(BigInteger, server_default=text("0"), index=True)
+    # The user of a personal channel ``@USERNAME``: it lives and dies with them.
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
 
 
 class ChannelMember(Base):
@@ -120,3 +128,27 @@ class SigningKey(Base):
 
     fingerprint: Mapped[str] = mapped_column(Text, primary_key=True)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ExternalTombstone(Base):
+    """An external user an admin deleted: its tokens issued before are refused."""
+
+    __tablename__ = "external_tombstones"
+
+    subject: Mapped[str] = mapped_column(Text, primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ApiKey(Base):
+    """A backend publisher's key: only its public prefix and a hash are kept."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("uq_api_keys_prefix", "prefix", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    publish: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    prefix: Mapped[str] = mapped_column(String(32))
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -18,6 +18,7 @@ delivered exactly when (and only if) the change commits:
 ``unsubscribed``       ``user_id``, ``channel_id``, ``channel``: ``/stream`` drops it
 ``user_changed``       ``user_id``: promoted, demoted or deleted; cached rights
                        are forgotten, open streams re-checked
+``api_key_revoked``    ``key_id``: the key is refused from now on
 =====================  =====================================================
 
 Every instance applies each message through its ``ControlHandler``s (the open
@@ -39,7 +40,12 @@ EVENTS_CHANNEL = "ssehub_events"
 CONTROL_CHANNEL = "ssehub_control"
 
 ControlOp = Literal[
-    "channel_deleted", "access_changed", "subscribed", "unsubscribed", "user_changed"
+    "channel_deleted",
+    "access_changed",
+    "subscribed",
+    "unsubscribed",
+    "user_changed",
+    "api_key_revoked",
 ]
 
 
@@ -53,10 +59,18 @@ class ControlHandler(Protocol):
         """Messages may have been lost: rebuild from the database."""
 
 
+def control_payload(op: ControlOp, **fields: Any) -> str:
+    return orjson.dumps({"op": op, **fields}).decode()
+
+
 async def notify_control(session: AsyncSession, op: ControlOp, **fields: Any) -> None:
     """Queue a control message; Postgres delivers it when ``session`` commits."""
-    payload = orjson.dumps({"op": op, **fields}).decode()
     await session.execute(
         text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": CONTROL_CHANNEL, "payload": payload},
+        {"channel": CONTROL_CHANNEL, "payload": control_payload(op, **fields)},
     )
+
+
+async def notify_control_raw(conn: Any, op: ControlOp, **fields: Any) -> None:
+    """``notify_control`` on a bare asyncpg connection (delivered at its commit)."""
+    await conn.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, control_payload(op, **fields))

@@ -27,7 +27,16 @@ from app.db import asyncpg_dsn
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-0123456789"
 ADMIN_PASSWORD = "admin-password-1"
-TABLES = ("idempotency_keys", "events", "subscriptions", "channel_members", "channels", "users")
+TABLES = (
+    "idempotency_keys",
+    "events",
+    "subscriptions",
+    "channel_members",
+    "channels",
+    "users",
+    "api_keys",
+    "external_tombstones",
+)
 
 
 def free_port() -> int:

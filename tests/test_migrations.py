@@ -24,6 +24,8 @@ TABLES = {
     "events",
     "idempotency_keys",
     "signing_keys",
+    "api_keys",
+    "external_tombstones",
 }
 
 

@@ -1,10 +1,15 @@
-"""The caller dependencies: ``AccessClaims``, ``CurrentUser``, ``AdminUser``, ``StreamClaims``.
+"""The caller dependencies: every route asks one of these who is calling.
 
-REST endpoints accept only access tokens, from the ``Authorization`` header.
-``AccessClaims`` is the token alone, for the publish routes: the publish
-function checks in its own transaction that the user exists and is an admin.
-The stream endpoints also accept stream tokens, and a token in the
-``access_token`` query parameter, because ``EventSource`` cannot set headers.
+- ``PublisherCaller``: publishing and history, which also accept API keys.
+- ``CurrentUser`` / ``AdminUser``: every other REST endpoint; a user (ssehub's
+  own access token or the identity provider's), never an API key (403).
+- ``stream_caller``: the two stream endpoints, which also accept stream
+  tokens, in the ``Authorization`` header, in ``?access_token=`` (for
+  ``EventSource``, which cannot set headers) or in the ``ssehub_stream`` cookie
+  (``POST /auth/stream-cookie``), in that order; never an API key.
+
+The security schemes below are what ``/docs`` shows; the credentials are all
+checked by ``app.auth.identity``.
 """
 
 from __future__ import annotations
@@ -12,16 +17,41 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import OAuth2PasswordBearer
+from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPBearer, OAuth2PasswordBearer
 
+from app.auth.identity import Caller, Identity
 from app.auth.service import get_user
-from app.auth.tokens import Scope, TokenClaims, decode_token
+from app.auth.tokens import Scope
 from app.config import Settings
 from app.db import SessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 
-bearer_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+STREAM_COOKIE = "ssehub_stream"
+bearer_scheme = OAuth2PasswordBearer(
+    tokenUrl="/auth/token",
+    auto_error=False,
+    description="An access token from /auth/token, or a JWT from your identity provider "
+    "(SSEHUB_JWT_ISSUER).",
+)
+api_key_scheme = HTTPBearer(
+    scheme_name="APIKey",
+    bearerFormat="ssehub_…",
+    auto_error=False,
+    description="An API key (POST /api-keys): publishing and history only.",
+)
+stream_query_scheme = APIKeyQuery(
+    name="access_token",
+    scheme_name="StreamTokenQuery",
+    auto_error=False,
+    description="A stream token (or access token) in the URL, for EventSource.",
+)
+stream_cookie_scheme = APIKeyCookie(
+    name=STREAM_COOKIE,
+    scheme_name="StreamCookie",
+    auto_error=False,
+    description="The cookie POST /auth/stream-cookie sets: streams only.",
+)
 ACCESS_ONLY: frozenset[Scope] = frozenset({"access"})
 ACCESS_OR_STREAM: frozenset[Scope] = frozenset({"access", "stream"})
 
@@ -34,20 +64,48 @@ async def settings_of(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 
 
-async def access_claims(
-    settings: SettingsDep, token: Annotated[str | None, Depends(bearer_scheme)]
-) -> TokenClaims:
-    """The caller's access token, checked without the database (401 if bad)."""
+def _identity(request: Request) -> Identity:
+    identity: Identity = request.app.state.identity
+    return identity
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def publisher_caller(request: Request) -> Caller:
+    """The caller of a publish or a history read: a user or an API key (401 if none)."""
+    token = _bearer(request)
     if not token:
         raise Unauthorized()
-    return decode_token(settings, token, ACCESS_ONLY)
+    return await _identity(request).caller(token, ACCESS_ONLY)
 
 
-AccessClaims = Annotated[TokenClaims, Depends(access_claims)]
+async def _publisher_caller(
+    request: Request,
+    _token: Annotated[str | None, Depends(bearer_scheme)],
+    _key: Annotated[object, Depends(api_key_scheme)],
+) -> Caller:
+    return await publisher_caller(request)
 
 
-async def current_user(session: SessionDep, claims: AccessClaims) -> User:
-    user = await get_user(session, claims.user_id)
+PublisherCaller = Annotated[Caller, Depends(_publisher_caller)]
+
+
+async def _user_caller(
+    request: Request, _token: Annotated[str | None, Depends(bearer_scheme)]
+) -> Caller:
+    caller = await publisher_caller(request)
+    caller.user()  # 403 for an API key
+    return caller
+
+
+UserCaller = Annotated[Caller, Depends(_user_caller)]
+
+
+async def current_user(session: SessionDep, caller: UserCaller) -> User:
+    user = await get_user(session, caller.user())
     if user is None:
         raise Unauthorized("User no longer exists")
     return user
@@ -65,20 +123,30 @@ async def admin_user(user: CurrentUser) -> User:
 AdminUser = Annotated[User, Depends(admin_user)]
 
 
-def stream_claims(request: Request) -> TokenClaims:
-    """A stream's token from the header or ``?access_token=`` (header first).
-
-    Checked without the database: the stream's own lookup
+async def stream_caller(request: Request) -> Caller:
+    """A stream's caller from the header, ``?access_token=`` or the cookie (in that
+    order). Checked without the database: the stream's own lookup
     (``app.channels.service.stream_access``) checks that the user still exists,
-    in the same query that finds its channels.
-    """
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not (scheme.lower() == "bearer" and token):
-        token = request.query_params.get("access_token", "")
+    in the same query that finds its channels."""
+    token = (
+        _bearer(request)
+        or request.query_params.get("access_token", "").strip()
+        or request.cookies.get(STREAM_COOKIE, "")
+    )
     if not token:
         raise Unauthorized()
-    return decode_token(request.app.state.settings, token.strip(), ACCESS_OR_STREAM)
+    caller = await _identity(request).caller(token, ACCESS_OR_STREAM)
+    caller.user()  # 403 for an API key
+    return caller
 
 
-StreamClaims = Annotated[TokenClaims, Depends(stream_claims)]
+async def _stream_caller(
+    request: Request,
+    _token: Annotated[str | None, Depends(bearer_scheme)],
+    _query: Annotated[str | None, Depends(stream_query_scheme)],
+    _cookie: Annotated[str | None, Depends(stream_cookie_scheme)],
+) -> Caller:
+    return await stream_caller(request)
+
+
+StreamCaller = Annotated[Caller, Depends(_stream_caller)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.auth import service
-from app.auth.deps import CurrentUser, SettingsDep
+from app.auth.deps import STREAM_COOKIE, CurrentUser, SettingsDep
 from app.auth.passwords import hash_password
 from app.auth.schemas import RegisterIn, StreamTokenOut, TokenOut, UserOut
 from app.auth.throttle import LoginThrottle, client_address
@@ -78,6 +78,35 @@ async def stream_token(user: CurrentUser, settings: SettingsDep) -> StreamTokenO
     """A token only the stream endpoints accept, safe(r) to put in an EventSource URL."""
     token_, ttl = issue_token(settings, user.id, "stream")
     return StreamTokenOut(stream_token=token_, expires_in=ttl)
+
+
+@router.post("/auth/stream-cookie", status_code=204)
+async def stream_cookie(user: CurrentUser, settings: SettingsDep) -> Response:
+    """Set the ``ssehub_stream`` cookie (HttpOnly) holding a stream token: both
+    stream endpoints accept it, so a page needs no token in any URL. REST
+    endpoints never accept it."""
+    token_, ttl = issue_token(settings, user.id, "stream")
+    response = Response(status_code=204)
+    response.set_cookie(
+        STREAM_COOKIE,
+        token_,
+        max_age=ttl,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=settings.cookie_secure,
+    )
+    return response
+
+
+@router.delete("/auth/stream-cookie", status_code=204)
+async def clear_stream_cookie(settings: SettingsDep) -> Response:
+    """Clear the ``ssehub_stream`` cookie."""
+    response = Response(status_code=204)
+    response.delete_cookie(
+        STREAM_COOKIE, path="/", httponly=True, samesite="lax", secure=settings.cookie_secure
+    )
+    return response
 
 
 @router.get("/users/me", response_model=UserOut)

@@ -18,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.passwords import hash_password, verify_password
 from app.auth.schemas import USERNAME_PATTERN
 from app.auth.throttle import LoginThrottle
+from app.channels.schemas import personal_channel
 from app.db import insert_unique, raw_connection
 from app.errors import Unauthorized
-from app.models import User
+from app.models import Channel, User
 from app.notify import notify_control
 
 _USERNAME = re.compile(USERNAME_PATTERN)
@@ -39,9 +40,13 @@ async def get_user_by_name(session: AsyncSession, username: str) -> User | None:
 async def create_user(
     session: AsyncSession, username: str, password_hash: str, is_admin: bool = False
 ) -> User:
-    """Insert a user; a taken name is a 409 even when two requests race for it."""
+    """Insert a user with its personal channel; a taken name is a 409 even when two
+    requests race for it."""
     user = User(username=username, password_hash=password_hash, is_admin=is_admin)
-    return await insert_unique(session, user, f"Username {username!r} is taken")
+    user = await insert_unique(session, user, f"Username {username!r} is taken")
+    session.add(Channel(name=personal_channel(username), private=True, owner_id=user.id))
+    await session.flush()
+    return user
 
 
 async def authenticate(pool: Any, throttle: LoginThrottle, username: str, password: str) -> int:

@@ -15,48 +15,55 @@ from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth.schemas import USERNAME_PATTERN
 from app.auth.service import get_user_by_name
 from app.channels.schemas import CHANNEL_NAME_PATTERN, ChannelIn, ChannelOut
 from app.db import insert_unique
-from app.errors import NotFound, Unauthorized
+from app.errors import Forbidden, NotFound, Unauthorized
 from app.models import Channel, ChannelMember, Event, Subscription, User
 from app.notify import notify_control
 
+# Who may read a channel, as SQL over a user ``u`` and a channel ``c``: admins
+# read everything; anyone a public channel; its members a private one; its user
+# a personal channel. Every query below uses this one rule, and
+# ``_readable_by`` says the same for the ORM.
+READABLE = """(u.is_admin OR NOT c.private OR c.owner_id = u.id OR EXISTS (
+        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))"""
+
 
 def _readable_by(user_id: int) -> Any:
-    """SQL condition: the channel is public or ``user_id`` is a member."""
+    """ORM condition: the channel is public, ``user_id``'s own, or ``user_id`` is a member."""
     member = exists().where(
         ChannelMember.channel_id == Channel.id, ChannelMember.user_id == user_id
     )
-    return (Channel.private.is_(False)) | member
+    return (Channel.private.is_(False)) | (Channel.owner_id == user_id) | member
 
 
 # Opening a stream, in bare SQL on the hot paths' pool: a reconnect storm opens
 # thousands a second. One query checks that the user still exists and finds the
-# channels; "readable" is the rule of ``_readable_by``, and admins read everything.
-_STREAM_ONE = """
+# channels. ``/stream`` carries the subscribed channels and the user's personal one.
+_STREAM_ONE = f"""
 SELECT u.is_admin, c.id, c.name FROM users u
-LEFT JOIN channels c ON c.name = $2
-    AND (u.is_admin OR NOT c.private OR EXISTS (
-        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
-WHERE u.id = $1"""
-_STREAM_SUBSCRIBED = """
+LEFT JOIN channels c ON c.name = $2 AND {READABLE}
+WHERE u.id = $1"""  # noqa: S608 - READABLE is a constant
+_STREAM_SUBSCRIBED = f"""
 SELECT u.is_admin, c.id, c.name FROM users u
-LEFT JOIN subscriptions s ON s.user_id = u.id
-LEFT JOIN channels c ON c.id = s.channel_id
-    AND (u.is_admin OR NOT c.private OR EXISTS (
-        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
-WHERE u.id = $1"""
+LEFT JOIN channels c ON (c.owner_id = u.id OR c.id IN (
+        SELECT s.channel_id FROM subscriptions s WHERE s.user_id = u.id))
+    AND {READABLE}
+WHERE u.id = $1"""  # noqa: S608 - READABLE is a constant
 _CHANNEL_NAME = re.compile(CHANNEL_NAME_PATTERN)
+_PERSONAL_NAME = re.compile("@" + USERNAME_PATTERN.lstrip("^"))
 
 
 def lookup_name(name: str) -> str:
-    """``name`` if a channel could have it, else ``""``, which no channel has.
+    """``name`` if a channel could have it (a channel's name, or ``@USERNAME``),
+    else ``""``, which no channel has.
 
     Names come from URLs: one with a NUL byte, say, cannot even be sent to
     Postgres, but as ``""`` it is simply not found, by the same query.
     """
-    return name if _CHANNEL_NAME.match(name) else ""
+    return name if _CHANNEL_NAME.match(name) or _PERSONAL_NAME.match(name) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,22 +91,24 @@ async def stream_access(conn: Any, user_id: int, name: str | None) -> StreamAcce
 # What open streams may carry now, for many users at once (a control message or
 # a reconnected listener re-checks every affected stream): per user that still
 # exists, the channels it can read among those its streams carry ($1, $2 as
-# pairs) and those it is subscribed to (users $3), each with whether it is
-# subscribed. A user with no such channel still has one row (c.id NULL).
-_STREAMS_ACCESS = """
+# pairs) and those it is subscribed to (users $3, their personal channel
+# included), each with whether ``/stream`` carries it. A user with no such
+# channel still has one row (c.id NULL).
+_STREAMS_ACCESS = f"""
 WITH wanted AS (
     SELECT p.uid, p.cid FROM unnest($1::bigint[], $2::bigint[]) AS p(uid, cid)
     UNION
     SELECT s.user_id, s.channel_id FROM subscriptions s WHERE s.user_id = ANY($3::bigint[])
+    UNION
+    SELECT c.owner_id, c.id FROM channels c WHERE c.owner_id = ANY($3::bigint[])
 )
 SELECT u.id, u.is_admin, c.id, c.name,
-       EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = u.id AND s.channel_id = c.id)
+       c.owner_id = u.id OR EXISTS (
+           SELECT 1 FROM subscriptions s WHERE s.user_id = u.id AND s.channel_id = c.id)
 FROM users u
 LEFT JOIN wanted w ON w.uid = u.id
-LEFT JOIN channels c ON c.id = w.cid
-    AND (u.is_admin OR NOT c.private OR EXISTS (
-        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))
-WHERE u.id = ANY($4::bigint[])"""
+LEFT JOIN channels c ON c.id = w.cid AND {READABLE}
+WHERE u.id = ANY($4::bigint[])"""  # noqa: S608 - READABLE is a constant
 
 
 @dataclass(slots=True)
@@ -132,14 +141,38 @@ async def streams_access(
     return access
 
 
+_HISTORY_ACCESS = f"""
+SELECT (SELECT u.id FROM users u WHERE u.id = $2), c.id, {READABLE}
+FROM channels c LEFT JOIN users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
+
+
+async def history_channel(conn: Any, name: str, user_id: int | None) -> int:
+    """The id of the channel ``name`` whose history the caller may read: a user
+    (``user_id``; 401 if gone, 404 unless they can read it) or, with ``None``, an
+    API key whose patterns the caller checked already (404 only if missing)."""
+    row = await conn.fetchrow(_HISTORY_ACCESS, lookup_name(name), user_id)
+    if user_id is not None and row is not None and row[0] is None:
+        raise Unauthorized("User no longer exists")
+    if row is None or not (user_id is None or row[2]):
+        raise NotFound(f"Channel {name!r} not found")
+    return int(row[1])
+
+
 async def get_channel(session: AsyncSession, name: str) -> Channel:
-    """Any channel by name (admin paths); 404 if missing."""
+    """Any channel by name, for the admin's changes; 404 if missing. A personal
+    channel is not changed this way: it lives and dies with its user (403)."""
     channel = (
         await session.execute(select(Channel).where(Channel.name == name))
     ).scalar_one_or_none()
     if channel is None:
         raise NotFound(f"Channel {name!r} not found")
+    _not_personal(channel)
     return channel
+
+
+def _not_personal(channel: Channel) -> None:
+    if channel.owner_id is not None:
+        raise Forbidden("A personal channel follows its user: it cannot be changed")
 
 
 async def get_readable_channel(
@@ -165,7 +198,8 @@ async def can_read(session: AsyncSession, user_id: int, is_admin: bool, channel_
 async def list_readable(
     session: AsyncSession, user_id: int, is_admin: bool, after: str | None, limit: int
 ) -> list[Channel]:
-    query = select(Channel).order_by(Channel.name).limit(limit)
+    # Personal channels are not listed: each user has one (``GET /me/events``).
+    query = select(Channel).where(Channel.owner_id.is_(None)).order_by(Channel.name).limit(limit)
     if after is not None:
         query = query.where(Channel.name > after)
     if not is_admin:
@@ -278,7 +312,9 @@ async def subscriptions_of(session: AsyncSession, user_id: int) -> list[tuple[st
 
 
 async def subscribe(session: AsyncSession, user_id: int, channel: Channel) -> bool:
-    """Store a subscription; returns whether it is new. Open streams learn of it."""
+    """Store a subscription; returns whether it is new. Open streams learn of it.
+    A personal channel needs none: ``/stream`` always carries it."""
+    _not_personal(channel)
     result = await session.execute(
         insert(Subscription)
         .values(user_id=user_id, channel_id=channel.id)

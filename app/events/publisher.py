@@ -15,13 +15,13 @@ at the top. "Everything above the last id I saw" is therefore a complete cursor.
 much as possible: requests that arrive while a transaction is in flight are
 coalesced into the next one. And each transaction is one round trip on the
 writer's own connection: the database function ``ssehub_publish_as``
-(migration 0003) takes the lock, checks every request's caller (an admin who
-still exists) and channel, draws the ids, inserts the rows that pass and sends
-one NOTIFY that wakes every instance's broker; the statement's implicit
-transaction commits as it returns. A publish request therefore costs the
-database nothing of its own: no user or channel lookup before it, no pooled
-connection checkout. Throughput grows with concurrency instead of queueing on
-the lock.
+(migration 0006) checks every request's caller (an admin or an API key that
+still exists) and channel, takes the lock, draws the ids, inserts the rows
+that pass and sends one NOTIFY that wakes every instance's broker; the
+statement's implicit transaction commits as it returns. The writer itself
+costs a publish no pooled connection checkout (the rights check before it
+mostly answers from memory, ``app.events.rights``). Throughput grows with
+concurrency instead of queueing on the lock.
 
 Within a transaction the ids are drawn first, sorted, and handed to the rows
 in request order, so a batch's ids increase in the order given.
@@ -59,6 +59,7 @@ from typing import Any
 
 import asyncpg
 
+from app.auth.identity import Caller
 from app.channels.service import lookup_name
 from app.db import ACQUIRE_TIMEOUT_SECONDS, asyncpg_dsn
 from app.errors import Forbidden, NotFound, SsehubError, Unauthorized, Unavailable
@@ -78,11 +79,12 @@ WRITE_TIMEOUT_SECONDS = 10.0
 MAX_EVENTS_PER_TRANSACTION = 1000
 WRITER_NAME = "ssehub-writer"
 
-# The function (migrations/versions/0004) checks each row's caller and channel,
+# The function (migrations/versions/0006) checks each row's caller and channel,
 # takes the lock, draws the ids in request order, inserts and notifies: one round
 # trip, committed when the statement ends. One status per row, in row order.
 _PUBLISH = (
-    "SELECT * FROM ssehub_publish_as($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])"
+    "SELECT * FROM ssehub_publish_as("
+    "$1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])"
 )
 # Errors after which the transaction may have committed (see "Failures").
 _OUTCOME_UNKNOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57014"})
@@ -96,7 +98,8 @@ class NewEvent:
 
 @dataclass
 class _Request:
-    user_id: int
+    user_id: int | None  # the caller: a user,
+    key_id: int | None  # or an API key
     channel: str
     items: list[NewEvent]
     idempotency_key: str | None
@@ -122,14 +125,19 @@ class Publisher:
         self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
 
     async def publish(
-        self, user_id: int, channel: str, items: list[NewEvent], idempotency_key: str | None
+        self,
+        caller: Caller,
+        channel: str,
+        items: list[NewEvent],
+        idempotency_key: str | None,
     ) -> tuple[list[StoredEvent], bool]:
-        """Commit ``items`` to ``channel`` as ``user_id``; returns the events and
+        """Commit ``items`` to ``channel`` as ``caller``; returns the events and
         whether they are new.
 
-        Raises 401 if the user no longer exists, 403 if they are not an admin,
-        404 if there is no such channel. With an idempotency key already used
-        on this channel, returns the first event and ``False``, publishing nothing.
+        Raises 401 if the user or the API key no longer exists, 403 if the user
+        is not an admin, 404 if there is no such channel. With an idempotency key
+        already used on this channel, returns the first event and ``False``,
+        publishing nothing.
         """
         if self._closed:
             raise Unavailable("The server is shutting down")
@@ -139,7 +147,8 @@ class Publisher:
             or self._pending_bytes + size > MAX_PENDING_BYTES
         ):
             raise Unavailable("Too many publishes are waiting; retry shortly")
-        request = _Request(user_id, channel, items, idempotency_key, size)
+        key_id = caller.api_key.id if caller.api_key else None
+        request = _Request(caller.user_id, key_id, channel, items, idempotency_key, size)
         self._pending.append(request)
         self._pending_events += len(items)
         self._pending_bytes += size
@@ -244,6 +253,7 @@ class Publisher:
         statuses = await conn.fetch(
             _PUBLISH,
             [r.user_id for r, _ in rows],
+            [r.key_id for r, _ in rows],
             [lookup_name(r.channel) for r, _ in rows],
             [item.type for _, item in rows],
             [item.data for _, item in rows],
@@ -289,7 +299,7 @@ def _result(request: _Request, rows: list[Any]) -> tuple[list[StoredEvent], bool
         )
         return [event], False
     if status == "unauthorized":
-        return Unauthorized("User no longer exists")
+        return Unauthorized("User no longer exists" if request.user_id else "Invalid API key")
     if status == "forbidden":
         return Forbidden("Admin only")
     return NotFound(f"Channel {request.channel!r} not found")

@@ -6,6 +6,9 @@ touched (the contract's "rights before work"). ``PublishRights.check`` answers
 from what this process already knows, asking the database only for what it
 does not: one indexed query on the hot paths' pool, never the writer.
 
+An API key may publish where its patterns match (``ApiKeyGrant.allows``),
+else 403; the channel must exist (404).
+
 What is remembered, and why it stays true:
 - whether a user is an admin, per user id: forgotten on a ``user_changed``
   control message (a promotion, a demotion, a deletion), sent in the
@@ -26,17 +29,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.channels.service import lookup_name
+from app.auth.identity import Caller
+from app.channels.service import READABLE, lookup_name
 from app.db import raw_connection
 from app.errors import Forbidden, NotFound, Unauthorized
 
 CACHE_SIZE = 10_000  # entries per map; cleared whole when full (simple, and bounded)
 
 _CALLER = "SELECT is_admin FROM users WHERE id = $1"
-_CHANNEL = """
-SELECT c.id, NOT c.private OR EXISTS (
-    SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = $2)
-FROM channels c WHERE c.name = $1"""
+# The channel's id, and whether user $2 (NULL for an API key) may read it.
+_CHANNEL = f"""
+SELECT c.id, coalesce({READABLE}, false)
+FROM channels c LEFT JOIN users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
 
 
 class PublishRights:
@@ -45,19 +49,23 @@ class PublishRights:
         self._admins: dict[int, bool] = {}
         self._channels: dict[str, int] = {}
 
-    async def check(self, user_id: int, channel: str) -> None:
-        """Return if ``user_id`` may publish to ``channel``; else raise what the
-        caller gets: 401 (no such user), 404 (no channel it can see), 403."""
-        is_admin = self._admins.get(user_id)
-        if is_admin is None:
-            is_admin = await self._is_admin(user_id)
-        if is_admin and channel in self._channels:
+    async def check(self, caller: Caller, channel: str) -> None:
+        """Return if ``caller`` may publish to ``channel``; else raise what it gets:
+        401 (no such user), 404 (no channel it can see), 403."""
+        if caller.api_key is not None:
+            if not caller.api_key.allows(channel):
+                raise Forbidden("This API key may not publish to this channel")
+            may = True
+        else:
+            admin = self._admins.get(caller.user())
+            may = await self._is_admin(caller.user()) if admin is None else admin
+        if may and channel in self._channels:
             return
         async with raw_connection(self._pool) as conn:
-            row = await conn.fetchrow(_CHANNEL, lookup_name(channel), user_id)
-        if row is None or not (is_admin or row[1]):
+            row = await conn.fetchrow(_CHANNEL, lookup_name(channel), caller.user_id)
+        if row is None or not (may or row[1]):
             raise NotFound(f"Channel {channel!r} not found")
-        if not is_admin:
+        if not may:
             raise Forbidden("Admin only")
         _remember(self._channels, channel, row[0])
 

@@ -19,11 +19,13 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from app.auth.deps import AccessClaims, CurrentUser, SettingsDep
-from app.channels.service import get_readable_channel
-from app.db import SessionDep, raw_connection
-from app.errors import BadRequest, Invalid, PayloadTooLarge
-from app.events.log import StoredEvent, read_page
+from app.auth.deps import PublisherCaller, SettingsDep, UserCaller
+from app.auth.identity import Caller
+from app.channels.schemas import personal_channel
+from app.channels.service import history_channel
+from app.db import raw_connection
+from app.errors import BadRequest, Forbidden, Invalid, NotFound, PayloadTooLarge, Unauthorized
+from app.events.log import Page, StoredEvent, read_page
 from app.events.publisher import NewEvent, Publisher
 from app.events.rights import PublishRights
 from app.events.schemas import BatchIn, EventIn
@@ -39,6 +41,9 @@ IdempotencyKey = Annotated[
     str | None, Header(json_schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY})
 ]
 ChannelName = Annotated[Text, Path()]
+Username = Annotated[Text, Path()]
+After = Annotated[int, Query(ge=0, le=2**63 - 1)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -81,10 +86,10 @@ def _publisher(request: Request) -> Publisher:
     return publisher
 
 
-async def _may_publish(request: Request, caller: AccessClaims, name: str) -> None:
+async def _may_publish(request: Request, caller: Caller, name: str) -> None:
     """Rights before work: 401/403/404 before the body is read (``app.events.rights``)."""
     rights: PublishRights = request.app.state.publish_rights
-    await rights.check(caller.user_id, name)
+    await rights.check(caller, name)
 
 
 def _idempotency_key(value: str | None) -> str | None:
@@ -111,28 +116,50 @@ async def publish(
     name: str,
     request: Request,
     settings: SettingsDep,
-    caller: AccessClaims,
+    caller: PublisherCaller,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Publish one event (admin). Retrying with the same Idempotency-Key within 24 h
-    answers 200 with the first event."""
+    """Publish one event (admin, or an API key whose patterns match). Retrying with
+    the same Idempotency-Key within 24 h answers 200 with the first event."""
     key = _idempotency_key(idempotency_key)
     await _may_publish(request, caller, name)
     body = _validate(EventIn, await _read_json(request))
     item = _new_event(body, settings.max_event_bytes)
-    events, created = await _publisher(request).publish(caller.user_id, name, [item], key)
+    events, created = await _publisher(request).publish(caller, name, [item], key)
     return Response(events[0].to_json(), status_code=201 if created else 200, media_type=JSON)
+
+
+@router.post(
+    "/users/{username}/events",
+    status_code=201,
+    openapi_extra=_body_schema(EventIn),
+    responses={200: {"description": "An earlier publish with the same Idempotency-Key"}},
+)
+async def publish_to_user(
+    username: Username,
+    request: Request,
+    settings: SettingsDep,
+    caller: PublisherCaller,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Push one event to a user's personal channel ``@USERNAME``, carried by every
+    ``GET /stream`` of theirs (admin, or an API key whose patterns match ``@USERNAME``)."""
+    try:
+        return await publish(personal_channel(username), request, settings, caller, idempotency_key)
+    except NotFound as exc:
+        raise NotFound(f"User {username!r} not found") from exc
 
 
 @router.post("/channels/{name}/events/batch", status_code=201, openapi_extra=_body_schema(BatchIn))
 async def publish_batch(
-    name: str, request: Request, settings: SettingsDep, caller: AccessClaims
+    name: str, request: Request, settings: SettingsDep, caller: PublisherCaller
 ) -> Response:
-    """Publish 1 to 1000 events at once (admin): all or nothing, ids in the order given."""
+    """Publish 1 to 1000 events at once (admin, or an API key whose patterns match):
+    all or nothing, ids in the order given."""
     await _may_publish(request, caller, name)
     body = _validate(BatchIn, await _read_json(request))
     items = [_new_event(e, settings.max_event_bytes) for e in body.events]
-    events, _created = await _publisher(request).publish(caller.user_id, name, items, None)
+    events, _created = await _publisher(request).publish(caller, name, items, None)
     return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
 
 
@@ -140,18 +167,42 @@ async def publish_batch(
 async def history(
     name: ChannelName,
     request: Request,
-    session: SessionDep,
-    user: CurrentUser,
-    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    caller: PublisherCaller,
+    after: After = 0,
+    limit: Limit = 100,
 ) -> Response:
-    """Retained events after ``after``, ascending; ``next_after`` is the cursor
-    for the next page, or null when there is nothing more. A page holds at most
-    ``limit`` events and about 1 MiB of data: follow ``next_after``."""
-    channel = await get_readable_channel(session, user.id, user.is_admin, name)
-    await session.commit()
+    """Retained events after ``after``, ascending (readers, or an API key whose
+    patterns match); ``next_after`` is the cursor for the next page, or null when
+    there is nothing more. A page holds at most ``limit`` events and about 1 MiB
+    of data: follow ``next_after``."""
+    if caller.api_key is not None and not caller.api_key.allows(name):
+        raise Forbidden("This API key may not read this channel")
     async with raw_connection(request.app.state.pool) as conn:
-        page = await read_page(conn, [channel.id], after, limit)
+        channel_id = await history_channel(conn, name, caller.user_id)
+        page = await read_page(conn, [channel_id], after, limit)
+    return _page_response(page)
+
+
+@router.get("/me/events")
+async def my_events(
+    request: Request, caller: UserCaller, after: After = 0, limit: Limit = 100
+) -> Response:
+    """The caller's personal history (``@USERNAME``), like a channel's."""
+    async with raw_connection(request.app.state.pool) as conn:
+        page = await read_page(
+            conn, [await _personal_channel_id(conn, caller.user())], after, limit
+        )
+    return _page_response(page)
+
+
+async def _personal_channel_id(conn: Any, user_id: int) -> int:
+    channel_id = await conn.fetchval("SELECT id FROM channels WHERE owner_id = $1", user_id)
+    if channel_id is None:
+        raise Unauthorized("User no longer exists")
+    return int(channel_id)
+
+
+def _page_response(page: Page) -> Response:
     events = page.events
     next_after = str(events[-1].id).encode() if page.more and events else b"null"
     return Response(

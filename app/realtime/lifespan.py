@@ -24,7 +24,8 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
-    broker = Broker(settings.database_url, hub, [StreamControl(hub), app.state.publish_rights])
+    handlers = [StreamControl(hub), app.state.publish_rights, app.state.identity]
+    broker = Broker(settings.database_url, hub, handlers)
     await broker.start(app.state.pool)
     app.state.hub, app.state.broker = hub, broker
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")

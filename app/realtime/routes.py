@@ -13,8 +13,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.auth.deps import StreamClaims
-from app.auth.tokens import TokenClaims
+from app.auth.deps import StreamCaller
+from app.auth.identity import Caller
 from app.channels.service import stream_access
 from app.db import raw_connection
 from app.errors import BadRequest
@@ -42,24 +42,24 @@ def resume_position(request: Request) -> int | None:
 
 
 async def _open(
-    request: Request, claims: TokenClaims, name: str | None, position: int | None
+    request: Request, caller: Caller, name: str | None, position: int | None
 ) -> EventStream:
     state = request.app.state
+    user_id = caller.user()
     async with raw_connection(state.pool) as conn:
-        access = await stream_access(conn, claims.user_id, name)
-    sub = Subscriber(
-        claims.user_id, access.is_admin, access.channels, name is None, claims.expires_at
-    )
+        access = await stream_access(conn, user_id, name)
+    sub = Subscriber(user_id, access.is_admin, access.channels, name is None, caller.expires_at)
     sub.position = state.hub.position
     state.hub.register(sub)  # before any replay: see app.realtime.stream
     return EventStream(state, sub, position)
 
 
 @router.get("/stream", status_code=200, response_class=EventStream, responses=STREAM_RESPONSE)
-async def stream_subscriptions(request: Request, claims: StreamClaims) -> EventStream:
-    """Events of every channel the caller is subscribed to, following changes live."""
+async def stream_subscriptions(request: Request, caller: StreamCaller) -> EventStream:
+    """Events of every channel the caller is subscribed to, and of their personal
+    channel, following changes live."""
     position = resume_position(request)  # a bad one is a 400 before any database work
-    return await _open(request, claims, None, position)
+    return await _open(request, caller, None, position)
 
 
 @router.get(
@@ -68,7 +68,7 @@ async def stream_subscriptions(request: Request, claims: StreamClaims) -> EventS
     response_class=EventStream,
     responses=STREAM_RESPONSE,
 )
-async def stream_channel(name: str, request: Request, claims: StreamClaims) -> EventStream:
+async def stream_channel(name: str, request: Request, caller: StreamCaller) -> EventStream:
     """Events of one channel the caller can read."""
     position = resume_position(request)
-    return await _open(request, claims, name, position)
+    return await _open(request, caller, name, position)

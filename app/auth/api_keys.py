@@ -1,0 +1,195 @@
+"""API keys for backend publishers: made, checked, revoked, their use recorded.
+
+A key reads ``ssehub_<prefix>_<secret>``. The prefix is public and finds the
+row; only the SHA-256 of the whole key is stored, and it is compared in
+constant time (``hmac.compare_digest``). A fast hash is right here, unlike
+for passwords: the secret is 256 random bits, so nothing can be guessed from
+the hash, and every publish checks it.
+
+A key may publish (single, batch, personal channels) and read history on the
+channels its ``publish`` patterns match, in which ``*`` stands for any run of
+characters; every other endpoint answers it 403.
+
+**Revocation within a second everywhere.** A checked key is remembered by
+the process (so a publisher's every request costs no query), until the
+``api_key_revoked`` control message, sent in the deleting transaction,
+reaches the instance (within a second); a reconnected listener forgets every
+key (``resync``), since such a message may have been lost.
+
+**last_used_at without a write per request.** Uses are noted in memory and
+written every ``USAGE_FLUSH_SECONDS`` by one statement for all the keys used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import raw_connection
+from app.errors import NotFound, Unauthorized
+from app.models import ApiKey
+from app.notify import notify_control
+
+log = logging.getLogger("ssehub")
+
+KEY_PREFIX = "ssehub_"
+USAGE_FLUSH_SECONDS = 5.0
+CACHE_SIZE = 10_000
+_KEY = re.compile(r"ssehub_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{43})")
+
+_FIND = "SELECT id, secret_hash, publish FROM api_keys WHERE prefix = $1"
+_RECORD_USE = """
+UPDATE api_keys k SET last_used_at = greatest(k.last_used_at, u.at)
+FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, at) WHERE k.id = u.id"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyGrant:
+    """What a checked key may do: publish to, and read, the channels its patterns match."""
+
+    id: int
+    patterns: tuple[str, ...]
+
+    def allows(self, channel: str) -> bool:
+        return any(_pattern(p).fullmatch(channel) for p in self.patterns)
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """``orders.*`` as a regular expression: ``*`` matches any run of characters."""
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        compiled = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+        if len(_PATTERNS) >= CACHE_SIZE:
+            _PATTERNS.clear()
+        _PATTERNS[pattern] = compiled
+    return compiled
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def new_key() -> tuple[str, str, bytes]:
+    """A new key, its public prefix and the hash to store."""
+    prefix = "".join(secrets.choice("abcdefghijkmnopqrstuvwxyz23456789") for _ in range(12))
+    key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+    return key, prefix, _digest(key)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def looks_like_key(token: str) -> bool:
+    return token.startswith(KEY_PREFIX)
+
+
+async def create_key(session: AsyncSession, name: str, patterns: list[str]) -> tuple[ApiKey, str]:
+    """Store a new key's hash; returns the row and the key, which exists nowhere else."""
+    key, prefix, secret_hash = new_key()
+    row = ApiKey(name=name, publish=patterns, prefix=prefix, secret_hash=secret_hash)
+    session.add(row)
+    await session.flush()
+    await session.refresh(row)
+    return row, key
+
+
+async def list_keys(session: AsyncSession) -> list[ApiKey]:
+    return list((await session.execute(select(ApiKey).order_by(ApiKey.id))).scalars())
+
+
+async def delete_key(session: AsyncSession, key_id: int) -> None:
+    """Delete the key; every instance refuses it once the transaction commits."""
+    result = await session.execute(delete(ApiKey).where(ApiKey.id == key_id))
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise NotFound(f"API key {key_id} not found")
+    await notify_control(session, "api_key_revoked", key_id=key_id)
+
+
+class ApiKeys:
+    """Checks keys for the identity layer; a ``ControlHandler`` for revocations."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._checked: dict[str, ApiKeyGrant] = {}
+        self._used: dict[int, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def grant(self, key: str) -> ApiKeyGrant:
+        """The key's grant; 401 for a malformed, unknown or revoked key."""
+        grant = self._checked.get(key)
+        if grant is None:
+            grant = await self._look_up(key)
+            if len(self._checked) >= CACHE_SIZE:
+                self._checked.clear()
+            self._checked[key] = grant
+        self._used[grant.id] = time.time()
+        return grant
+
+    async def _look_up(self, key: str) -> ApiKeyGrant:
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise Unauthorized("Invalid API key")
+        async with raw_connection(self._pool) as conn:
+            row = await conn.fetchrow(_FIND, match[1])
+        if row is None or not hmac.compare_digest(bytes(row[1]), _digest(key)):
+            raise Unauthorized("Invalid API key")
+        return ApiKeyGrant(int(row[0]), tuple(row[2]))
+
+    # -- kept true by the control messages ------------------------------------
+
+    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
+        if message.get("op") == "api_key_revoked":
+            revoked = int(message["key_id"])
+            for key, grant in list(self._checked.items()):
+                if grant.id == revoked:
+                    del self._checked[key]
+
+    async def resync(self, _conn: Any) -> None:
+        self._checked.clear()
+
+    # -- last_used_at ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever(), name="api-key-usage")
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the keys used since the last flush, in one statement."""
+        used, self._used = self._used, {}
+        if not used:
+            return
+        at = [datetime.fromtimestamp(t, UTC) for t in used.values()]
+        try:
+            async with raw_connection(self._pool) as conn:
+                await conn.execute(_RECORD_USE, list(used), at)
+        except Exception:
+            for key_id, t in used.items():  # keep them for the next flush
+                self._used[key_id] = max(t, self._used.get(key_id, 0.0))
+            raise
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_SECONDS)
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning("api keys: recording their use failed (%s); retrying", exc)

@@ -1,0 +1,234 @@
+"""Your application's own tokens: JWTs from its identity provider (``SSEHUB_JWT_*``).
+
+A token whose ``iss`` is ``SSEHUB_JWT_ISSUER`` is verified here instead of as
+one of ssehub's own. The verifying key comes from one of:
+
+- a JWKS URL, read with PyJWT's ``PyJWKClient``: fetched on first use, cached
+  for five minutes, fetched again for an unknown ``kid`` at most once per
+  ``REFETCH_SECONDS`` (the client's cooldown); fetching runs in a thread, so
+  a slow identity provider never blocks the event loop, and one that cannot
+  be reached is a 503;
+- one PEM public key (``SSEHUB_JWT_PUBLIC_KEY_FILE``), loaded by ``cryptography``;
+- an HS256 secret shared with the issuer (``SSEHUB_JWT_SHARED_SECRET``).
+
+**The key fixes the algorithm** (``algorithm_for``): an RSA key verifies only
+RS256, a P-256 key only ES256, an Ed25519 key only EdDSA, the shared secret
+only HS256. The token's own ``alg`` header chooses nothing, so an HS256 token
+"signed" with an RSA public key as its secret, or ``alg: none``, is refused.
+``iss`` and ``exp`` are required, ``aud`` too when ``SSEHUB_JWT_AUDIENCE`` is
+set; ``nbf`` and ``iat`` are honoured with ``LEEWAY_SECONDS`` of leeway.
+
+**Users.** The user claim (``SSEHUB_JWT_USER_CLAIM``, default ``sub``) names
+the user, who is created on first use with no password
+(``users.external_subject``). Its username is the claim itself when it is a
+valid username, else ``username_for`` makes one: the characters a username
+cannot hold become ``_``, and ``-`` plus 8 hex digits of the claim's SHA-256
+follow, so ``auth0|123`` is ``auth0_123-`` + 8 hex digits; distinct claims
+never share a name. A username already held by another account (a registered
+user, say) is refused (401) rather than shared. With ``SSEHUB_JWT_ADMIN_CLAIM``
+set, the token says whether the user is an admin, and the account follows it.
+An external user an admin deleted stays deleted for the tokens issued before
+the deletion (``external_tombstones``); one issued after creates them anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from app.auth.schemas import USERNAME_PATTERN
+from app.config import Settings
+from app.db import raw_connection
+from app.errors import Unauthorized, Unavailable
+from app.notify import notify_control_raw
+
+LEEWAY_SECONDS = 30
+REFETCH_SECONDS = 30.0
+JWKS_TIMEOUT_SECONDS = 5.0
+CACHE_SIZE = 10_000
+_USERNAME = re.compile(USERNAME_PATTERN)
+_NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
+
+_FIND = "SELECT id, is_admin FROM users WHERE external_subject = $1"
+_TOMBSTONE = "SELECT extract(epoch FROM deleted_at) FROM external_tombstones WHERE subject = $1"
+_CREATE = """
+WITH u AS (
+    INSERT INTO users (username, external_subject, is_admin) VALUES ($1, $2, $3)
+    ON CONFLICT DO NOTHING RETURNING id, username
+), c AS (
+    INSERT INTO channels (name, private, owner_id) SELECT '@' || u.username, true, u.id FROM u
+)
+SELECT id FROM u"""
+_SET_ADMIN = "UPDATE users SET is_admin = $2 WHERE id = $1"
+
+
+def username_for(subject: str) -> str:
+    """The username of the external user ``subject`` (see the module docstring)."""
+    if _USERNAME.fullmatch(subject):
+        return subject
+    digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
+    return f"{_NOT_USERNAME.sub('_', subject)[:55]}-{digest}"
+
+
+def algorithm_for(key: Any) -> str:
+    """The one algorithm a key verifies (no algorithm confusion)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise ValueError(f"unsupported public key type {type(key).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalUser:
+    user_id: int
+    expires_at: float
+
+
+class ExternalTokens:
+    """Verifies the identity provider's tokens and finds (or creates) their users."""
+
+    def __init__(self, settings: Settings, pool: Any) -> None:
+        assert settings.jwt_issuer
+        self._settings = settings
+        self._pool = pool
+        self._jwks: jwt.PyJWKClient | None = None
+        self._static: tuple[Any, str] | None = None
+        if settings.jwt_jwks_url:
+            self._jwks = jwt.PyJWKClient(
+                settings.jwt_jwks_url,
+                timeout=JWKS_TIMEOUT_SECONDS,
+                cooldown_duration=REFETCH_SECONDS,
+            )
+        elif settings.jwt_public_key_file:
+            key = load_pem_public_key(Path(settings.jwt_public_key_file).read_bytes())
+            self._static = (key, algorithm_for(key))
+        else:
+            assert settings.jwt_shared_secret
+            self._static = (settings.jwt_shared_secret, "HS256")
+        self._verified: dict[str, ExternalUser] = {}
+
+    def issued(self, token: str) -> bool:
+        """Whether ``token`` claims to come from the configured issuer (unverified)."""
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return False
+        return isinstance(claims, dict) and claims.get("iss") == self._settings.jwt_issuer
+
+    async def user(self, token: str) -> ExternalUser:
+        """The verified token's user; 401 for a bad token, 503 if the keys are unreachable."""
+        known = self._verified.get(token)
+        if known is not None and known.expires_at > time.time():
+            return known
+        claims = await self._verify(token)
+        user = await self._user(claims)
+        if len(self._verified) >= CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = user
+        return user
+
+    async def _verify(self, token: str) -> dict[str, Any]:
+        key, algorithm = await self._key(token)
+        settings = self._settings
+        required = ["iss", "exp"] + (["aud"] if settings.jwt_audience else [])
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                leeway=LEEWAY_SECONDS,
+                options={"require": required, "verify_aud": bool(settings.jwt_audience)},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized("Invalid or expired token") from exc
+        return claims
+
+    async def _key(self, token: str) -> tuple[Any, str]:
+        if self._static is not None:
+            return self._static
+        assert self._jwks is not None
+        try:
+            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+        except jwt.PyJWKClientConnectionError as exc:
+            raise Unavailable("The identity provider's keys cannot be fetched") from exc
+        except (jwt.PyJWTError, ValueError) as exc:  # no kid, unknown kid, a bad key set
+            raise Unauthorized("Invalid or expired token") from exc
+        try:
+            return signing_key.key, algorithm_for(signing_key.key)
+        except ValueError as exc:
+            raise Unauthorized("Invalid or expired token") from exc
+
+    async def _user(self, claims: dict[str, Any]) -> ExternalUser:
+        """The user the claims name: found, or created on first use."""
+        subject = claims.get(self._settings.jwt_user_claim)
+        if isinstance(subject, int) and not isinstance(subject, bool):
+            subject = str(subject)
+        if not isinstance(subject, str) or not subject or "\x00" in subject:
+            raise Unauthorized("The token names no user")
+        admin = self._is_admin(claims)
+        async with raw_connection(self._pool) as conn:
+            row = await conn.fetchrow(_FIND, subject)
+            if row is None:
+                user_id = await self._create(conn, claims, subject, bool(admin))
+            else:
+                user_id = int(row[0])
+                if admin is not None and admin != row[1]:
+                    await self._set_admin(conn, user_id, admin)
+        return ExternalUser(user_id, float(claims["exp"]))
+
+    def _is_admin(self, claims: dict[str, Any]) -> bool | None:
+        """What the token says of admin rights, or None when no claim is configured."""
+        claim = self._settings.jwt_admin_claim
+        if not claim:
+            return None
+        value = claims.get(claim)
+        wanted = self._settings.jwt_admin_value
+        if isinstance(value, str):
+            return wanted in value.split()
+        return isinstance(value, list) and wanted in value
+
+    async def _create(self, conn: Any, claims: dict[str, Any], subject: str, admin: bool) -> int:
+        deleted_at = await conn.fetchval(_TOMBSTONE, subject)
+        issued_at = claims.get("iat")
+        if deleted_at is not None and not (
+            isinstance(issued_at, int | float) and issued_at > deleted_at
+        ):
+            raise Unauthorized("User no longer exists")
+        user_id = await conn.fetchval(_CREATE, username_for(subject), subject, admin)
+        if user_id is None:
+            row = await conn.fetchrow(_FIND, subject)  # created meanwhile by another request
+            if row is None:
+                raise Unauthorized(
+                    f"The username {username_for(subject)!r} belongs to another account"
+                )
+            return int(row[0])
+        return int(user_id)
+
+    async def _set_admin(self, conn: Any, user_id: int, admin: bool) -> None:
+        """Follow the token: instances forget what they knew of this user's rights."""
+        async with conn.transaction():
+            await conn.execute(_SET_ADMIN, user_id, admin)
+            await notify_control_raw(conn, "user_changed", user_id=user_id)
+
+    # -- kept true by the control messages ------------------------------------
+
+    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
+        if message.get("op") == "user_changed":
+            self._verified.clear()  # rare: simpler than finding the user's tokens
+
+    async def resync(self, _conn: Any) -> None:
+        self._verified.clear()

@@ -1,0 +1,1 @@
+"""Managing users (admin): list, promote or demote, delete."""
