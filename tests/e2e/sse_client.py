@@ -2,14 +2,20 @@
 
 It reads in a background thread, de-chunks the HTTP body, parses frames, and
 can be cut at any moment (``close``) like a dropped connection. ``paused``
-stops reading from the socket, to play a reader that has stopped reading.
+stops reading from the socket, to play a reader that has stopped reading;
+``pause_after`` sets it from the reading thread once that many events have
+arrived, so the reader stops at a known place (give or take one ``recv``).
+``unread`` tells how many bytes the kernel holds for it meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +47,10 @@ class SseStream:
     frames: list[Frame] = field(default_factory=list)
     ended: bool = False
     paused: threading.Event = field(default_factory=threading.Event)
+    pause_after: int | None = None  # events after which the reader sets ``paused`` itself
 
     def __post_init__(self) -> None:
+        self._event_count = 0
         parts = urlsplit(self.url)
         self._sock = socket.socket()
         if self.rcvbuf:
@@ -120,6 +128,11 @@ class SseStream:
                     frame.data = value
             with self._lock:
                 self.frames.append(frame)
+            if frame.id is not None:
+                self._event_count += 1
+                if self.pause_after is not None and self._event_count >= self.pause_after:
+                    self.pause_after = None  # once: clearing ``paused`` reads on
+                    self.paused.set()
 
     # -- asking ---------------------------------------------------------------
 
@@ -154,6 +167,12 @@ class SseStream:
         self.wait_for(lambda s: len(s.ids()) >= count, timeout)
         return self.ids()
 
+    def unread(self) -> int:
+        """Bytes that arrived on the socket and that this client has not read (yet)."""
+        buf = fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+        count: int = struct.unpack("i", buf)[0]
+        return count
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -162,22 +181,38 @@ class SseStream:
 
 
 class _Dechunker:
+    """HTTP chunked body to bytes, handed on as they arrive (not chunk by chunk:
+    the server writes a whole replay page as one chunk)."""
+
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._left = 0  # bytes of the current chunk still to come
+        self._trailer = False  # the CRLF after the current chunk's data is due
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
         self._buf += data
         out = bytearray()
-        while True:
+        while self._buf and not self.done:
+            if self._left:
+                take = min(self._left, len(self._buf))
+                out += self._buf[:take]
+                del self._buf[:take]
+                self._left -= take
+                self._trailer = self._left == 0
+                continue
+            if self._trailer:
+                if len(self._buf) < 2:
+                    break
+                del self._buf[:2]
+                self._trailer = False
+                continue
             end = self._buf.find(b"\r\n")
             if end < 0:
-                return bytes(out)
+                break
             size = int(bytes(self._buf[:end]).split(b";")[0], 16)
+            del self._buf[: end + 2]
             if size == 0:
                 self.done = True
-                return bytes(out)
-            if len(self._buf) < end + 2 + size + 2:
-                return bytes(out)
-            out += self._buf[end + 2 : end + 2 + size]
-            del self._buf[: end + 2 + size + 2]
+            self._left = size
+        return bytes(out)
