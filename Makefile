@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e clients/python -e '.[dev,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## serve on 127.0.0.1:8000 (embedded Postgres unless SSEHUB_DATABASE_URL is set)

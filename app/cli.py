@@ -1,4 +1,5 @@
-"""``ssehub serve | migrate | create-admin | api-key create``."""
+"""``ssehub serve | migrate | create-admin | api-key create | grant-publisher``, and
+``publish`` / ``tail``, the Python client's commands (``ssehub_client.cli``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
@@ -64,11 +66,47 @@ def alembic_config(database_url: str) -> Any:
 
 
 def migrate(settings: Settings) -> None:
-    """``alembic upgrade head`` against ``settings.database_url``."""
+    """``alembic upgrade head``, on the direct connection when there is one: the
+    migrations take a session-level lock, which PgBouncer's transaction mode
+    would hand to whichever server connection it likes."""
     from alembic import command
 
-    assert settings.database_url
-    command.upgrade(alembic_config(settings.database_url), "head")
+    url = settings.listen_database_url or settings.database_url
+    assert url
+    command.upgrade(alembic_config(url), "head")
+
+
+GRANT_PUBLISHER = (
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT EXECUTE ON FUNCTION ssehub_enqueue(text, text, jsonb, text) TO {role}",
+)
+
+
+def grant_publisher(settings: Settings, role: str) -> None:
+    """Let database role ``role`` call ``ssehub_enqueue`` and nothing else of ssehub's:
+    the function runs with its owner's rights (SECURITY DEFINER), so the role
+    needs no right on any table."""
+    from app.db import asyncpg_dsn
+
+    migrate(settings)
+
+    async def run() -> None:
+        url = settings.listen_database_url or settings.database_url
+        assert url
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            quoted = await conn.fetchval("SELECT quote_ident($1)", role)
+            async with conn.transaction():
+                for statement in GRANT_PUBLISHER:
+                    await conn.execute(statement.format(role=quoted))
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except asyncpg.UndefinedObjectError:
+        sys.exit(f"ssehub: no database role {role!r}: create it first (CREATE ROLE ...)")
+    print(f"role {role} may now call ssehub_enqueue(channel, type, data, idempotency_key)")
 
 
 T = TypeVar("T")
@@ -207,6 +245,25 @@ def create_admin(settings: Settings, username: str) -> None:
     print(f"created admin {username}" if created else f"promoted admin {username}, password reset")
 
 
+def client_commands(commands: Any) -> None:
+    """``publish`` and ``tail``: the Python client's (``ssehub_client.cli``)."""
+    try:
+        from ssehub_client.cli import add_commands
+    except ImportError:  # the server without its client: say how to get them
+        for name in ("publish", "tail"):
+            commands.add_parser(name, help="needs the ssehub-client package (clients/python)")
+        return
+    add_commands(commands)
+
+
+def run_client(args: argparse.Namespace) -> None:
+    try:
+        from ssehub_client.cli import run
+    except ImportError:
+        sys.exit("ssehub publish/tail need the client: pip install ./clients/python")
+    run(args)
+
+
 def configure_logging() -> None:
     """Our own lines and uvicorn's at INFO; the embedded Postgres and Alembic's plugins quiet."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(message)s")
@@ -238,7 +295,15 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PATTERN",
         help="channels it may publish to and read; * matches any run of characters",
     )
+    grant_p = commands.add_parser(
+        "grant-publisher", help="let a database role call ssehub_enqueue (and nothing else)"
+    )
+    grant_p.add_argument("role")
+    client_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("publish", "tail"):
+        run_client(args)  # an HTTP client of a running server: no database here
+        return
 
     configure_logging()
     try:
@@ -255,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
                 migrate(settings)
             elif args.command == "api-key":
                 create_api_key(settings, args.name, args.publish)
+            elif args.command == "grant-publisher":
+                grant_publisher(settings, args.role)
             else:
                 create_admin(settings, args.username)
     except (OSError, DBAPIError) as exc:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
 
     database_url: str | None = None
+    # A direct connection for LISTEN (and migrations) when database_url goes
+    # through PgBouncer in transaction mode.
+    listen_database_url: str | None = None
     data_dir: Path = Path("./.ssehub")
     secret_key: str | None = None
     access_token_ttl_seconds: PositiveInt = 3600
@@ -63,7 +66,7 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(default=1.0, gt=0)
     access_log: bool = True
 
-    @field_validator("database_url")
+    @field_validator("database_url", "listen_database_url")
     @classmethod
     def _asyncpg_url(cls, url: str | None) -> str | None:
         """ssehub reaches Postgres through asyncpg only. The URLs people copy from
@@ -108,6 +111,12 @@ class Settings(BaseSettings):
             if self.jwt_shared_secret == self.secret_key:
                 raise ValueError("SSEHUB_JWT_SHARED_SECRET must not be SSEHUB_SECRET_KEY")
         return self
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """A separate LISTEN URL means the main one goes through PgBouncer's
+        transaction mode: no statement may stay prepared across transactions."""
+        return bool(self.listen_database_url) and self.listen_database_url != self.database_url
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -51,22 +52,31 @@ def split_budget(pool_size: int) -> tuple[int, int]:
     return orm, max(1, pool_size - orm)
 
 
-def create_engine(url: str, pool_size: int) -> AsyncEngine:
+def create_engine(url: str, pool_size: int, pgbouncer: bool = False) -> AsyncEngine:
     """One engine per process, at most ``pool_size`` connections, no overflow:
     a request that finds none free within ``ACQUIRE_TIMEOUT_SECONDS`` gets 503
     (``app.errors.database_unavailable``). ``pool_pre_ping`` survives a restarted
-    database. Connections are only opened when needed."""
+    database. Connections are only opened when needed. Behind PgBouncer in
+    transaction mode (``pgbouncer``), statements are not kept prepared: the next
+    transaction may run on another server connection that never saw them."""
+    connect_args: dict[str, Any] = {
+        "command_timeout": QUERY_TIMEOUT_SECONDS,
+        "timeout": ACQUIRE_TIMEOUT_SECONDS,
+        "server_settings": {"application_name": "ssehub-orm"},
+    }
+    if pgbouncer:
+        connect_args |= {
+            "statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
+        }
+        url += ("&" if "?" in url else "?") + "prepared_statement_cache_size=0"
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=ACQUIRE_TIMEOUT_SECONDS,
         pool_pre_ping=True,
-        connect_args={
-            "command_timeout": QUERY_TIMEOUT_SECONDS,
-            "timeout": ACQUIRE_TIMEOUT_SECONDS,
-            "server_settings": {"application_name": "ssehub-orm"},
-        },
+        connect_args=connect_args,
     )
 
 
@@ -110,21 +120,32 @@ async def insert_unique(session: AsyncSession, row: Row, conflict: str) -> Row:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-async def create_pool(url: str, max_size: int) -> Any:
+async def create_pool(url: str, max_size: int, pgbouncer: bool = False) -> Any:
     """The hot paths' asyncpg pool (see the module docstring). Its connections
     carry no session state: a released one is only rolled back, and only if a
     cancelled query left a transaction open. A connection the database closed
     is noticed by asyncpg and replaced on the next acquire. Every query has a
-    timeout (``command_timeout``)."""
+    timeout (``command_timeout``). Behind PgBouncer, nothing stays prepared."""
     return await asyncpg.create_pool(
         asyncpg_dsn(url),
         min_size=1,
         max_size=max_size,
         reset=_rollback_if_open,
-        command_timeout=QUERY_TIMEOUT_SECONDS,
-        timeout=ACQUIRE_TIMEOUT_SECONDS,
-        server_settings={"application_name": "ssehub"},
+        **connection_options("ssehub", QUERY_TIMEOUT_SECONDS, pgbouncer),
     )
+
+
+def connection_options(name: str, command_timeout: float, pgbouncer: bool) -> dict[str, Any]:
+    """``asyncpg.connect`` options shared by every connection ssehub opens: a name
+    for ``pg_stat_activity``, timeouts, and no statement cache behind PgBouncer."""
+    options: dict[str, Any] = {
+        "server_settings": {"application_name": name},
+        "timeout": ACQUIRE_TIMEOUT_SECONDS,
+        "command_timeout": command_timeout,
+    }
+    if pgbouncer:
+        options["statement_cache_size"] = 0
+    return options
 
 
 async def _rollback_if_open(conn: Any) -> None:

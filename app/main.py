@@ -66,12 +66,13 @@ def create_app(settings: Settings) -> ASGIApp:
         tune_garbage_collector()
         assert settings.database_url
         orm_size, raw_size = split_budget(settings.db_pool_size)
-        engine = create_engine(settings.database_url, orm_size)
+        pgbouncer = settings.behind_pgbouncer
+        engine = create_engine(settings.database_url, orm_size, pgbouncer)
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
-            app.state.pool = await create_pool(settings.database_url, raw_size)
+            app.state.pool = await create_pool(settings.database_url, raw_size, pgbouncer)
             stack.push_async_callback(app.state.pool.close)
             await stack.enter_async_context(signing_key.claimed(app))
             await stack.enter_async_context(auth_lifespan.running(app))

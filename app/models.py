@@ -24,6 +24,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import UserDefinedType
+
+
+class XID8(UserDefinedType[int]):
+    """Postgres's 64-bit transaction id type (only the migration creates the column)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_: object) -> str:
+        return "xid8"
 
 
 class Base(DeclarativeBase):
@@ -152,3 +162,31 @@ class ApiKey(Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InboxRow(Base):
+    """An event ``ssehub_enqueue`` wrote in an application's transaction, waiting
+    for a writer to move it into ``events`` (``app.events.inbox``). No foreign
+    key: a transaction kept open must not block deleting the channel."""
+
+    __tablename__ = "ssehub_inbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    txid: Mapped[int] = mapped_column(XID8, server_default=text("pg_current_xact_id()"), index=True)
+    channel_id: Mapped[int] = mapped_column(BigInteger)
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[str] = mapped_column(Text)  # compact JSON text
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    enqueued_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )
+
+
+class ConfigValue(Base):
+    """Settings the database functions need (``max_event_bytes`` for ``ssehub_enqueue``),
+    written by every instance as it starts."""
+
+    __tablename__ = "ssehub_config"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

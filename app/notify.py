@@ -1,4 +1,4 @@
-"""The two Postgres NOTIFY channels that tie instances together.
+"""The Postgres NOTIFY channels that tie instances together.
 
 ``ssehub_events`` carries the highest id of each committed publish
 transaction (sent by ``app.events.publisher`` inside that transaction); the
@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 EVENTS_CHANNEL = "ssehub_events"
 CONTROL_CHANNEL = "ssehub_control"
+INBOX_CHANNEL = "ssehub_inbox"  # ssehub_enqueue committed rows (app.events.inbox)
 
 ControlOp = Literal[
     "channel_deleted",

@@ -36,6 +36,7 @@ TABLES = (
     "users",
     "api_keys",
     "external_tombstones",
+    "ssehub_inbox",
 )
 
 

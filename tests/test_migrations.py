@@ -26,6 +26,8 @@ TABLES = {
     "signing_keys",
     "api_keys",
     "external_tombstones",
+    "ssehub_inbox",
+    "ssehub_config",
 }
 
 

@@ -9,18 +9,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.events import retention
+from app.db import raw_connection
+from app.events import inbox, retention
 from app.events.publisher import Publisher
 from app.events.rights import PublishRights
 
 
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
-    publisher = Publisher(app.state.settings.database_url, app.state.metrics)
+    settings = app.state.settings
+    async with raw_connection(app.state.pool) as conn:
+        await inbox.publish_limits(conn, settings.max_event_bytes)
+    publisher = Publisher(settings.database_url, app.state.metrics, settings.behind_pgbouncer)
     publisher.start()
     app.state.publisher = publisher
     app.state.publish_rights = PublishRights(app.state.pool)
-    interval = app.state.settings.retention_interval_seconds
+    interval = settings.retention_interval_seconds
     sweeper = asyncio.create_task(retention.run(app.state.pool, interval), name="retention")
     try:
         yield

@@ -61,8 +61,9 @@ import asyncpg
 
 from app.auth.identity import Caller
 from app.channels.service import lookup_name
-from app.db import ACQUIRE_TIMEOUT_SECONDS, asyncpg_dsn
+from app.db import asyncpg_dsn, connection_options
 from app.errors import Forbidden, NotFound, SsehubError, Unauthorized, Unavailable
+from app.events import inbox
 from app.events.log import StoredEvent
 from app.metrics import Metrics
 
@@ -112,14 +113,16 @@ class _Request:
 class Publisher:
     """Coalesces concurrent publishes into ordered transactions (see module docstring)."""
 
-    def __init__(self, database_url: str, metrics: Metrics) -> None:
+    def __init__(self, database_url: str, metrics: Metrics, pgbouncer: bool = False) -> None:
         self._dsn = asyncpg_dsn(database_url)
+        self._options = connection_options(WRITER_NAME, WRITE_TIMEOUT_SECONDS, pgbouncer)
         self._metrics = metrics
         self._conn: asyncpg.Connection | None = None
         self._pending: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._inbox_due = True  # rows may have waited while no instance ran
         self._pending_events = 0
         self._pending_bytes = 0
         self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
@@ -162,6 +165,7 @@ class Publisher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ssehub-publisher")
+        self._wake.set()
 
     async def stop(self) -> None:
         """Finish what is pending, then stop."""
@@ -172,14 +176,38 @@ class Publisher:
         if self._conn is not None:
             await self._conn.close()
 
+    def inbox_due(self) -> None:
+        """Rows enqueued from SQL may be waiting (``app.events.inbox``): move them."""
+        self._inbox_due = True
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                await self._write(self._take())
+            while self._pending or self._inbox_due:
+                if self._inbox_due:
+                    self._inbox_due = False
+                    await self._move_inbox()
+                if self._pending:
+                    await self._write(self._take())
             if self._closed:
                 return
+
+    async def _move_inbox(self) -> None:
+        """Move the inbox's committed rows into the log. Failing is safe at any
+        point (each move commits or not as a whole): the rows wait for the next
+        wake-up, on this instance or another."""
+        self.busy_since = time.monotonic()
+        try:
+            moved = await inbox.move(await self._connection())
+            self._metrics.events_published.inc(moved)
+        except Exception as exc:
+            log.warning("moving enqueued events failed (%s: %s)", type(exc).__name__, exc)
+            if not _rolled_back(exc):
+                self._drop_connection()
+        finally:
+            self.busy_since = 0.0
 
     def _take(self) -> list[_Request]:
         """Pending requests for one transaction (at least one, however large)."""
@@ -196,12 +224,7 @@ class Publisher:
     async def _connection(self) -> asyncpg.Connection:
         """The writer's own connection, opened again once it is lost."""
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                self._dsn,
-                server_settings={"application_name": WRITER_NAME},
-                timeout=ACQUIRE_TIMEOUT_SECONDS,
-                command_timeout=WRITE_TIMEOUT_SECONDS,
-            )
+            self._conn = await asyncpg.connect(self._dsn, **self._options)
         return self._conn
 
     async def _write(self, requests: list[_Request]) -> None:

@@ -29,7 +29,13 @@ query has a timeout, and ``alive_at`` records the loop's last turn, so
 ``/readyz`` fails when the loop is stuck as well as when it is disconnected.
 
 The tail and the control reads run on this connection, not the pool's: live
-delivery never waits behind a reconnect storm's queries.
+delivery never waits behind a reconnect storm's queries. It is
+``SSEHUB_LISTEN_DATABASE_URL``'s when set (a direct connection where the
+others go through PgBouncer, whose transaction mode cannot LISTEN).
+
+It also hears ``ssehub_inbox`` (rows enqueued from SQL, ``app.events.inbox``)
+and hands it to the writer (``on_inbox``), once per turn besides: a safety net
+for a notification it missed while disconnected.
 """
 
 from __future__ import annotations
@@ -39,15 +45,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 
-from app.db import ACQUIRE_TIMEOUT_SECONDS, QUERY_TIMEOUT_SECONDS, asyncpg_dsn, raw_connection
+from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options, raw_connection
 from app.events.log import last_event_id, read_page
-from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, ControlHandler
+from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler
 from app.realtime.hub import Hub
 
 log = logging.getLogger("ssehub")
@@ -57,10 +63,17 @@ LISTENER_NAME = "ssehub-listener"
 
 
 class Broker:
-    def __init__(self, database_url: str, hub: Hub, handlers: Sequence[ControlHandler]) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        hub: Hub,
+        handlers: Sequence[ControlHandler],
+        on_inbox: Callable[[], None],
+    ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._hub = hub
         self._handlers = list(handlers)
+        self._on_inbox = on_inbox
         self._dirty = asyncio.Event()
         self._lost = asyncio.Event()
         self._control: deque[dict[str, Any]] = deque()
@@ -102,24 +115,22 @@ class Broker:
 
     async def _session(self) -> None:
         """One connection's life: listen, resync, then follow the tail until it is lost."""
-        conn = await asyncpg.connect(
-            self._dsn,
-            server_settings={"application_name": LISTENER_NAME},
-            timeout=ACQUIRE_TIMEOUT_SECONDS,
-            command_timeout=QUERY_TIMEOUT_SECONDS,
-        )
+        options = connection_options(LISTENER_NAME, QUERY_TIMEOUT_SECONDS, pgbouncer=False)
+        conn = await asyncpg.connect(self._dsn, **options)
         self._lost.clear()
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
             self._control.clear()  # what they said, the resync below reads afresh
             await conn.add_listener(EVENTS_CHANNEL, self._on_events)
             await conn.add_listener(CONTROL_CHANNEL, self._on_control)
+            await conn.add_listener(INBOX_CHANNEL, self._on_inbox_notified)
             for handler in self._handlers:
                 await handler.resync(conn)
             self.listening = True
             log.info("broker: listening")
             while not self._lost.is_set():
                 self.alive_at = time.monotonic()
+                self._on_inbox()
                 await self._catch_up(conn)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._dirty.wait(), HEALTH_CHECK_SECONDS)
@@ -133,6 +144,9 @@ class Broker:
 
     def _on_events(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._dirty.set()
+
+    def _on_inbox_notified(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._on_inbox()
 
     def _on_control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:

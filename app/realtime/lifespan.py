@@ -25,7 +25,8 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
     handlers = [StreamControl(hub), app.state.publish_rights, app.state.identity]
-    broker = Broker(settings.database_url, hub, handlers)
+    listen_url = settings.listen_database_url or settings.database_url
+    broker = Broker(listen_url, hub, handlers, app.state.publisher.inbox_due)
     await broker.start(app.state.pool)
     app.state.hub, app.state.broker = hub, broker
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")

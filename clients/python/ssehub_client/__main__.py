@@ -1,0 +1,3 @@
+from ssehub_client.cli import main
+
+main()

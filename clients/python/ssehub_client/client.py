@@ -1,0 +1,396 @@
+"""``Client`` (sync) and ``AsyncClient``: publishing and streaming, on httpx and httpx-sse.
+
+**A retried publish never publishes twice.** ``publish`` sends an
+``Idempotency-Key`` (a new random one unless you give your own) and retries
+with the same key on a 503 or a lost connection, the cases in which the
+server may or may not have stored the event: the server answers a repeated key
+with the first event (200), within 24 hours. A batch carries no key, so it is
+retried only when the connection failed before anything was sent.
+
+**A stream resumes exactly.** ``stream`` yields ``Event``s and ``Notice``s;
+when the connection drops it reconnects with backoff and ``Last-Event-ID``,
+so the events go on with no gap and no duplicate (the server guarantees
+"everything after the last id I saw"). A refused stream (401, 403, 404) raises
+``SsehubError`` instead of retrying forever.
+
+Credentials: an API key (``ssehub_...``: publishing and history) or a token
+(an access token, for everything a user may do, streams included). ``token``
+may be a callable returning one (sync, or async for ``AsyncClient``), called
+on every connection, so a long-lived stream can renew it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
+
+DEFAULT_RETRIES = 5
+BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
+RETRY_STATUSES = frozenset({502, 503, 504})
+_USERNAME = re.compile(r"[A-Za-z0-9_.\-]{3,64}")
+_NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
+T = TypeVar("T")
+Token = str | Callable[[], str] | Callable[[], Awaitable[str]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    channel: str
+    type: str
+    data: Any
+    published_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A server notice: ``ssehub.live``, ``ssehub.truncated``, ``ssehub.expired``,
+    ``ssehub.channel_removed`` or ``ssehub.reset``. It never moves the position."""
+
+    type: str
+    data: dict[str, Any]
+
+
+class SsehubError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def username_for(subject: str) -> str:
+    """The ssehub username of your identity provider's user ``subject`` (its
+    ``sub``): itself when it is a valid username, else the characters a username
+    cannot hold become ``_`` and ``-`` plus 8 hex digits of its SHA-256 follow.
+    What ``POST /users/{username}/events`` needs to push to that user."""
+    if _USERNAME.fullmatch(subject):
+        return subject
+    digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
+    return f"{_NOT_USERNAME.sub('_', subject)[:55]}-{digest}"
+
+
+def stream_path(channels: str | Sequence[str] | None) -> str:
+    """``None`` or ``"/stream"``: the caller's subscriptions; a channel name: that channel."""
+    if channels is None or channels == "/stream":
+        return "/stream"
+    if isinstance(channels, str):
+        return f"/channels/{channels}/stream"
+    if len(channels) == 1:
+        return f"/channels/{channels[0]}/stream"
+    raise ValueError("one channel per stream here; AsyncClient.stream merges several")
+
+
+def _backoff(attempt: int, retry_after: str | None = None) -> float:
+    if retry_after and retry_after.isdigit():
+        return min(float(retry_after), 30.0)
+    base = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
+    return base * (0.5 + random.random())  # jitter, not secrecy
+
+
+def _checked(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = response.text
+        raise SsehubError(response.status_code, detail)
+    return response.json() if response.content else None
+
+
+def _item(sse: ServerSentEvent) -> Event | Notice | None:
+    """An SSE frame as an ``Event`` or a ``Notice`` (comments and the retry line: None)."""
+    if not sse.data:
+        return None
+    payload = json.loads(sse.data)
+    if sse.event.startswith("ssehub."):
+        return Notice(sse.event, payload)
+    return Event(
+        payload["id"], payload["channel"], payload["type"], payload["data"], payload["published_at"]
+    )
+
+
+def _publish_request(
+    channel: str, data: Any, type: str, key: str | None
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+    return f"/channels/{channel}/events", {"type": type, "data": data}, headers
+
+
+class _Base:
+    def __init__(self, api_key: str | None, token: Token, retries: int) -> None:
+        if api_key and token:
+            raise ValueError("give an API key or a token, not both")
+        self._api_key = api_key
+        self._token = token
+        self.retries = retries
+
+
+class Client(_Base):
+    """A synchronous client (``with Client(url, api_key=...) as hub: ...``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        token: Token = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float = 30.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(api_key, token, retries)
+        self.http = http or httpx.Client(base_url=url, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _auth(self) -> dict[str, str]:
+        given = self._api_key or self._token
+        token = given() if callable(given) else given
+        if inspect.isawaitable(token):
+            raise TypeError("Client takes a sync token provider; use AsyncClient for async")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def publish(
+        self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Publish one event; returns it (the first one, if the key was used before)."""
+        path, body, headers = _publish_request(channel, data, type, idempotency_key)
+        return self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+
+    def publish_to_user(
+        self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Push one event to a user's personal channel (``@USERNAME``)."""
+        _, body, headers = _publish_request("", data, type, idempotency_key)
+        return self._retrying(  # type: ignore[no-any-return]
+            "POST", f"/users/{username}/events", body, headers, safe=True
+        )
+
+    def publish_batch(self, channel: str, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
+        body = {"events": list(events)}
+        result = self._retrying("POST", f"/channels/{channel}/events/batch", body, {}, safe=False)
+        return result["events"]  # type: ignore[no-any-return]
+
+    def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page of a channel's history: ``{"events", "next_after"}``."""
+        params = {"after": after, "limit": limit}
+        response = self.http.get(f"/channels/{channel}/events", params=params, headers=self._auth())
+        return _checked(response)  # type: ignore[no-any-return]
+
+    def _retrying(
+        self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
+    ) -> Any:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self.http.request(
+                    method, path, json=body, headers={**headers, **self._auth()}
+                )
+            except httpx.TransportError as exc:
+                if last or not (safe or isinstance(exc, httpx.ConnectError)):
+                    raise
+                time.sleep(_backoff(attempt))
+                continue
+            if response.status_code in RETRY_STATUSES and safe and not last:
+                time.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            return _checked(response)
+        raise AssertionError("unreachable")
+
+    def stream(
+        self, channels: str | Sequence[str] | None = None, *, last_event_id: int | None = None
+    ) -> Iterator[Event | Notice]:
+        """Events (and notices) of a channel, or of the caller's subscriptions and
+        personal channel (``None``), resuming after ``last_event_id``; reconnects
+        by itself and goes on from the last event it yielded."""
+        path, position, attempt = stream_path(channels), last_event_id, 0
+        while True:
+            headers = self._auth()
+            if position is not None:
+                headers["Last-Event-ID"] = str(position)
+            try:
+                with connect_sse(self.http, "GET", path, headers=headers, timeout=None) as source:
+                    if source.response.status_code != 200:
+                        source.response.read()
+                        if source.response.status_code not in RETRY_STATUSES:
+                            _checked(source.response)
+                        raise httpx.TransportError("server unavailable")
+                    attempt = 0
+                    for sse in source.iter_sse():
+                        item = _item(sse)
+                        if isinstance(item, Event):
+                            if position is not None and item.id <= position:
+                                continue
+                            position = item.id
+                        if item is not None:
+                            yield item
+            except httpx.TransportError:
+                pass
+            time.sleep(_backoff(attempt))
+            attempt += 1
+
+
+class AsyncClient(_Base):
+    """An asyncio client (``async with AsyncClient(url, token=...) as hub: ...``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        token: Token = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(api_key, token, retries)
+        self.http = http or httpx.AsyncClient(base_url=url, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _auth(self) -> dict[str, str]:
+        given = self._api_key or self._token
+        token = given() if callable(given) else given
+        if inspect.isawaitable(token):
+            token = await token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def publish(
+        self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Publish one event; returns it (the first one, if the key was used before)."""
+        path, body, headers = _publish_request(channel, data, type, idempotency_key)
+        return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+
+    async def publish_to_user(
+        self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Push one event to a user's personal channel (``@USERNAME``)."""
+        _, body, headers = _publish_request("", data, type, idempotency_key)
+        path = f"/users/{username}/events"
+        return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+
+    async def publish_batch(
+        self, channel: str, events: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
+        body = {"events": list(events)}
+        path = f"/channels/{channel}/events/batch"
+        result = await self._retrying("POST", path, body, {}, safe=False)
+        return result["events"]  # type: ignore[no-any-return]
+
+    async def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page of a channel's history: ``{"events", "next_after"}``."""
+        params = {"after": after, "limit": limit}
+        headers = await self._auth()
+        response = await self.http.get(
+            f"/channels/{channel}/events", params=params, headers=headers
+        )
+        return _checked(response)  # type: ignore[no-any-return]
+
+    async def _retrying(
+        self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
+    ) -> Any:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = await self.http.request(
+                    method, path, json=body, headers={**headers, **await self._auth()}
+                )
+            except httpx.TransportError as exc:
+                if last or not (safe or isinstance(exc, httpx.ConnectError)):
+                    raise
+                await asyncio.sleep(_backoff(attempt))
+                continue
+            if response.status_code in RETRY_STATUSES and safe and not last:
+                await asyncio.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            return _checked(response)
+        raise AssertionError("unreachable")
+
+    async def stream(
+        self, channels: str | Sequence[str] | None = None, *, last_event_id: int | None = None
+    ) -> AsyncIterator[Event | Notice]:
+        """Events (and notices) of a channel, of several (one stream each, merged as
+        they arrive: in id order per channel), or of the caller's subscriptions
+        and personal channel (``None``), resuming after ``last_event_id``;
+        reconnects by itself and goes on from the last event it yielded."""
+        if channels is None or isinstance(channels, str) or len(channels) == 1:
+            async for item in self._stream(stream_path(channels), last_event_id):
+                yield item
+            return
+        merged: asyncio.Queue[Event | Notice | BaseException] = asyncio.Queue(maxsize=1000)
+
+        async def pump(channel: str) -> None:
+            try:
+                async for item in self._stream(stream_path(channel), last_event_id):
+                    await merged.put(item)
+            except BaseException as exc:
+                await merged.put(exc)
+
+        tasks = [asyncio.create_task(pump(channel)) for channel in channels]
+        try:
+            while True:
+                got = await merged.get()
+                if isinstance(got, BaseException):
+                    raise got
+                yield got
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _stream(self, path: str, position: int | None) -> AsyncIterator[Event | Notice]:
+        attempt = 0
+        while True:
+            headers = await self._auth()
+            if position is not None:
+                headers["Last-Event-ID"] = str(position)
+            try:
+                async with aconnect_sse(
+                    self.http, "GET", path, headers=headers, timeout=None
+                ) as source:
+                    if source.response.status_code != 200:
+                        await source.response.aread()
+                        if source.response.status_code not in RETRY_STATUSES:
+                            _checked(source.response)
+                        raise httpx.TransportError("server unavailable")
+                    attempt = 0
+                    async for sse in source.aiter_sse():
+                        item = _item(sse)
+                        if isinstance(item, Event):
+                            if position is not None and item.id <= position:
+                                continue
+                            position = item.id
+                        if item is not None:
+                            yield item
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
