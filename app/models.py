@@ -105,7 +105,10 @@ class Event(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    # No foreign key (its trigger ran per event): publishing locks the channel's row
+    # instead, and a trigger on channels deletes a deleted channel's events
+    # (migration 0008).
+    channel_id: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[str] = mapped_column(Text)  # compact JSON text, spliced into frames as is
     published_at: Mapped[datetime] = mapped_column(

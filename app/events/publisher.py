@@ -54,6 +54,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,9 @@ class Publisher:
         self._pending_events = 0
         self._pending_bytes = 0
         self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
+        # Called with each committed transaction's new events (in id order) and the
+        # log's head before them: see ``Broker.committed``.
+        self.on_commit: Callable[[list[StoredEvent], int], None] | None = None
 
     async def publish(
         self,
@@ -289,7 +293,17 @@ class Publisher:
             mine = statuses[at : at + len(request.items)]
             at += len(request.items)
             results.append(_result(request, mine))
-        self._metrics.events_published.inc(sum(1 for s in statuses if s["status"] == "created"))
+        created = [
+            event
+            for result, request in zip(results, requests, strict=True)
+            if isinstance(result, tuple) and result[1]
+            for event in result[0]
+        ]
+        self._metrics.events_published.inc(len(created))
+        if created and self.on_commit is not None:
+            created.sort(key=lambda event: event.id)
+            head = next(row["tx_prev"] for row in statuses if row["status"] == "created")
+            self.on_commit(created, head)
         return results
 
 

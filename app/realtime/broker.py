@@ -24,6 +24,14 @@ fails on the database, the connection is dropped, and whatever was queued
 is covered by what follows every (re)connection: each handler ``resync``s from
 the database, because messages sent while the listener was away are lost.
 
+**The committer's shortcut.** The instance whose writer committed a
+transaction already holds its events, and knows (from the publish lock) that
+every id up to ``tx_prev``, the log's head when the transaction appended, is
+committed. If this broker has delivered exactly up to ``tx_prev`` and is not
+in the middle of a read, nothing can come between: the events go to the hub
+at once (``committed``), without waiting for the NOTIFY and reading them back.
+Otherwise the NOTIFY path delivers them as usual.
+
 **Everything is bounded in time**: the connection opens within 5 s, every
 query has a timeout, and ``alive_at`` records the loop's last turn, so
 ``/readyz`` fails when the loop is stuck as well as when it is disconnected.
@@ -52,7 +60,7 @@ import asyncpg
 import orjson
 
 from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options, raw_connection
-from app.events.log import last_event_id, read_page
+from app.events.log import StoredEvent, last_event_id, read_page
 from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler
 from app.realtime.hub import Hub
 
@@ -81,6 +89,15 @@ class Broker:
         self.listening = False
         self.position = 0
         self.alive_at = time.monotonic()
+        self._reading = False
+
+    def committed(self, events: list[StoredEvent], tx_prev: int) -> None:
+        """This instance committed ``events`` (in id order) right after ``tx_prev``:
+        hand them to the hub now if nothing can come between (module docstring)."""
+        if self._reading or self.position != tx_prev or not events:
+            return
+        self._hub.fan_out(events)
+        self.position = events[-1].id
 
     async def start(self, pool: Any) -> None:
         async with raw_connection(pool) as conn:
@@ -165,7 +182,11 @@ class Broker:
             self.alive_at = time.monotonic()
             if not self._hub.carries_any() and await self._skip_ahead(conn):
                 return
-            page = await read_page(conn, None, self.position)
+            self._reading = True
+            try:
+                page = await read_page(conn, None, self.position)
+            finally:
+                self._reading = False
             for gap in page.gaps:
                 self._hub.mark_gap(gap)
             if page.events:

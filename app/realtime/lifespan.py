@@ -28,6 +28,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     listen_url = settings.listen_database_url or settings.database_url
     broker = Broker(listen_url, hub, handlers, app.state.publisher.inbox_due)
     await broker.start(app.state.pool)
+    app.state.publisher.on_commit = broker.committed
     app.state.hub, app.state.broker = hub, broker
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")
     try:
