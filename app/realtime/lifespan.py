@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.realtime.access import StreamAccessCache
 from app.realtime.broker import Broker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
@@ -24,7 +25,13 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
-    handlers = [StreamControl(hub), app.state.publish_rights, app.state.identity]
+    app.state.stream_access = StreamAccessCache()
+    handlers = [
+        StreamControl(hub),
+        app.state.stream_access,
+        app.state.publish_rights,
+        app.state.identity,
+    ]
     listen_url = settings.listen_database_url or settings.database_url
     broker = Broker(listen_url, hub, handlers, app.state.publisher.inbox_due)
     await broker.start(app.state.pool)

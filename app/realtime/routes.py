@@ -2,8 +2,8 @@
 
 Everything that can fail (credentials 401, an unreadable channel 404, a bad
 resume position 400, too many streams 429) fails here, before the stream
-starts; the one query it needs (``stream_access``) returns its connection
-before streaming.
+starts; the one query it needs (``stream_access``, usually remembered:
+``app.realtime.access``) returns its connection before streaming.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from fastapi import APIRouter, Request
 
 from app.auth.deps import StreamCaller
 from app.auth.identity import Caller
-from app.channels.service import stream_access
-from app.db import raw_connection
 from app.errors import BadRequest
 from app.realtime.stream import EventStream
 from app.realtime.subscriber import Subscriber
@@ -46,9 +44,9 @@ async def _open(
 ) -> EventStream:
     state = request.app.state
     user_id = caller.user()
-    async with raw_connection(state.pool) as conn:
-        access = await stream_access(conn, user_id, name)
-    sub = Subscriber(user_id, access.is_admin, access.channels, name is None, caller.expires_at)
+    access = await state.stream_access.get(state.pool, user_id, name)
+    channels = dict(access.channels)  # the stream's own: it changes as it lives
+    sub = Subscriber(user_id, access.is_admin, channels, name is None, caller.expires_at)
     sub.position = state.hub.position
     state.hub.register(sub)  # before any replay: see app.realtime.stream
     return EventStream(state, sub, position)
