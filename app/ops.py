@@ -32,8 +32,8 @@ async def readyz(request: Request) -> JSONResponse:
     state, now = request.app.state, time.monotonic()
     checks = {
         "database": await _database_ok(request),
-        "listener": bool(state.broker.listening),
-        "broker": state.broker.stuck_for(now) < STUCK_SECONDS,
+        "listener": bool(state.listener.listening),
+        "broker": state.listener.stuck_for(now) < STUCK_SECONDS,
         "writer": state.publisher.stuck_for(now) < STUCK_SECONDS,
     }
     ok = all(checks.values())

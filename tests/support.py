@@ -27,12 +27,14 @@ from app.db import asyncpg_dsn
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-0123456789"
 ADMIN_PASSWORD = "admin-password-1"
+# Channels first: a publish locks its channel's row, then writes events, so a
+# TRUNCATE that took events first could deadlock with a publish still running.
 TABLES = (
+    "channels",
     "idempotency_keys",
     "events",
     "subscriptions",
     "channel_members",
-    "channels",
     "users",
     "api_keys",
     "external_tombstones",

@@ -18,9 +18,19 @@ def test_docs_and_bearer_scheme(api: Api) -> None:
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
     assert "swagger" in docs.text.lower()
     schemes = api.http.get("/openapi.json").json()["components"]["securitySchemes"]
-    (scheme,) = schemes.values()
+    scheme = schemes["OAuth2PasswordBearer"]
     assert scheme["type"] == "oauth2"
     assert scheme["flows"]["password"]["tokenUrl"] == "/auth/token"
+    # API keys, and the stream credentials a browser can send, are documented too.
+    assert schemes["APIKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "ssehub_…",
+        "description": "An API key (POST /api-keys): publishing and history only.",
+    }
+    assert schemes["StreamCookie"]["in"] == "cookie"
+    assert schemes["StreamCookie"]["name"] == "ssehub_stream"
+    assert schemes["StreamTokenQuery"]["in"] == "query"
 
 
 def test_errors_are_json_detail(api: Api) -> None:

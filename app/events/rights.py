@@ -77,7 +77,7 @@ class PublishRights:
         _remember(self._admins, user_id, bool(is_admin))
         return bool(is_admin)
 
-    # -- kept true by the control messages (``app.realtime.broker``) -------------
+    # -- kept true by the control messages (``app.realtime.listener``) -----------
 
     async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
         op = message.get("op")

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.realtime.access import StreamAccessCache
-from app.realtime.broker import Broker
+from app.realtime.broker import PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
+from app.realtime.listener import Listener
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -32,11 +33,13 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         app.state.publish_rights,
         app.state.identity,
     ]
-    listen_url = settings.listen_database_url or settings.database_url
-    broker = Broker(listen_url, hub, handlers, app.state.publisher.inbox_due)
+    broker = PostgresBroker(hub)
     await broker.start(app.state.pool)
+    listen_url = settings.listen_database_url or settings.database_url
+    listener = Listener(listen_url, broker, handlers, app.state.publisher.inbox_due)
+    listener.start()
     app.state.publisher.on_commit = broker.committed
-    app.state.hub, app.state.broker = hub, broker
+    app.state.hub, app.state.broker, app.state.listener = hub, broker, listener
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")
     try:
         with streams_closed_on_signal(hub):
@@ -46,6 +49,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+        await listener.stop()
         await broker.stop()
 
 

@@ -1,0 +1,162 @@
+"""The listener: one Postgres connection per instance, for what must reach every instance.
+
+It LISTENs to ``ssehub_control`` (``app.notify``: changes open streams must
+react to), to ``ssehub_inbox`` (rows enqueued from SQL, handed to the writer:
+``on_inbox``) and, when the broker wants it, to ``ssehub_events``. Every turn
+(on a notification, and at least every ``HEALTH_CHECK_SECONDS``) it applies
+the pending control messages, then lets the broker catch up
+(``Broker.catch_up``, ``app.realtime.broker``), on this connection: live
+delivery never waits behind a reconnect storm's queries on the pool. The
+connection is ``SSEHUB_LISTEN_DATABASE_URL``'s when set (a direct connection
+where the others go through PgBouncer, whose transaction mode cannot LISTEN).
+
+**Control messages** are applied through the instance's ``ControlHandler``s,
+before each page the broker reads, so a revocation waits for at most one page,
+not for a whole backlog. A message is removed from the queue only once every
+handler has applied it; if applying fails on the database, the connection is
+dropped, and whatever was queued is covered by what follows every
+(re)connection: each handler ``resync``s from the database, because messages
+sent while the listener was away are lost.
+
+**Everything is bounded in time**: the connection opens within 5 s, every
+query has a timeout, and ``alive_at`` records the loop's last turn, so
+``/readyz`` fails when the loop is stuck as well as when it is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import orjson
+
+from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options
+from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler
+
+if TYPE_CHECKING:
+    from app.realtime.broker import Broker
+
+log = logging.getLogger("ssehub")
+
+HEALTH_CHECK_SECONDS = 2.0
+LISTENER_NAME = "ssehub-listener"
+
+
+class Listener:
+    def __init__(
+        self,
+        database_url: str,
+        broker: Broker,
+        handlers: Sequence[ControlHandler],
+        on_inbox: Callable[[], None],
+    ) -> None:
+        self._dsn = asyncpg_dsn(database_url)
+        self._broker = broker
+        self._handlers = list(handlers)
+        self._on_inbox = on_inbox
+        self._dirty = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._control: deque[dict[str, Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.listening = False
+        self.alive_at = time.monotonic()
+
+    def start(self) -> None:
+        self.alive_at = time.monotonic()
+        self._task = asyncio.create_task(self._run_forever(), name="listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def stuck_for(self, now: float) -> float:
+        """How long since the loop last turned: it turns at least every
+        ``HEALTH_CHECK_SECONDS`` (and every page) while connected."""
+        return now - self.alive_at
+
+    async def _run_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._session()
+                backoff = 0.1
+            except Exception as exc:  # anything: live delivery must go on
+                log.warning(
+                    "listener: connection failed (%s: %s); retrying", type(exc).__name__, exc
+                )
+            self.listening = False
+            self.alive_at = time.monotonic()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _session(self) -> None:
+        """One connection's life: listen, resync, then turn until it is lost."""
+        options = connection_options(LISTENER_NAME, QUERY_TIMEOUT_SECONDS, pgbouncer=False)
+        conn = await asyncpg.connect(self._dsn, **options)
+        self._lost.clear()
+        try:
+            conn.add_termination_listener(lambda _conn: self._lost.set())
+            self._control.clear()  # what they said, the resync below reads afresh
+            if self._broker.wants_notify:
+                await conn.add_listener(EVENTS_CHANNEL, self._on_events)
+            await conn.add_listener(CONTROL_CHANNEL, self._on_control)
+            await conn.add_listener(INBOX_CHANNEL, self._on_inbox_notified)
+            for handler in self._handlers:
+                await handler.resync(conn)
+            self.listening = True
+            log.info("listener: listening")
+            while not self._lost.is_set():
+                self.alive_at = time.monotonic()
+                self._on_inbox()
+                await self._apply_control(conn)
+                await self._broker.catch_up(conn, self._between_pages)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), HEALTH_CHECK_SECONDS)
+                self._dirty.clear()
+        finally:
+            self.listening = False
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 1)
+            conn.terminate()
+        log.warning("listener: connection lost")
+
+    async def _between_pages(self, conn: Any) -> None:
+        """Before each page the broker reads: the loop is alive, control applied."""
+        self.alive_at = time.monotonic()
+        await self._apply_control(conn)
+
+    def _on_events(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._dirty.set()
+
+    def _on_inbox_notified(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._on_inbox()
+
+    def _on_control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.error("listener: ignoring a control message that is not JSON: %r", payload[:200])
+            return
+        self._control.append(message)
+        self._dirty.set()
+
+    async def _apply_control(self, conn: Any) -> None:
+        """Each queued message through every handler, in order; removed only once
+        applied. A database error propagates (the session ends and resyncs); a
+        malformed message (only our own transactions send them) is dropped."""
+        while self._control:
+            message = self._control[0]
+            try:
+                for handler in self._handlers:
+                    await handler.apply(conn, message)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("listener: ignoring malformed control message %r (%s)", message, exc)
+            self._control.popleft()
