@@ -20,7 +20,9 @@
 // gets the cookie sent (SameSite=Lax, third-party cookie blocking): give it
 // `getStreamToken` instead, which puts a stream token in the URL.
 
-const NOTICES = ['ssehub.live', 'ssehub.truncated', 'ssehub.expired', 'ssehub.channel_removed'];
+const NOTICES = [
+  'ssehub.live', 'ssehub.truncated', 'ssehub.expired', 'ssehub.channel_removed', 'ssehub.reset',
+];
 const BACKOFF_MS = [250, 1000, 2000, 5000]; // a dead server is not hammered, a blip heals fast
 
 /**
@@ -102,6 +104,11 @@ export function openStream(options) {
           failures = 0;
           wasLive = true;
           onState('live', { resumedFrom, replayed: data.replayed ?? 0 });
+        } else if (type === 'ssehub.reset' && Number.isSafeInteger(data.last_event_id)) {
+          // The position was above every id the server has issued (a restore): the
+          // stream goes on from its head, below our last id. Without this every
+          // later event would be dropped as an already-seen duplicate.
+          lastEventId = data.last_event_id;
         } else if (type === 'ssehub.expired') {
           // The server ends the stream now; EventSource would retry with the dead cookie.
           reopen();
