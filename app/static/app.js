@@ -73,6 +73,8 @@ $('register').addEventListener('click', async () => {
 function logout(message = '') {
   page.stream?.close();
   page.stream = null;
+  // The HttpOnly cookie is out of the page's reach: the server clears it.
+  fetch('/auth/stream-cookie', { method: 'DELETE' }).catch(() => {});
   page.token = null;
   page.me = null;
   sessionStorage.removeItem(TOKEN_KEY);
@@ -226,10 +228,9 @@ function showState(state, detail) {
   else el.textContent = state;
 }
 
-async function streamToken() {
-  const { stream_token } = await api('POST', '/auth/stream-token');
-  return stream_token;
-}
+// The stream cookie (HttpOnly, a stream token) lets EventSource open /stream with
+// no token in its URL; openStream renews it before each open of its own.
+const renewStreamCookie = () => api('POST', '/auth/stream-cookie');
 
 // --- start ----------------------------------------------------------------------
 
@@ -244,7 +245,7 @@ async function start() {
   const position = await loadChannels();
   page.stream?.close();
   page.stream = openStream({
-    getStreamToken: streamToken,
+    renewCookie: renewStreamCookie,
     lastEventId: position || null,
     types: ['message'],
     onEvent: showEvent,
