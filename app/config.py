@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,10 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
     max_connections: PositiveInt = 15000
     db_pool_size: int = Field(default=20, ge=2)
+    # How live events reach the instances: Postgres LISTEN/NOTIFY and the log,
+    # or NATS with interest routing (app.realtime.nats_broker).
+    broker: Literal["postgres", "nats"] = "postgres"
+    nats_url: str = "nats://127.0.0.1:4222"
     # Your application's own tokens (app.auth.external); unset issuer: off.
     jwt_issuer: str | None = None
     jwt_audience: str | None = None

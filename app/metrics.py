@@ -81,3 +81,10 @@ class Metrics:
         self.slow_reader_disconnects = Counter(
             "ssehub_slow_reader_disconnects", "Streams closed for not reading", registry=r
         )
+        self.broker_events = Counter(
+            "ssehub_broker_events",
+            "Events the broker received for this instance's streams, by source: "
+            "the log (Postgres broker, or the NATS broker filling a gap) or NATS",
+            ["source"],
+            registry=r,
+        )

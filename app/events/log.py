@@ -26,7 +26,7 @@ _PAGE = """
 WITH page AS (
     SELECT e.id, e.channel_id, e.type, e.data, e.published_at,
            sum(octet_length(e.data)) OVER (ORDER BY e.id) - octet_length(e.data) AS before
-    FROM events e WHERE {events} AND e.id > $2 ORDER BY e.id LIMIT $3
+    FROM events e WHERE {events} AND e.id > $2 AND e.id <= $5 ORDER BY e.id LIMIT $3
 )
 SELECT 1 AS kind, p.id, p.channel_id, c.name, p.type, p.data, p.published_at, NULL::bigint
 FROM page p JOIN channels c ON c.id = p.channel_id WHERE p.before < $4
@@ -45,6 +45,7 @@ _PAGE_IN_CHANNELS = _PAGE.format(
 _PAGE_ALL = _PAGE.format(events="$1::bigint[] IS NULL", channels="$1::bigint[] IS NULL")
 PAGE_EVENTS = 1000
 PAGE_BYTES = 1024 * 1024
+MAX_ID = 2**63 - 1
 
 
 def format_timestamp(at: datetime) -> str:
@@ -124,18 +125,19 @@ async def read_page(
     after_id: int,
     limit: int = PAGE_EVENTS,
     max_bytes: int = PAGE_BYTES,
+    until_id: int = MAX_ID,
 ) -> Page:
-    """Events of ``channel_ids`` (``None``: of every channel) above ``after_id``,
-    ascending, at most ``limit`` of them and about ``max_bytes`` of data, with the
-    channels pruned past ``after_id``. History pages, stream replays and the
-    broker's tail all read through here.
+    """Events of ``channel_ids`` (``None``: of every channel) above ``after_id`` (and
+    at most ``until_id``), ascending, at most ``limit`` of them and about
+    ``max_bytes`` of data, with the channels pruned past ``after_id``. History
+    pages, stream replays and the brokers' reads all go through here.
 
     Complete because ids become visible in increasing order (see
     ``app.events.publisher``): nothing can later appear below an id once read.
     """
     query = _PAGE_ALL if channel_ids is None else _PAGE_IN_CHANNELS
     ids = None if channel_ids is None else list(channel_ids)
-    rows = await conn.fetch(query, ids, after_id, limit, max_bytes)
+    rows = await conn.fetch(query, ids, after_id, limit, max_bytes, until_id)
     events, gaps, read = [], [], 0
     for row in rows:
         kind = row[0]

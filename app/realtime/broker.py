@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from app.db import raw_connection
 from app.events.log import StoredEvent, last_event_id, read_page
+from app.metrics import Metrics
 from app.realtime.hub import Hub
 
 BetweenPages = Callable[[Any], Awaitable[None]]
@@ -65,8 +66,9 @@ class Broker(Protocol):
 class PostgresBroker:
     wants_notify = True
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, metrics: Metrics) -> None:
         self._hub = hub
+        self._metrics = metrics
         self.position = 0
         self._reading = False
 
@@ -99,6 +101,7 @@ class PostgresBroker:
             for gap in page.gaps:
                 self._hub.mark_gap(gap)
             if page.events:
+                self._metrics.broker_events.labels("log").inc(len(page.events))
                 self._hub.fan_out(page.events)
                 self.position = page.events[-1].id
             if not page.more:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import groupby
 
 from app.errors import TooManyRequests
@@ -30,6 +30,9 @@ class Hub:
         self._max_per_user = max_streams_per_user
         self._by_channel: defaultdict[int, set[Subscriber]] = defaultdict(set)
         self._by_user: defaultdict[int, set[Subscriber]] = defaultdict(set)
+        # Told when a channel gains its first stream (True) or loses its last
+        # (False): the NATS broker subscribes only to what is carried.
+        self.interest: Callable[[int, bool], None] | None = None
 
     def register(self, sub: Subscriber) -> None:
         """Start routing live events to ``sub``; 429 past the per-user limit."""
@@ -40,7 +43,7 @@ class Hub:
             )
         streams.add(sub)
         for channel_id in sub.channels:
-            self._by_channel[channel_id].add(sub)
+            self._route(sub, channel_id)
         self._metrics.streams_open.inc()
 
     def unregister(self, sub: Subscriber) -> None:
@@ -114,7 +117,7 @@ class Hub:
         """``sub`` carries the channel's live events from now on."""
         if channel_id not in sub.channels:
             sub.channels[channel_id] = name
-            self._by_channel[channel_id].add(sub)
+            self._route(sub, channel_id)
 
     def uncarry(self, sub: Subscriber, channel_id: int) -> None:
         """``sub`` stops carrying the channel, without a notice."""
@@ -178,9 +181,23 @@ class Hub:
             for sub in list(streams):
                 sub.close(reason)
 
+    def carries(self, channel_id: int) -> bool:
+        return channel_id in self._by_channel
+
+    def carried_channels(self) -> list[int]:
+        return list(self._by_channel)
+
+    def _route(self, sub: Subscriber, channel_id: int) -> None:
+        subscribers = self._by_channel[channel_id]
+        if not subscribers and self.interest is not None:
+            self.interest(channel_id, True)
+        subscribers.add(sub)
+
     def _unroute(self, sub: Subscriber, channel_id: int) -> None:
         subscribers = self._by_channel.get(channel_id)
         if subscribers is not None:
             subscribers.discard(sub)
             if not subscribers:
                 del self._by_channel[channel_id]
+                if self.interest is not None:
+                    self.interest(channel_id, False)

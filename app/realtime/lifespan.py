@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.realtime.access import StreamAccessCache
-from app.realtime.broker import PostgresBroker
+from app.realtime.broker import Broker, PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.listener import Listener
@@ -33,7 +33,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         app.state.publish_rights,
         app.state.identity,
     ]
-    broker = PostgresBroker(hub)
+    broker = _broker(app, hub)
     await broker.start(app.state.pool)
     listen_url = settings.listen_database_url or settings.database_url
     listener = Listener(listen_url, broker, handlers, app.state.publisher.inbox_due)
@@ -51,6 +51,16 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
             await ticker
         await listener.stop()
         await broker.stop()
+
+
+def _broker(app: FastAPI, hub: Hub) -> Broker:
+    """The engine ``SSEHUB_BROKER`` names, chosen once here."""
+    settings, metrics = app.state.settings, app.state.metrics
+    if settings.broker == "nats":
+        from app.realtime.nats_broker import NatsBroker
+
+        return NatsBroker(settings.nats_url, hub, app.state.pool, metrics)
+    return PostgresBroker(hub, metrics)
 
 
 @contextmanager

@@ -1,0 +1,342 @@
+"""``SSEHUB_BROKER=nats``: live events over NATS, only for the channels this instance carries.
+
+With the Postgres broker every instance reads every event from the log: with
+k instances the log is read k times. Here the instance that commits a
+publishing transaction sends its events over core NATS, and each instance
+receives only the channels its open streams carry (it subscribes to a
+channel's subject when the hub's first stream carries it, ``Hub.interest``).
+Postgres stays the source of truth and the ordering authority; NATS only
+carries copies, and anything NATS loses is noticed and read from the log.
+
+**Subjects.** Per committed transaction, in this order on the committer's one
+connection:
+
+- ``ssehub.ev.<channel_id>``, for each channel it wrote: ``{"tx": max,
+  "e": [[id, channel, type, data, published_at], ...]}``;
+- ``ssehub.tx``, for every instance: ``{"max": max, "prev": prev, "ch": [ids]}``,
+  where ``prev`` is ``tx_prev``: the log's head when the transaction appended,
+  under the publish lock, so every id up to it is committed. Each transaction
+  names the one before it: the transactions form a chain.
+
+NATS delivers one publisher's messages to a subscriber in the order sent, so a
+transaction's channel messages come before its ``ssehub.tx`` unless lost.
+
+**Why every carried event reaches the hub once, in id order, with no gap.**
+The broker applies transactions strictly along the chain from its
+``position`` (every id up to it handed to the hub, for every carried channel):
+
+- ``max <= position``: seen already (a duplicate, two relays for a moment, or
+  this instance's own shortcut): dropped.
+- ``prev <= position``: next in the chain. For each carried channel it names,
+  the channel message must be here: one that is not (lost, dropped by a slow
+  consumer, sent before this instance subscribed) is read from the log for
+  ``(position, max]``. The events go to the hub in id order; position = max.
+- ``prev > position``: something before it is missing or late (two committers'
+  messages can cross). It waits ``REORDER_SECONDS`` for the chain to close, then
+  reads the carried channels' events in ``(position, prev]`` from the log and
+  goes on.
+- Nothing arrives at all (the last transactions' messages were lost, NATS is
+  down): on the listener's turn the log's head is compared with ``position``;
+  behind on two turns running, the carried channels are read from the log up
+  to the head.
+
+Every case either delivers the transaction's events of carried channels from
+NATS or from the log, and never an id at or below ``position``: NATS losing,
+duplicating or reordering messages costs log reads, never exactness. And the
+log is read only for carried channels: interest routing holds on the gap
+path too. The chain of ``ssehub.tx`` reaches every instance (one small message
+per transaction), which is what lets an instance know what it missed.
+
+**Why core NATS rather than JetStream.** JetStream's ordered consumers keep
+order per stream, not across the subjects of one ``/stream``, and they would
+not remove the need for the chain: a committer that dies between its commit
+and its publish leaves a hole only the log can fill. The chain makes core
+NATS exact at the cost of the log reads that losses need, without a second
+store to operate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from app.db import raw_connection
+from app.events.log import StoredEvent, format_timestamp, last_event_id, read_page
+from app.metrics import Metrics
+from app.realtime.broker import BetweenPages
+from app.realtime.hub import Hub
+
+log = logging.getLogger("ssehub")
+
+TX_SUBJECT = "ssehub.tx"
+EVENTS_SUBJECT = "ssehub.ev.{}"
+REORDER_SECONDS = 0.2
+
+
+def _subject(channel_id: int) -> str:
+    return EVENTS_SUBJECT.format(channel_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tx:
+    max: int
+    prev: int
+    channels: tuple[int, ...]
+    arrived: float
+
+
+class NatsBroker:
+    wants_notify = False  # events come over NATS; the log only fills gaps
+
+    def __init__(self, url: str, hub: Hub, pool: Any, metrics: Metrics) -> None:
+        self._url = url
+        self._hub = hub
+        self._pool = pool
+        self._metrics = metrics
+        self._nc: NatsClient | None = None
+        self._subs: dict[int, Subscription] = {}
+        self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._txs: dict[int, _Tx] = {}  # by max: transactions not applied yet
+        self._events: dict[tuple[int, int], list[StoredEvent]] = {}  # (tx max, channel)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Held while position moves by way of an await (a log read): the
+        # committer's shortcut and the safety net wait their turn.
+        self._moving = asyncio.Lock()
+        self._following = asyncio.Lock()
+        self._head_seen = (0, 0)  # (position, log head) at the listener's last turn
+        self.position = 0
+
+    async def start(self, pool: Any) -> None:
+        async with raw_connection(pool) as conn:
+            self.position = await last_event_id(conn)
+        self._hub.position = self.position
+        self._nc = await nats.connect(
+            self._url,
+            name="ssehub",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        await self._nc.subscribe(TX_SUBJECT, cb=self._on_tx)
+        self._hub.interest = self._interest
+        self._tasks = [
+            asyncio.create_task(self._send_forever(), name="nats-send"),
+            asyncio.create_task(self._apply_forever(), name="nats-apply"),
+        ]
+
+    async def stop(self) -> None:
+        self._hub.interest = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.drain(), 2)
+
+    # -- publishing (the committer) ---------------------------------------------
+
+    def committed(self, events: list[StoredEvent], tx_prev: int) -> None:
+        """Send the transaction to every interested instance, and hand it to this
+        instance's hub at once if nothing can come between (position == tx_prev)."""
+        if not events:
+            return
+        by_channel: defaultdict[int, list[StoredEvent]] = defaultdict(list)
+        for event in events:
+            by_channel[event.channel_id].append(event)
+        top = events[-1].id
+        for channel_id, mine in by_channel.items():
+            rows = [
+                [e.id, e.channel, e.type, e.data, format_timestamp(e.published_at)] for e in mine
+            ]
+            self._outbox.put_nowait((_subject(channel_id), {"tx": top, "e": rows}))
+        tx = {"max": top, "prev": tx_prev, "ch": list(by_channel)}
+        self._outbox.put_nowait((TX_SUBJECT, tx))
+        if not self._moving.locked() and self.position == tx_prev:
+            self._hand_over(events, top)
+
+    async def _send_forever(self) -> None:
+        """One sender, so one connection's messages keep their order."""
+        while True:
+            subject, payload = await self._outbox.get()
+            try:
+                assert self._nc is not None
+                await self._nc.publish(subject, orjson.dumps(payload))
+            except Exception as exc:  # the others notice the hole and read the log
+                log.warning("nats: publishing %s failed (%s)", subject, exc)
+
+    # -- receiving --------------------------------------------------------------
+
+    def _interest(self, channel_id: int, carried: bool) -> None:
+        asyncio.get_running_loop().create_task(self._follow(channel_id, carried))
+
+    async def _follow(self, channel_id: int, carried: bool) -> None:
+        """Subscribe to a channel its first stream carries; unsubscribe after its last."""
+        if self._nc is None:
+            return
+        async with self._following:  # one at a time, each on the hub's state now
+            carried = self._hub.carries(channel_id)
+            try:
+                if carried and channel_id not in self._subs:
+                    self._subs[channel_id] = await self._nc.subscribe(
+                        _subject(channel_id), cb=self._on_events
+                    )
+                elif not carried and channel_id in self._subs:
+                    await self._subs.pop(channel_id).unsubscribe()
+            except Exception as exc:  # a message not received is read from the log
+                log.warning("nats: following channel %s failed (%s)", channel_id, exc)
+
+    async def _on_tx(self, msg: Msg) -> None:
+        try:
+            data = orjson.loads(msg.data)
+            tx = _Tx(int(data["max"]), int(data["prev"]), tuple(data["ch"]), time.monotonic())
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.error("nats: ignoring a malformed transaction message")
+            return
+        if tx.max > self.position:
+            self._txs[tx.max] = tx
+            self._wake.set()
+
+    async def _on_events(self, msg: Msg) -> None:
+        try:
+            data = orjson.loads(msg.data)
+            channel_id = int(msg.subject.rsplit(".", 1)[1])
+            events = [
+                StoredEvent(row[0], channel_id, row[1], row[2], row[3], _timestamp(row[4]))
+                for row in data["e"]
+            ]
+            top = int(data["tx"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+            log.error("nats: ignoring a malformed events message")
+            return
+        if top > self.position:
+            self._events[(top, channel_id)] = events
+            self._metrics.broker_events.labels("nats").inc(len(events))
+
+    async def _apply_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), REORDER_SECONDS)
+            self._wake.clear()
+            try:
+                await self._apply_ready()
+            except Exception as exc:  # the database away: the next turn retries
+                log.warning("nats: applying transactions failed (%s: %s)", type(exc).__name__, exc)
+                await asyncio.sleep(0.2)
+
+    async def _apply_ready(self) -> None:
+        """Apply transactions along the chain (module docstring)."""
+        async with self._moving:
+            await self._apply_chain()
+        self._forget_old_events()
+
+    async def _apply_chain(self) -> None:
+        while self._txs:
+            tx = self._txs[min(self._txs)]
+            if tx.max <= self.position:
+                del self._txs[tx.max]
+                continue
+            if tx.prev > self.position:
+                if time.monotonic() - tx.arrived < REORDER_SECONDS:
+                    return  # a transaction before it may still come
+                await self._fill(self.position, tx.prev)
+                continue
+            del self._txs[tx.max]
+            await self._apply(tx)
+
+    async def _apply(self, tx: _Tx) -> None:
+        events: list[StoredEvent] = []
+        missing: list[int] = []
+        for channel_id in tx.channels:
+            if not self._hub.carries(channel_id):
+                continue
+            received = self._events.pop((tx.max, channel_id), None)
+            if received is None:
+                missing.append(channel_id)
+            else:
+                events += received
+        if missing:
+            events += await self._read_log(missing, self.position, tx.max)
+        events = sorted((e for e in events if e.id > self.position), key=lambda e: e.id)
+        self._hand_over(events, tx.max)
+
+    async def _fill(self, after: int, until: int) -> None:
+        """Everything of the carried channels in ``(after, until]``, from the log
+        (called holding ``_moving``)."""
+        channels = self._hub.carried_channels()
+        events = await self._read_log(channels, after, until) if channels else []
+        self._hand_over(events, until)
+
+    async def _read_log(self, channels: list[int], after: int, until: int) -> list[StoredEvent]:
+        events: list[StoredEvent] = []
+        async with raw_connection(self._pool) as conn:
+            while True:
+                page = await read_page(conn, channels, after, until_id=until)
+                for gap in page.gaps:
+                    self._hub.mark_gap(gap)
+                events += page.events
+                if not page.more or not page.events:
+                    break
+                after = page.events[-1].id
+        self._metrics.broker_events.labels("log").inc(len(events))
+        return events
+
+    def _hand_over(self, events: list[StoredEvent], up_to: int) -> None:
+        if up_to <= self.position:
+            return
+        fresh = [e for e in events if e.id > self.position]
+        if fresh:
+            self._hub.fan_out(fresh)
+        self.position = up_to
+        self._hub.position = max(self._hub.position, up_to)
+
+    def _forget_old_events(self) -> None:
+        for key in [key for key in self._events if key[0] <= self.position]:
+            del self._events[key]
+
+    # -- the safety net, on the listener's turn ----------------------------------
+
+    async def catch_up(self, conn: Any, between_pages: BetweenPages) -> None:
+        """If the log's head is ahead of ``position`` on two turns running with no
+        progress, the last transactions' messages were lost: read them."""
+        await between_pages(conn)
+        head = await last_event_id(conn)
+        lagging = head > self.position and self._head_seen[0] == self.position
+        if lagging and self._head_seen[1] > self.position and not self._moving.locked():
+            async with self._moving:
+                await self._fill(self.position, self._head_seen[1])
+        self._head_seen = (self.position, head)
+
+    # -- connection events ------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("nats: disconnected; events will be read from the log until it is back")
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats: reconnected")
+        self._wake.set()
+
+
+def _timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text)
