@@ -36,25 +36,44 @@ mid-move:**
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from app.events.log import StoredEvent
+
 MOVE_ROWS = 1000  # about this many rows per move (whole transactions, at least one)
-_MOVE = "SELECT ssehub_move_inbox($1)"
+_MOVE = "SELECT * FROM ssehub_move_inbox($1)"
 _SET_LIMIT = (
     "INSERT INTO ssehub_config (name, value) VALUES ('max_event_bytes', $1) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 
 
-async def move(conn: Any) -> int:
-    """Move committed inbox rows into the log until none are left; returns how many.
-    ``conn`` is the writer's, whose every statement has a timeout."""
-    moved = 0
+async def move(conn: Any, committed: Callable[[list[StoredEvent], int], None] | None) -> int:
+    """Move committed inbox rows into the log until none are left; returns how many
+    events were appended. Each move's events go to ``committed`` (with the log's
+    head before them), as an HTTP publish's do. ``conn`` is the writer's, whose
+    every statement has a timeout."""
+    appended = 0
     while True:
-        taken = int(await conn.fetchval(_MOVE, MOVE_ROWS))
-        moved += taken
-        if taken < MOVE_ROWS:
-            return moved
+        rows = await conn.fetch(_MOVE, MOVE_ROWS)
+        events = [
+            StoredEvent(
+                r["moved_id"],
+                r["moved_channel_id"],
+                r["moved_channel"],
+                r["moved_type"],
+                r["moved_data"],
+                r["moved_published_at"],
+            )
+            for r in rows[1:]
+        ]
+        if events:
+            appended += len(events)
+            if committed is not None:
+                committed(events, rows[1]["moved_tx_prev"])
+        if not rows or rows[0]["moved_taken"] < MOVE_ROWS:
+            return appended
 
 
 async def publish_limits(conn: Any, max_event_bytes: int) -> None:

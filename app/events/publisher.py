@@ -204,7 +204,7 @@ class Publisher:
         wake-up, on this instance or another."""
         self.busy_since = time.monotonic()
         try:
-            moved = await inbox.move(await self._connection())
+            moved = await inbox.move(await self._connection(), self.on_commit)
             self._metrics.events_published.inc(moved)
         except Exception as exc:
             log.warning("moving enqueued events failed (%s: %s)", type(exc).__name__, exc)

@@ -168,50 +168,60 @@ $$
 """
 
 MOVE_INBOX = """
-CREATE FUNCTION ssehub_move_inbox(p_limit integer) RETURNS integer
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION ssehub_move_inbox(p_limit integer) RETURNS TABLE (
+    moved_taken integer, moved_id bigint, moved_channel_id bigint, moved_channel text,
+    moved_type text, moved_data text, moved_published_at timestamptz, moved_tx_prev bigint
+) LANGUAGE plpgsql AS $$
 -- Moves committed inbox rows into the log, whole transactions at a time (about
--- p_limit rows, at least one transaction), oldest first; returns how many rows
--- it took. Under the publish lock, and in the caller's one transaction: the
--- rows leave the inbox exactly when their events are committed.
+-- p_limit rows, at least one transaction), oldest first. Under the publish lock,
+-- and in the caller's one transaction: the rows leave the inbox exactly when
+-- their events are committed. Returns one row saying how many inbox rows it
+-- took (none if the inbox was empty), then the events it appended, in id order.
 DECLARE
     cids bigint[];
     types text[];
     datas text[];
     keys text[];
-    taken integer;
+    n_taken integer;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM ssehub_inbox) THEN
-        RETURN 0;  -- the common case costs no lock
+        RETURN;  -- the common case costs no lock
     END IF;
     PERFORM pg_advisory_xact_lock(351819);  -- 0x55E4B, app.events.publisher.PUBLISH_LOCK
     -- A new snapshot after the lock: rows another mover took are gone from it.
     -- Their channels stay until this transaction ends.
-    PERFORM 1 FROM channels WHERE id IN (SELECT channel_id FROM ssehub_inbox) FOR KEY SHARE;
+    PERFORM 1 FROM channels WHERE id IN (SELECT i.channel_id FROM ssehub_inbox i) FOR KEY SHARE;
     WITH txns AS (
-        SELECT txid, min(id) AS first, count(*) AS n,
-               sum(count(*)) OVER (ORDER BY min(id)) AS upto
-        FROM ssehub_inbox GROUP BY txid
+        SELECT i.txid, min(i.id) AS first, count(*) AS n,
+               sum(count(*)) OVER (ORDER BY min(i.id)) AS upto
+        FROM ssehub_inbox i GROUP BY i.txid
     ), picked AS (
         SELECT t.txid, t.first FROM txns t WHERE t.upto - t.n < p_limit
     ), moved AS (
         DELETE FROM ssehub_inbox i USING picked p WHERE i.txid = p.txid
         RETURNING i.id, p.first, i.channel_id, i.type, i.data, i.idempotency_key
     ), counted AS (
-        SELECT count(*) AS taken FROM moved
+        SELECT count(*) AS n FROM moved
     )
     -- Rows of a channel deleted meanwhile leave the inbox with the others, unpublished.
     SELECT array_agg(m.channel_id ORDER BY m.first, m.id),
            array_agg(m.type::text ORDER BY m.first, m.id),
            array_agg(m.data ORDER BY m.first, m.id),
            array_agg(m.idempotency_key::text ORDER BY m.first, m.id),
-           (SELECT counted.taken FROM counted)
-    INTO cids, types, datas, keys, taken
+           (SELECT counted.n FROM counted)
+    INTO cids, types, datas, keys, n_taken
     FROM moved m JOIN channels c ON c.id = m.channel_id;
+    RETURN QUERY SELECT coalesce(n_taken, 0), NULL::bigint, NULL::bigint, NULL::text,
+                        NULL::text, NULL::text, NULL::timestamptz, NULL::bigint;
     IF cids IS NOT NULL THEN
-        PERFORM ssehub_append(cids, types, datas, keys);
+        RETURN QUERY
+        SELECT n_taken, a.event_id, cids[a.row_number], c.name::text, types[a.row_number],
+               datas[a.row_number], a.event_published_at, a.tx_prev
+        FROM ssehub_append(cids, types, datas, keys) a
+        JOIN channels c ON c.id = cids[a.row_number]
+        WHERE a.fresh
+        ORDER BY a.event_id;
     END IF;
-    RETURN coalesce(taken, 0);
 END
 $$
 """
