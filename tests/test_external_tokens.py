@@ -43,6 +43,7 @@ from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql
 ISSUER = "https://idp.example.test/"
 AUDIENCE = "ssehub-tests"
 ADMIN_ROLE = "ssehub:admin"
+OCT_SECRET = secrets.token_bytes(32)
 ALGORITHMS = {"rsa": "RS256", "ec": "ES256", "ed25519": "EdDSA"}
 _TO_JWK = {"rsa": RSAAlgorithm.to_jwk, "ec": ECAlgorithm.to_jwk, "ed25519": OKPAlgorithm.to_jwk}
 
@@ -92,6 +93,7 @@ class Idp:
     def __init__(self, port: int = 0) -> None:
         self.keys: dict[str, tuple[str, PrivateKey]] = {}  # kid -> (kind, private key)
         self.published: list[str] = []  # kids in the JWKS
+        self.extra: list[dict[str, Any]] = []  # JWKs published as they are
         self.hits = 0
         self.status = 200  # what the JWKS endpoint answers; not 200: an error page
         self._lock = threading.Lock()
@@ -123,7 +125,7 @@ class Idp:
             kind, key = self.keys[kid]
             jwk = _TO_JWK[kind](key.public_key(), as_dict=True)  # type: ignore[arg-type]
             keys.append({**jwk, "kid": kid, "use": "sig", "alg": ALGORITHMS[kind]})
-        return {"keys": keys}
+        return {"keys": keys + self.extra}
 
     def add(self, kind: str, kid: str | None = None, publish: bool = True) -> str:
         """A new key of ``kind``; published in the JWKS unless ``publish`` is false."""
@@ -160,6 +162,8 @@ def idp() -> Iterator[Idp]:
     provider = Idp()
     for kind in ALGORITHMS:
         provider.add(kind, kid=kind)
+    # A symmetric key in the set must verify nothing: the set is public.
+    provider.extra.append({"kty": "oct", "kid": "oct", "k": _b64(OCT_SECRET), "alg": "HS256"})
     yield provider
     provider.stop()
 
@@ -312,6 +316,9 @@ REFUSED: dict[str, Callable[[Idp], str]] = {
     "alg-none": lambda _idp: _none_token("rsa"),
     "alg-confusion": _confused_token,
     "bad-signature": _forged_with_known_kid,
+    "jwks-oct-key": lambda _idp: jwt.encode(
+        claims(), OCT_SECRET, algorithm="HS256", headers={"kid": "oct"}
+    ),
     "unknown-kid": lambda idp: idp.token(idp.add("rsa", publish=False)),
     "no-kid": lambda idp: jwt.encode(claims(), idp.keys["ec"][1], algorithm="ES256"),
     "empty-sub": lambda idp: idp.token("rsa", sub=""),
@@ -335,10 +342,13 @@ def test_bad_tokens_are_401(client: Api, idp: Idp, database_url: str) -> None:
     assert rows == [], "a refused token created a user"
 
 
-def test_nbf_and_exp_have_30_seconds_of_leeway(client: Api, idp: Idp) -> None:
+def test_leeway_of_30_seconds_and_audience_lists(client: Api, idp: Idp) -> None:
     now = int(time.time())
     assert me(client, idp.token("rsa", sub="early", nbf=now + 10)).status_code == 200
     assert me(client, idp.token("rsa", sub="late", exp=now - 10)).status_code == 200
+    assert me(client, idp.token("rsa", sub="skewed", iat=now + 10)).status_code == 200
+    aud = [AUDIENCE, "another-service"]
+    assert me(client, idp.token("ec", sub="many-auds", aud=aud)).status_code == 200
 
 
 def test_the_admin_claim_promotes_and_a_later_token_demotes(client: Api, idp: Idp) -> None:
