@@ -272,6 +272,16 @@ def configure_logging() -> None:
     warnings.filterwarnings("ignore", module="platformdirs")
 
 
+def _problems(exc: ValidationError) -> str:
+    """One line per invalid setting, without the values pydantic would print:
+    they are secrets (a shared JWT secret, the signing key, a database password)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        lines.append(f"  {where}: {error['msg']}" if where else f"  {error['msg']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ssehub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = ensure_secret_key(Settings())
     except ValidationError as exc:
-        sys.exit(f"ssehub: invalid configuration\n{exc}")
+        sys.exit(f"ssehub: invalid configuration\n{_problems(exc)}")
     except KeyFileError as exc:
         sys.exit(f"ssehub: {exc}")
     try:

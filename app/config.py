@@ -170,7 +170,11 @@ def ensure_secret_key(settings: Settings) -> Settings:
     path = settings.data_dir / SECRET_FILE
     if not path.exists():
         _create_secret_file(path)
-    return settings.model_copy(update={"secret_key": _read_secret_file(path)})
+    key = _read_secret_file(path)
+    # The rule ``Settings`` applies to SSEHUB_SECRET_KEY, for the key it did not see.
+    if settings.jwt_shared_secret == key:
+        raise KeyFileError(f"SSEHUB_JWT_SHARED_SECRET must not be the signing key in {path}")
+    return settings.model_copy(update={"secret_key": key})
 
 
 def _read_secret_file(path: Path) -> str:

@@ -58,8 +58,12 @@ CACHE_SIZE = 10_000
 _USERNAME = re.compile(USERNAME_PATTERN)
 _NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
 
-_FIND = "SELECT id, is_admin FROM users WHERE external_subject = $1"
-_TOMBSTONE = "SELECT extract(epoch FROM deleted_at) FROM external_tombstones WHERE subject = $1"
+# The subject's user (NULLs if none) and when an admin last deleted it (NULL if never).
+_FIND = """
+SELECT u.id, u.is_admin, extract(epoch FROM t.deleted_at)
+FROM (SELECT $1::text AS subject) s
+LEFT JOIN users u ON u.external_subject = s.subject
+LEFT JOIN external_tombstones t ON t.subject = s.subject"""
 _CREATE = """
 WITH u AS (
     INSERT INTO users (username, external_subject, is_admin) VALUES ($1, $2, $3)
@@ -88,6 +92,16 @@ def algorithm_for(key: Any) -> str:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "EdDSA"
     raise ValueError(f"unsupported public key type {type(key).__name__}")
+
+
+def _refuse_if_issued_before(claims: dict[str, Any], deleted_at: Any) -> None:
+    """401 unless the token was issued (``iat``) after the subject's user was
+    last deleted; a token without ``iat`` cannot show that it was."""
+    if deleted_at is None:
+        return
+    issued_at = claims.get("iat")
+    if not (isinstance(issued_at, int | float) and issued_at > deleted_at):
+        raise Unauthorized("User no longer exists")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +196,11 @@ class ExternalTokens:
         admin = self._is_admin(claims)
         async with raw_connection(self._pool) as conn:
             row = await conn.fetchrow(_FIND, subject)
-            if row is None:
-                user_id = await self._create(conn, claims, subject, bool(admin))
+            # Also when the user exists: an account made anew by a later token must
+            # not bring back the tokens issued before the deletion.
+            _refuse_if_issued_before(claims, row[2])
+            if row[0] is None:
+                user_id = await self._create(conn, subject, bool(admin))
             else:
                 user_id = int(row[0])
                 if admin is not None and admin != row[1]:
@@ -201,17 +218,11 @@ class ExternalTokens:
             return wanted in value.split()
         return isinstance(value, list) and wanted in value
 
-    async def _create(self, conn: Any, claims: dict[str, Any], subject: str, admin: bool) -> int:
-        deleted_at = await conn.fetchval(_TOMBSTONE, subject)
-        issued_at = claims.get("iat")
-        if deleted_at is not None and not (
-            isinstance(issued_at, int | float) and issued_at > deleted_at
-        ):
-            raise Unauthorized("User no longer exists")
+    async def _create(self, conn: Any, subject: str, admin: bool) -> int:
         user_id = await conn.fetchval(_CREATE, username_for(subject), subject, admin)
         if user_id is None:
             row = await conn.fetchrow(_FIND, subject)  # created meanwhile by another request
-            if row is None:
+            if row[0] is None:
                 raise Unauthorized(
                     f"The username {username_for(subject)!r} belongs to another account"
                 )

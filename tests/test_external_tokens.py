@@ -1,0 +1,678 @@
+"""Your application's own tokens (``SSEHUB_JWT_*``), against real servers.
+
+The identity provider is played by ``Idp``: keys made here with
+``cryptography`` (RSA 2048, EC P-256, Ed25519), tokens signed with PyJWT, and
+a JWKS served by ``http.server`` in a thread on a free port, whose key set a
+test can change and whose hits it can count. ssehub runs as ``ssehub serve``
+subprocesses on a real Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures as cf
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from app.auth.external import username_for
+from tests.e2e.sse_client import SseStream
+from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql
+
+ISSUER = "https://idp.example.test/"
+AUDIENCE = "ssehub-tests"
+ADMIN_ROLE = "ssehub:admin"
+OCT_SECRET = secrets.token_bytes(32)
+ALGORITHMS = {"rsa": "RS256", "ec": "ES256", "ed25519": "EdDSA"}
+_TO_JWK = {"rsa": RSAAlgorithm.to_jwk, "ec": ECAlgorithm.to_jwk, "ed25519": OKPAlgorithm.to_jwk}
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def new_key(kind: str) -> PrivateKey:
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def public_pem(key: PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _b64json(part: dict[str, Any]) -> str:
+    return _b64(json.dumps(part).encode())
+
+
+def claims(sub: str = "ext-user", **over: Any) -> dict[str, Any]:
+    """Valid claims; ``jti`` makes every token new, so no test meets another's
+    token in the server's cache of verified tokens. ``None`` drops a claim."""
+    now = int(time.time())
+    base = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": sub,
+        "iat": now,
+        "exp": now + 300,
+        "jti": uuid.uuid4().hex,
+    }
+    return {k: v for k, v in {**base, **over}.items() if v is not None}
+
+
+class Idp:
+    """An identity provider: signing keys, and their JWKS served over HTTP."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.keys: dict[str, tuple[str, PrivateKey]] = {}  # kid -> (kind, private key)
+        self.published: list[str] = []  # kids in the JWKS
+        self.extra: list[dict[str, Any]] = []  # JWKs published as they are
+        self.hits = 0
+        self.status = 200  # what the JWKS endpoint answers; not 200: an error page
+        self._lock = threading.Lock()
+        idp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with idp._lock:
+                    idp.hits += 1
+                    status = idp.status
+                    body = json.dumps(idp.jwks()).encode() if status == 200 else b"<h1>down</h1>"
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def jwks(self) -> dict[str, Any]:
+        keys = []
+        for kid in self.published:
+            kind, key = self.keys[kid]
+            jwk = _TO_JWK[kind](key.public_key(), as_dict=True)  # type: ignore[arg-type]
+            keys.append({**jwk, "kid": kid, "use": "sig", "alg": ALGORITHMS[kind]})
+        return {"keys": keys + self.extra}
+
+    def add(self, kind: str, kid: str | None = None, publish: bool = True) -> str:
+        """A new key of ``kind``; published in the JWKS unless ``publish`` is false."""
+        kid = kid or f"{kind}-{uuid.uuid4().hex[:8]}"
+        key = new_key(kind)
+        with self._lock:
+            self.keys[kid] = (kind, key)
+            if publish:
+                self.published.append(kid)
+        return kid
+
+    def token(self, kid: str, **over: Any) -> str:
+        kind, key = self.keys[kid]
+        return jwt.encode(claims(**over), key, algorithm=ALGORITHMS[kind], headers={"kid": kid})
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+def jwks_env(url: str, **over: str) -> dict[str, str]:
+    return {
+        "SSEHUB_JWT_ISSUER": ISSUER,
+        "SSEHUB_JWT_AUDIENCE": AUDIENCE,
+        "SSEHUB_JWT_JWKS_URL": url,
+        "SSEHUB_JWT_ADMIN_CLAIM": "roles",
+        **over,
+    }
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[Idp]:
+    provider = Idp()
+    for kind in ALGORITHMS:
+        provider.add(kind, kid=kind)
+    # A symmetric key in the set must verify nothing: the set is public.
+    provider.extra.append({"kty": "oct", "kid": "oct", "k": _b64(OCT_SECRET), "alg": "HS256"})
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(idp: Idp, database_url: str) -> Iterator[Server]:
+    """One server that trusts ``idp``, for the tests that need nothing else."""
+    srv = Server(database_url, env=jwks_env(idp.url)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@dataclass
+class Rotating:
+    """A provider and a server that trusts it, whose JWKS was first fetched at ``fetched``."""
+
+    idp: Idp
+    api: Api
+    fetched: float
+
+
+@pytest.fixture(scope="module")
+def rotating(database_url: str) -> Iterator[Rotating]:
+    """The 30 s cooldown of the JWKS refetch runs from its first fetch, made here:
+    the first test of the module asks for this, the last waits for the end of the
+    cooldown, and the tests between them fill the wait."""
+    provider = Idp()
+    provider.add("rsa", kid="old")
+    srv = Server(database_url, env=jwks_env(provider.url)).start()
+    try:
+        api = Api(srv.url)
+        assert provider.hits == 0  # fetched on first use, not at start
+        assert me(api, provider.token("old", sub="first-user")).status_code == 200
+        yield Rotating(provider, api, time.monotonic())
+        api.http.close()
+    finally:
+        srv.stop()
+        provider.stop()
+
+
+@pytest.fixture
+def client(hub: Server) -> Iterator[Api]:
+    c = Api(hub.url)
+    yield c
+    c.http.close()
+
+
+def me(api: Api, token: str) -> httpx.Response:
+    return api.http.get("/users/me", headers=auth(token))
+
+
+def assert_401(r: httpx.Response) -> None:
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+# -- the JWKS: fetched once, refetched for an unknown kid at most every 30 s ------
+
+
+def test_unknown_kids_do_not_refetch_the_jwks_within_30_s(rotating: Rotating) -> None:
+    """First in the module: see ``rotating``, and the last test for the rotation."""
+    idp, api = rotating.idp, rotating.api
+    assert idp.hits == 1
+    stranger = idp.add("ec", publish=False)
+    for _ in range(5):
+        assert_401(me(api, idp.token(stranger)))
+    # The provider rotates: a new key, published, signs at once.
+    if "new" not in idp.keys:
+        idp.add("ed25519", kid="new")
+    if time.monotonic() - rotating.fetched < 25:  # still cooling down: no fetch yet
+        assert_401(me(api, idp.token("new", sub="rotated")))
+    assert idp.hits == 1, "an unknown kid refetched the JWKS within 30 s of a fetch"
+    assert me(api, idp.token("old", sub="first-user")).status_code == 200
+
+
+# -- accepted tokens and the users they make -----------------------------------
+
+
+@pytest.mark.parametrize("kind", list(ALGORITHMS))
+def test_rs256_es256_and_eddsa_tokens_make_a_user_without_a_password(
+    client: Api, idp: Idp, database_url: str, kind: str
+) -> None:
+    sub = f"user-{kind}"
+    r = me(client, idp.token(kind, sub=sub))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["username"] == sub and body["is_admin"] is False
+    # The same user on the next token, not a second one.
+    assert me(client, idp.token(kind, sub=sub)).json()["id"] == body["id"]
+    rows = asyncio.run(
+        sql(
+            database_url,
+            "SELECT password_hash, external_subject FROM users WHERE username = $1",
+            sub,
+        )
+    )
+    assert [tuple(r) for r in rows] == [(None, sub)]
+    # No password: no password logs them in, not even an empty one.
+    for password in ("", "password-123", "None"):
+        login = client.http.post("/auth/token", data={"username": sub, "password": password})
+        assert login.status_code in (401, 422), login.text
+
+
+def test_first_uses_racing_make_one_user_and_one_personal_channel(
+    client: Api, idp: Idp, database_url: str
+) -> None:
+    tokens = [idp.token("rsa", sub="auth0|racer") for _ in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda t: me(Api(client.base_url), t), tokens))
+    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    name = username_for("auth0|racer")
+    rows = asyncio.run(
+        sql(database_url, "SELECT count(*) FROM channels WHERE name = $1", f"@{name}")
+    )
+    assert rows[0][0] == 1
+
+
+def _none_token(kid: str) -> str:
+    return f"{_b64json({'alg': 'none', 'typ': 'JWT', 'kid': kid})}.{_b64json(claims())}."
+
+
+def _confused_token(idp: Idp) -> str:
+    """HS256 "signed" with the RSA public key's PEM as the HMAC secret, with the
+    RSA key's kid: what a verifier that lets the token pick the algorithm accepts."""
+    header = _b64json({"alg": "HS256", "typ": "JWT", "kid": "rsa"})
+    payload = _b64json(claims())
+    secret = public_pem(idp.keys["rsa"][1])
+    mac = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64(mac)}"
+
+
+def _forged_with_known_kid(_idp: Idp) -> str:
+    """Signed by another RSA key, under the kid of the published one."""
+    other = new_key("rsa")
+    return jwt.encode(claims(), other, algorithm="RS256", headers={"kid": "rsa"})
+
+
+REFUSED: dict[str, Callable[[Idp], str]] = {
+    "wrong-iss": lambda idp: idp.token("rsa", iss="https://evil.example.test/"),
+    "no-iss": lambda idp: idp.token("rsa", iss=None),
+    "wrong-aud": lambda idp: idp.token("ec", aud="another-service"),
+    "no-aud": lambda idp: idp.token("ec", aud=None),
+    "expired": lambda idp: idp.token("ed25519", exp=int(time.time()) - 60),
+    "nbf-beyond-leeway": lambda idp: idp.token("rsa", nbf=int(time.time()) + 120),
+    "iat-beyond-leeway": lambda idp: idp.token("rsa", iat=int(time.time()) + 120),
+    "no-exp": lambda idp: idp.token("ec", exp=None),
+    "alg-none": lambda _idp: _none_token("rsa"),
+    "alg-confusion": _confused_token,
+    "bad-signature": _forged_with_known_kid,
+    "jwks-oct-key": lambda _idp: jwt.encode(
+        claims(), OCT_SECRET, algorithm="HS256", headers={"kid": "oct"}
+    ),
+    "unknown-kid": lambda idp: idp.token(idp.add("rsa", publish=False)),
+    "no-kid": lambda idp: jwt.encode(claims(), idp.keys["ec"][1], algorithm="ES256"),
+    "empty-sub": lambda idp: idp.token("rsa", sub=""),
+    "garbage": lambda _idp: "not.a.jwt",
+}
+
+
+def test_bad_tokens_are_401(client: Api, idp: Idp, database_url: str) -> None:
+    """Every case in one test: each costs a request, while a test's set-up costs a second."""
+    for case, make in REFUSED.items():
+        token = make(idp)
+        r = me(client, token)
+        assert r.status_code == 401, (case, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer", case
+        # ...on the publish path too, which skips FastAPI (app.hotpaths).
+        r = client.http.post(
+            "/channels/any/events", json={"type": "t", "data": 1}, headers=auth(token)
+        )
+        assert r.status_code == 401, (case, r.status_code, r.text)
+    rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE external_subject IS NOT NULL"))
+    assert rows == [], "a refused token created a user"
+
+
+def test_leeway_of_30_seconds_and_audience_lists(client: Api, idp: Idp) -> None:
+    now = int(time.time())
+    assert me(client, idp.token("rsa", sub="early", nbf=now + 10)).status_code == 200
+    assert me(client, idp.token("rsa", sub="late", exp=now - 10)).status_code == 200
+    assert me(client, idp.token("rsa", sub="skewed", iat=now + 10)).status_code == 200
+    aud = [AUDIENCE, "another-service"]
+    assert me(client, idp.token("ec", sub="many-auds", aud=aud)).status_code == 200
+
+
+def test_the_admin_claim_promotes_and_a_later_token_demotes(client: Api, idp: Idp) -> None:
+    admin = idp.token("ec", sub="ops", roles=["reader", ADMIN_ROLE])
+    assert me(client, admin).json()["is_admin"] is True
+    r = client.http.post("/channels", json={"name": "ops-made"}, headers=auth(admin))
+    assert r.status_code == 201, r.text
+    r = client.http.post(
+        "/channels/ops-made/events", json={"type": "t", "data": 1}, headers=auth(admin)
+    )
+    assert r.status_code == 201, r.text
+
+    plain = idp.token("ec", sub="ops", roles=["reader"])
+    assert me(client, plain).json()["is_admin"] is False
+    r = client.http.post("/channels", json={"name": "ops-again"}, headers=auth(plain))
+    assert r.status_code == 403
+    # The demotion is the account's, not the token's: publishing with either is
+    # refused once the instance has heard of it (within a second).
+    assert _eventually(
+        lambda: (
+            client.http.post(
+                "/channels/ops-made/events", json={"type": "t", "data": 1}, headers=auth(plain)
+            ).status_code
+            == 403
+        )
+    )
+    # A role that only looks like the admin value is not it.
+    assert (
+        me(client, idp.token("ec", sub="ops", roles=[ADMIN_ROLE + "x"])).json()["is_admin"] is False
+    )
+
+
+# -- usernames ---------------------------------------------------------------------
+
+
+def test_subjects_that_are_not_usernames_get_a_stable_distinct_username(
+    client: Api, idp: Idp
+) -> None:
+    subjects = ["auth0|123", "alice@example.com", "auth0_123", "auth0?123", "x" * 200, "ab"]
+    names = {}
+    for sub in subjects:
+        r = me(client, idp.token("rsa", sub=sub))
+        assert r.status_code == 200, (sub, r.text)
+        names[sub] = r.json()["username"]
+        assert names[sub] == username_for(sub)
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]{3,64}", names[sub]), names[sub]
+        # Same claim, same user.
+        assert me(client, idp.token("ed25519", sub=sub)).json()["username"] == names[sub]
+    assert len(set(names.values())) == len(subjects), names
+    assert re.fullmatch(r"auth0_123-[0-9a-f]{8}", names["auth0|123"])
+    assert names["auth0_123"] == "auth0_123"  # a valid username is kept as it is
+
+
+def test_a_subject_never_takes_over_a_registered_users_account(client: Api, idp: Idp) -> None:
+    local = client.user("carol")
+    carol_id = client.http.get("/users/me", headers=local).json()["id"]
+    assert_401(me(client, idp.token("rsa", sub="carol")))
+    # Nor one whose name is what a derived username would be.
+    taken = username_for("auth0|999")
+    client.register(taken)
+    assert_401(me(client, idp.token("rsa", sub="auth0|999")))
+    # The local users are untouched and still log in.
+    assert client.http.get("/users/me", headers=local).json()["id"] == carol_id
+    assert client.login(taken)
+    # Not even as an admin.
+    assert_401(me(client, idp.token("rsa", sub="carol", roles=[ADMIN_ROLE])))
+    assert client.http.get("/users/me", headers=local).json()["is_admin"] is False
+
+
+def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
+    client: Api, idp: Idp
+) -> None:
+    sub = "auth0|gone"
+    name = username_for(sub)
+    used = idp.token("rsa", sub=sub)
+    unused = idp.token("ec", sub=sub)  # issued before the deletion, never shown yet
+    first = me(client, used).json()["id"]
+    r = client.http.delete(f"/users/{name}", headers=client.admin())
+    assert r.status_code == 204
+    deleted_at = time.time()
+    assert_401(me(client, used))
+    assert_401(me(client, unused))
+    # A token issued after the deletion makes the user anew (iat has whole seconds).
+    while int(time.time()) <= deleted_at:
+        time.sleep(0.05)
+    fresh = idp.token("rsa", sub=sub)
+    r = me(client, fresh)
+    assert r.status_code == 200, r.text
+    assert r.json()["username"] == name and r.json()["id"] != first
+    # The tokens issued before the deletion do not come back with the new account.
+    assert_401(me(client, used))
+    assert_401(me(client, unused))
+    assert me(client, fresh).status_code == 200
+
+
+# -- what an external user can do ------------------------------------------------
+
+
+def test_an_external_user_streams_and_gets_their_personal_channel(
+    client: Api, idp: Idp, hub: Server
+) -> None:
+    sub = "auth0|streamer"
+    name = username_for(sub)
+    token = idp.token("ed25519", sub=sub)
+    admin = client.admin()
+    assert (
+        client.http.post("/channels", json={"name": "ext-news"}, headers=admin).status_code == 201
+    )
+    assert client.http.put("/me/subscriptions/ext-news", headers=auth(token)).status_code == 201
+    r = client.http.post("/auth/stream-token", headers=auth(token))
+    assert r.status_code == 200, r.text
+    stream_token = r.json()["stream_token"]
+    own = SseStream(f"{hub.url}/stream?access_token={stream_token}")
+    direct = SseStream(f"{hub.url}/stream?access_token={token}")  # the IdP's token itself
+    try:
+        assert own.status == direct.status == 200
+        r = client.http.post(
+            f"/users/{name}/events", json={"type": "dm", "data": "hi"}, headers=admin
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["channel"] == f"@{name}"
+        news = client.http.post(
+            "/channels/ext-news/events", json={"type": "t", "data": 2}, headers=admin
+        ).json()["id"]
+        for stream in (own, direct):
+            stream.wait_ids(2)
+            got = {f.json["channel"]: f.id for f in stream.events()}
+            assert got == {f"@{name}": r.json()["id"], "ext-news": news}
+    finally:
+        own.close()
+        direct.close()
+    history = client.http.get("/me/events", headers=auth(token)).json()["events"]
+    assert [e["data"] for e in history] == ["hi"]
+    assert token not in hub.log()
+
+
+# -- the JWKS: rotation, refetching, and being away -------------------------------
+
+
+def test_jwks_unreachable_is_503_and_ssehubs_own_tokens_still_work(
+    start_server: Callable[..., Server],
+) -> None:
+    port = free_port()  # nothing listens here yet
+    url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+    srv = start_server(**jwks_env(url))
+    api = Api(srv.url)
+    signer = Idp()
+    kid = signer.add("rsa")
+    signer.stop()  # only its keys are needed: the JWKS is to be served on `port`
+    token = signer.token(kid)
+    for path in ("/users/me", "/stream"):
+        r = api.http.get(path, headers=auth(token))
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["detail"]
+    r = api.http.post("/channels/x/events", json={"type": "t", "data": 1}, headers=auth(token))
+    assert r.status_code == 503
+    # ssehub's own tokens never wait for the identity provider.
+    admin = api.admin()
+    assert api.http.get("/users/me", headers=admin).status_code == 200
+    assert api.http.post("/channels", json={"name": "still-up"}, headers=admin).status_code == 201
+    back = Idp(port)
+    try:
+        back.keys, back.published = signer.keys, signer.published
+        # An error page (a proxy in front of a provider that is down) is the same 503.
+        back.status = 502
+        r = me(api, token)
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        assert back.hits == 1
+        # Once the provider answers, its tokens work: a failed fetch starts no cooldown.
+        back.status = 200
+        assert me(api, token).status_code == 200
+        assert back.hits == 2
+    finally:
+        back.stop()
+    assert "Traceback" not in srv.log()
+
+
+# -- one PEM key, or a shared secret ------------------------------------------------
+
+
+def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path) -> None:
+    key = new_key("ec")
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(public_pem(key))
+    srv = start_server(
+        SSEHUB_JWT_ISSUER=ISSUER, SSEHUB_JWT_PUBLIC_KEY_FILE=str(pem), SSEHUB_JWT_AUDIENCE=AUDIENCE
+    )
+    api = Api(srv.url)
+    good = jwt.encode(claims(sub="pem-user"), key, algorithm="ES256")
+    assert me(api, good).json()["username"] == "pem-user"
+    assert_401(me(api, jwt.encode(claims(), new_key("ec"), algorithm="ES256")))
+    assert_401(me(api, jwt.encode(claims(), new_key("rsa"), algorithm="RS256")))
+    # The PEM as an HMAC secret: the classic confusion against a configured key.
+    header = _b64json({"alg": "HS256", "typ": "JWT"})
+    payload = _b64json(claims())
+    mac = hmac.new(pem.read_bytes(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert_401(me(api, f"{header}.{payload}.{_b64(mac)}"))
+    assert_401(me(api, f"{_b64json({'alg': 'none'})}.{payload}."))
+
+
+def test_a_shared_hs256_secret(start_server: Callable[..., Server]) -> None:
+    shared = secrets.token_urlsafe(48)
+    srv = start_server(
+        SSEHUB_JWT_ISSUER=ISSUER, SSEHUB_JWT_SHARED_SECRET=shared, SSEHUB_JWT_ADMIN_CLAIM=""
+    )
+    api = Api(srv.url)
+    good = jwt.encode(
+        claims(sub="hs-user", aud=None, roles=[ADMIN_ROLE]), shared, algorithm="HS256"
+    )
+    r = me(api, good)
+    assert r.status_code == 200, r.text
+    user = r.json()
+    # No admin claim configured: no external admins, whatever the token says.
+    assert user["username"] == "hs-user" and user["is_admin"] is False
+    assert_401(me(api, jwt.encode(claims(), secrets.token_urlsafe(48), algorithm="HS256")))
+    # The issuer's secret cannot sign ssehub's own tokens, nor ssehub's key the issuer's.
+    now = int(time.time())
+    own = {"sub": str(user["id"]), "iat": now, "exp": now + 60, "scope": "access"}
+    assert_401(me(api, jwt.encode(own, shared, algorithm="HS256")))
+    assert_401(me(api, jwt.encode(claims(sub="hs-user"), TEST_SECRET, algorithm="HS256")))
+    assert api.http.get("/users/me", headers=api.admin()).status_code == 200
+
+
+def _serve_exit(
+    env: dict[str, str], drop: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``ssehub serve`` expecting it to refuse to start."""
+    base = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_a_weak_or_reused_shared_secret_is_refused_at_start(database_url: str) -> None:
+    weak = {
+        "ssehub-own-key": TEST_SECRET,
+        "short": "short-secret",
+        "repetitive": "y" * 64,
+        "placeholder": "change-me-to-a-long-random-string-42",
+    }
+    for case, secret in weak.items():
+        done = _serve_exit(
+            {
+                "SSEHUB_DATABASE_URL": database_url,
+                "SSEHUB_SECRET_KEY": TEST_SECRET,
+                "SSEHUB_JWT_ISSUER": ISSUER,
+                "SSEHUB_JWT_SHARED_SECRET": secret,
+            }
+        )
+        assert done.returncode != 0, case
+        assert "SSEHUB_JWT_SHARED_SECRET" in done.stderr, (case, done.stderr)
+        assert "Traceback" not in done.stderr, (case, done.stderr)
+        # Neither the refused secret nor the signing key is printed, not even in part.
+        assert secret[-12:] not in done.stderr and TEST_SECRET[-12:] not in done.stderr, (
+            case,
+            done.stderr,
+        )
+
+
+def test_the_generated_key_cannot_be_the_shared_secret_either(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Without SSEHUB_SECRET_KEY the key is the data dir's file: the same rule holds."""
+    (tmp_path / "secret_key").write_text(TEST_SECRET)
+    done = _serve_exit(
+        {
+            "SSEHUB_DATABASE_URL": database_url,
+            "SSEHUB_DATA_DIR": str(tmp_path),
+            "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_SHARED_SECRET": TEST_SECRET,
+        },
+        drop=("SSEHUB_SECRET_KEY",),
+    )
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "SSEHUB_JWT_SHARED_SECRET" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_issuer_needs_exactly_one_source_of_keys(database_url: str, tmp_path: Path) -> None:
+    common = {"SSEHUB_DATABASE_URL": database_url, "SSEHUB_SECRET_KEY": TEST_SECRET}
+    none = _serve_exit({**common, "SSEHUB_JWT_ISSUER": ISSUER})
+    both = _serve_exit(
+        {
+            **common,
+            "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_JWKS_URL": "http://127.0.0.1:9/jwks",
+            "SSEHUB_JWT_SHARED_SECRET": secrets.token_urlsafe(48),
+        }
+    )
+    for done in (none, both):
+        assert done.returncode != 0
+        assert "SSEHUB_JWT_ISSUER needs exactly one" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def _eventually(check: Callable[[], bool], within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_a_rotated_key_is_accepted_once_the_cooldown_ends(rotating: Rotating) -> None:
+    """Last in the module, so the tests above fill most of the 30 s it waits for."""
+    idp, api = rotating.idp, rotating.api
+    if "new" not in idp.keys:
+        idp.add("ed25519", kid="new")
+    new = idp.token("new", sub="rotated")
+    # Accepted by the first request after the 30 s (a little slack for a busy machine).
+    deadline = max(rotating.fetched + 35, time.monotonic() + 5)
+    while (r := me(api, new)).status_code != 200:
+        assert_401(r)
+        assert time.monotonic() < deadline, "the rotated key was not fetched after 30 s"
+        time.sleep(0.25)
+    assert idp.hits == 2, idp.hits  # one refetch, not one per request
+    # That refetch starts a new cooldown; the old key still verifies.
+    assert_401(me(api, idp.token(idp.add("rsa", publish=False))))
+    assert me(api, idp.token("old", sub="first-user")).status_code == 200
+    assert idp.hits == 2
