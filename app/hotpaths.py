@@ -5,11 +5,16 @@ routing, dependency solving and exception wrapping a publish spent about
 60% of its CPU before reaching our code; every open stream held that
 machinery's per-request state for its whole life, and every frame it wrote
 went through the middlewares' ``send`` wrappers. ``HotPaths`` sits in front
-of the FastAPI app (only CORS, when configured, is in front of it), matches
-exactly those four routes and calls the very endpoint functions the FastAPI
-routes declare, resolving their few parameters itself: there is one
-implementation of each endpoint, and OpenAPI and ``/docs`` still describe it.
-Everything else, the lifespan included, goes on to FastAPI.
+of the FastAPI app (only CORS and trusted proxies, when configured, are in
+front of it), matches exactly those four routes and calls the very endpoint
+functions the FastAPI routes declare, resolving their few parameters itself:
+there is one implementation of each endpoint, and OpenAPI and ``/docs`` still
+describe it. Everything else, the lifespan included, goes on to FastAPI.
+
+Bodies are bounded by ``app.limits.BodyLimit`` (``limited``) on both ways on:
+to FastAPI, and to the publish endpoints. A stream's request goes straight to
+its endpoint: its body is never read, and an open stream, alive for hours,
+then keeps one coroutine frame fewer.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth.deps import publisher_caller, stream_caller
 from app.errors import SsehubError, error_response, render_error, unexpected_error
@@ -70,19 +75,32 @@ def route(method: str, path: str) -> tuple[Endpoint, str] | None:
     return None
 
 
+STREAMS = (_stream_channel, _stream_subscriptions)
+
+
 class HotPaths:
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, limited: Callable[[ASGIApp], ASGIApp]) -> None:
         self.app = app
+        self._rest = limited(app)
+        self._publish = limited(self._serve)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = route(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if found is None or scope.get("root_path"):
-            await self.app(scope, receive, send)
-            return
-        scope["app"] = self.app  # what ``request.app`` is, as under FastAPI
-        endpoint, name = found
-        response = await _respond(endpoint, Request(scope, receive), name)
-        # An event stream lives on in this frame: keep nothing else alive with it.
+            await self._rest(scope, receive, send)
+        elif found[0] in STREAMS:
+            scope["app"] = self.app  # what ``request.app`` is, as under FastAPI
+            response = await _respond(found[0], Request(scope, receive), found[1])
+            # The stream lives on in this frame: keep nothing else alive with it.
+            await response(scope, receive, send)
+        else:
+            await self._publish(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = route(scope["method"], scope["path"])
+        assert found is not None
+        scope["app"] = self.app
+        response = await _respond(found[0], Request(scope, receive), found[1])
         await response(scope, receive, send)
 
 

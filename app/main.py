@@ -48,11 +48,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings) -> ASGIApp:
     """Build the ASGI app; ``settings.database_url`` must be resolved already.
 
-    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), the
-    body limits in front of both (``app.limits``: the first to see a body), then
-    CORS when configured (so a browser can read a 413), and outermost the
-    trusted proxies' ``X-Forwarded-For``, when configured, so that every layer
-    sees the same client address.
+    The FastAPI app, with the hot paths in front of it (``app.hotpaths``), which
+    send every request that has a body through the body limits
+    (``app.limits``: the first to see a body), then CORS when configured (so a
+    browser can read a 413), and outermost the trusted proxies'
+    ``X-Forwarded-For``, when configured, so that every layer sees the same
+    client address.
     """
     if not settings.database_url:
         raise ValueError(
@@ -102,7 +103,7 @@ def create_app(settings: Settings) -> ASGIApp:
         app.include_router(router)
     if STATIC_DIR.joinpath("index.html").exists():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    served: ASGIApp = BodyLimit(HotPaths(app), settings)
+    served: ASGIApp = HotPaths(app, lambda inner: BodyLimit(inner, settings))
     if settings.cors_origin_list:
         served = CORSMiddleware(
             served,

@@ -158,8 +158,10 @@ class Hub:
 
     def tick(self, heartbeat: float, slack: float) -> None:
         """The one timer of all streams (see ``app.realtime.subscriber``): cancel
-        writes stuck for ``SEND_TIMEOUT_SECONDS``, close streams whose token has
-        expired, and wake those due a heartbeat (``slack`` early, so none is late)."""
+        writes stuck for ``SEND_TIMEOUT_SECONDS``, end streams whose client left
+        (read on uvicorn's cycle, instead of a task per stream waiting for it) or
+        whose token has expired, and wake those due a heartbeat (``slack`` early,
+        so none is late)."""
         mono, wall = time.monotonic(), time.time()
         for streams in self._by_user.values():
             for sub in streams:
@@ -169,6 +171,8 @@ class Hub:
                         sub.writer.cancel()
                 elif sub.closed:
                     continue
+                elif sub.cycle is not None and sub.cycle.disconnected:
+                    sub.close("disconnected")
                 elif sub.expires_at <= wall:
                     sub.close("expired")
                 elif mono - sub.last_write >= heartbeat - slack:

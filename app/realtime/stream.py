@@ -33,8 +33,6 @@ from starlette.types import Receive, Scope, Send
 
 from app.db import raw_connection
 from app.events.log import Gap, last_issued_id, read_page
-from app.metrics import Metrics
-from app.realtime.hub import Hub
 from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
 
@@ -57,32 +55,61 @@ def uvicorn_cycle(send: Send) -> Any | None:
     return cycle
 
 
+# Encoded once for every stream (no length: a stream has none).
+RAW_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    *((name.lower().encode(), value.encode()) for name, value in HEADERS.items()),
+]
+
+
 class EventStream(Response):
+    """Ten thousand of these live for hours, so each holds little: what every
+    stream shares is on the class or on ``state``, and while the stream is
+    parked only this coroutine waits (``__call__``), on a bare future."""
+
     media_type = "text/event-stream"
+    status_code = 200
+    background = None
+    raw_headers = RAW_HEADERS
 
     def __init__(self, state: Any, sub: Subscriber, resume_from: int | None) -> None:
-        super().__init__(headers=HEADERS, media_type=self.media_type)
-        # A stream has no length: drop the ``content-length: 0`` Response adds.
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self._hub: Hub = state.hub
-        self._pool = state.pool
-        self._metrics: Metrics = state.metrics
+        # Not ``Response.__init__``: it would encode the same headers again for
+        # every stream, and the bytes would live as long as the stream.
+        self._state = state  # the app's: hub, pool, metrics
         self._sub = sub
         self._resume_from = resume_from
-        self._cycle: Any = None  # uvicorn's, while frames may go straight to its transport
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self._sub
         sub.writer = asyncio.current_task()
-        watcher = asyncio.create_task(self._watch_disconnect(receive))
+        watcher = None
         try:
             start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
             await self._send(send, start)
             cycle = uvicorn_cycle(send)
             if cycle is not None and cycle.chunked_encoding is True:
-                self._cycle = cycle
+                # Frames may go straight to its transport, and no task of the
+                # stream's own waits for the client to leave: ssehub's server
+                # protocol calls ``on_disconnect`` (``app.limits``), and the hub's
+                # ticker reads ``disconnected`` on the cycle in any case.
+                sub.cycle = cycle
                 sub.write_now = self._write_now
-            await self._run(send)
+                cycle.on_disconnect = sub.disconnected
+            else:
+                watcher = asyncio.create_task(self._watch_disconnect(receive))
+            await self._begin(send)
+            # The live tail, until the stream must end. Here, not in a method of
+            # its own: a parked stream then holds one frame less.
+            while not (sub.closed is not None and await self._end(send)):
+                if sub.lagging:
+                    sub.lagging = False
+                    await self._replay(send, sub.position)
+                elif sub.outbox:
+                    await self._flush(send)
+                elif sub.heartbeat_due:
+                    await self._write(send, HEARTBEAT)
+                else:
+                    await sub.wait()
             await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away: it resumes with Last-Event-ID
@@ -93,13 +120,14 @@ class EventStream(Response):
             # SEND_TIMEOUT_SECONDS: the connection is dropped and the client resumes.
             if sub.writer is not None:
                 sub.writer.uncancel()
-            self._metrics.slow_reader_disconnects.inc()
+            self._state.metrics.slow_reader_disconnects.inc()
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             sub.writer = None
             sub.write_now = None
-            self._cycle = None
-            self._hub.unregister(sub)
+            sub.cycle = None
+            self._state.hub.unregister(sub)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -123,7 +151,7 @@ class EventStream(Response):
         (the reader's buffer is full) or a gone client is left to the writer task,
         which waits for the one and ends on the other.
         """
-        cycle = self._cycle
+        cycle = self._sub.cycle
         if cycle is None or cycle.flow.write_paused or cycle.disconnected:
             return False
         try:
@@ -135,7 +163,8 @@ class EventStream(Response):
     async def _write(self, send: Send, chunk: bytes) -> None:
         await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
 
-    async def _run(self, send: Send) -> None:
+    async def _begin(self, send: Send) -> None:
+        """The retry line, the replay from the resume position, ``ssehub.live``."""
         sub = self._sub
         await self._write(send, RETRY)
         replayed = 0
@@ -143,22 +172,16 @@ class EventStream(Response):
             replayed = await self._resume(send, self._resume_from)
         if sub.closed is None:
             await self._write(send, notice_frame("ssehub.live", {"replayed": replayed}))
-        while True:
-            if sub.closed is not None:
-                if sub.closed == "expired":
-                    await self._write(send, notice_frame("ssehub.expired", {}))
-                elif sub.outbox:  # e.g. the channel_removed notice before the end
-                    await self._flush(send)
-                return
-            if sub.lagging:
-                sub.lagging = False
-                await self._replay(send, sub.position)
-            elif sub.outbox:
-                await self._flush(send)
-            elif sub.heartbeat_due:
-                await self._write(send, HEARTBEAT)
-            else:
-                await sub.wait()
+
+    async def _end(self, send: Send) -> bool:
+        """The stream must end: its last words (the expiry notice, or what is queued,
+        such as ``ssehub.channel_removed``). Always True."""
+        sub = self._sub
+        if sub.closed == "expired":
+            await self._write(send, notice_frame("ssehub.expired", {}))
+        elif sub.outbox:
+            await self._flush(send)
+        return True
 
     async def _flush(self, send: Send) -> None:
         """All pending frames in one ``send``."""
@@ -168,7 +191,7 @@ class EventStream(Response):
             return
         sub.position = max(sub.position, *ids)
         await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
-        self._metrics.deliveries.observe(
+        self._state.metrics.deliveries.observe(
             time.time(), (at for event_id, at in zip(ids, times, strict=True) if event_id)
         )
 
@@ -178,7 +201,7 @@ class EventStream(Response):
         subscriber's position, where the live events it is queued start)."""
         sub = self._sub
         if position > sub.position:
-            async with raw_connection(self._pool) as conn:
+            async with raw_connection(self._state.pool) as conn:
                 issued = await last_issued_id(conn)
             if position > issued:
                 reset = {"last_event_id": sub.position}
@@ -194,7 +217,7 @@ class EventStream(Response):
         cursor, count = after, 0
         while sub.closed is None and sub.channels:
             # A fresh connection per page: never hold one while a slow client reads.
-            async with raw_connection(self._pool) as conn:
+            async with raw_connection(self._state.pool) as conn:
                 page = await read_page(conn, list(sub.channels), cursor)
             # What the stream carries now: a channel revoked since the read is left out.
             events = [e for e in page.events if e.channel_id in sub.channels]
@@ -204,7 +227,7 @@ class EventStream(Response):
             if page.events:
                 cursor = page.events[-1].id
                 count += len(events)
-                self._metrics.deliveries.count(len(events))
+                self._state.metrics.deliveries.count(len(events))
             if not page.more:
                 break
         sub.position = max(sub.position, cursor)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_OUTBOX_FRAMES = 1000
 MAX_OUTBOX_BYTES = 4 * 1024 * 1024
@@ -43,12 +44,14 @@ class Subscriber:
     lagging: bool = False
     heartbeat_due: bool = False
     closed: str | None = None  # why the stream must end, once it must
-    # The outbox as three parallel lists, so queueing allocates nothing: the frame
+    # The outbox as three parallel lists, so queueing allocates nothing; an empty
+    # tuple while nothing is queued (most streams, most of the time), so an idle
+    # stream holds no lists at all (``_queue``). The frame
     # (shared by every subscriber), the event id (0 for a notice) and the publish
     # timestamp (0 for a notice).
-    outbox: list[bytes] = field(default_factory=list)
-    outbox_ids: list[int] = field(default_factory=list)
-    outbox_times: list[float] = field(default_factory=list)
+    outbox: list[bytes] | tuple[()] = ()
+    outbox_ids: list[int] | tuple[()] = ()
+    outbox_times: list[float] | tuple[()] = ()
     outbox_bytes: int = 0
     last_write: float = field(default_factory=time.monotonic)
     sending_since: float = 0.0  # monotonic start of the send in progress, 0 if none
@@ -56,6 +59,9 @@ class Subscriber:
     # Writes bytes ready for the socket (``sse.http_chunk``) at once if it takes them
     # now, else writes nothing and returns False; None where the server cannot.
     write_now: Callable[[bytes], bool] | None = None
+    # uvicorn's response cycle, where frames may be written straight to its
+    # transport; the hub's ticker reads ``disconnected`` on it (``Hub.tick``).
+    cycle: Any = None
     # Per channel, the ``pruned_through`` of the last ``ssehub.truncated`` sent, so
     # one gap is told once however many pages and catch-ups see it.
     noticed_gaps: dict[int, int] | None = None
@@ -69,9 +75,7 @@ class Subscriber:
         if len(self.outbox) >= MAX_OUTBOX_FRAMES or self.outbox_bytes > MAX_OUTBOX_BYTES:
             self.catch_up()
             return True
-        self.outbox.append(frame)
-        self.outbox_ids.append(event_id)
-        self.outbox_times.append(published_at)
+        self._queue(frame, event_id, published_at)
         self.outbox_bytes += len(frame)
         self.wake()
         return False
@@ -106,11 +110,12 @@ class Subscriber:
         queued notices are kept."""
         self.lagging = True
         if any(self.outbox_ids):
-            keep = [n for n, event_id in enumerate(self.outbox_ids) if event_id == 0]
-            self.outbox = [self.outbox[n] for n in keep]
-            self.outbox_ids = [0] * len(keep)
-            self.outbox_times = [0.0] * len(keep)
-            self.outbox_bytes = sum(len(frame) for frame in self.outbox)
+            queued = zip(self.outbox, self.outbox_ids, strict=True)
+            notices = [frame for frame, event_id in queued if not event_id]
+            self.outbox, self.outbox_ids, self.outbox_times = (), (), ()
+            self.outbox_bytes = 0
+            for frame in notices:
+                self._queue(frame, 0, 0.0)
         self.wake()
 
     def gap_to_tell(self, channel_id: int, pruned_through: int, after: int) -> bool:
@@ -127,20 +132,30 @@ class Subscriber:
 
     def notify(self, frame: bytes) -> None:
         """Queue a notice (never dropped by the bound: notices are few and small)."""
-        self.outbox.append(frame)
-        self.outbox_ids.append(0)
-        self.outbox_times.append(0.0)
+        self._queue(frame, 0, 0.0)
         self.wake()
+
+    def disconnected(self) -> None:
+        self.close("disconnected")
 
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
         self.wake()
 
+    def _queue(self, frame: bytes, event_id: int, published_at: float) -> None:
+        if not isinstance(self.outbox, list):
+            self.outbox, self.outbox_ids, self.outbox_times = [], [], []
+        self.outbox.append(frame)
+        self.outbox_ids.append(event_id)  # type: ignore[union-attr]
+        self.outbox_times.append(published_at)  # type: ignore[union-attr]
+
     def take(self) -> tuple[list[int], list[bytes], list[float]]:
         """Everything queued that is not stale (ids, frames, timestamps), emptying the outbox."""
         ids, frames, times = self.outbox_ids, self.outbox, self.outbox_times
-        self.outbox, self.outbox_ids, self.outbox_times = [], [], []
+        if not isinstance(ids, list) or not isinstance(frames, list) or not isinstance(times, list):
+            return [], [], []
+        self.outbox, self.outbox_ids, self.outbox_times = (), (), ()
         self.outbox_bytes = 0
         position = self.position
         if any(0 < event_id <= position for event_id in ids):  # only right after a replay
@@ -155,13 +170,15 @@ class Subscriber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self) -> None:
-        """Until something is queued, a heartbeat is due or the stream must close."""
-        if self.outbox or self.lagging or self.closed or self.heartbeat_due:
-            return
+    def wait(self) -> Awaitable[None]:
+        """Until something is queued, a heartbeat is due or the stream must close.
+
+        A bare future rather than a coroutine: a parked stream (most streams,
+        most of the time) holds no frame for it. A done waiter is no waiter
+        (``write_run``), so nothing needs resetting after it completes."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        if self.outbox or self.lagging or self.closed or self.heartbeat_due:
+            waiter.set_result(None)
+        else:
+            self._waiter = waiter
+        return waiter
