@@ -28,7 +28,7 @@ from app.auth.throttle import LoginThrottle
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
 from app.db import create_engine, create_pool, create_sessionmaker, split_budget
-from app.errors import install_error_handlers
+from app.errors import error_responses, install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
 from app.hotpaths import HotPaths
@@ -39,6 +39,15 @@ from app.realtime import lifespan as realtime_lifespan
 from app.realtime.routes import router as realtime_router
 
 STATIC_DIR = Path(__file__).parent / "static"
+# What the routes of each router may answer besides success, all as {"detail": ...}
+# (API.md "Errors"): declared once here, so that /docs shows them and the fuzzing
+# (tests/test_fuzz.py) holds every answer to the schema. 503 is the database away.
+ROUTER_ERRORS = (
+    (auth_router, error_responses(400, 401, 403, 409, 413, 422, 429, 503)),
+    (channels_router, error_responses(400, 401, 403, 404, 409, 413, 422, 503)),
+    (events_router, error_responses(400, 401, 403, 404, 413, 422, 503)),
+    (realtime_router, error_responses(400, 401, 404, 422, 429, 503)),
+)
 
 
 def create_app(settings: Settings) -> ASGIApp:
@@ -85,8 +94,9 @@ def create_app(settings: Settings) -> ASGIApp:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for router in (ops.router, auth_router, channels_router, events_router, realtime_router):
-        app.include_router(router)
+    app.include_router(ops.router)
+    for router, errors in ROUTER_ERRORS:
+        app.include_router(router, responses=errors)
     if STATIC_DIR.joinpath("index.html").exists():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     served: ASGIApp = BodyLimit(HotPaths(app), settings)
