@@ -26,7 +26,7 @@ from app.errors import BadRequest, Invalid, PayloadTooLarge
 from app.events.log import StoredEvent, read_page
 from app.events.publisher import NewEvent, Publisher
 from app.events.rights import PublishRights
-from app.events.schemas import BatchIn, EventIn
+from app.events.schemas import BatchIn, BatchOut, EventIn, EventOut, EventPage
 from app.text import Text, storable
 
 router = APIRouter(tags=["events"])
@@ -105,7 +105,10 @@ def _idempotency_key(value: str | None) -> str | None:
     "/channels/{name}/events",
     status_code=201,
     openapi_extra=_body_schema(EventIn),
-    responses={200: {"description": "An earlier publish with the same Idempotency-Key"}},
+    responses={
+        201: {"model": EventOut, "description": "Published"},
+        200: {"model": EventOut, "description": "An earlier publish with the same Idempotency-Key"},
+    },
 )
 async def publish(
     name: str,
@@ -124,7 +127,12 @@ async def publish(
     return Response(events[0].to_json(), status_code=201 if created else 200, media_type=JSON)
 
 
-@router.post("/channels/{name}/events/batch", status_code=201, openapi_extra=_body_schema(BatchIn))
+@router.post(
+    "/channels/{name}/events/batch",
+    status_code=201,
+    openapi_extra=_body_schema(BatchIn),
+    responses={201: {"model": BatchOut, "description": "Published, ids in the order given"}},
+)
 async def publish_batch(
     name: str, request: Request, settings: SettingsDep, caller: AccessClaims
 ) -> Response:
@@ -136,7 +144,9 @@ async def publish_batch(
     return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
 
 
-@router.get("/channels/{name}/events")
+@router.get(
+    "/channels/{name}/events", responses={200: {"model": EventPage, "description": "A page"}}
+)
 async def history(
     name: ChannelName,
     request: Request,
