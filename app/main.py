@@ -98,7 +98,10 @@ def create_app(settings: Settings) -> ASGIApp:
     for router, errors in ROUTER_ERRORS:
         app.include_router(router, responses=errors)
     if STATIC_DIR.joinpath("index.html").exists():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        # The page is what the router answers for paths no route knows. Mounted at
+        # "/" it matched every path first: GET /auth/register was its 404, not the
+        # route's 405, and DELETE /channels its 405 with "Allow: GET, HEAD".
+        app.router.default = StaticFiles(directory=STATIC_DIR, html=True)
     served: ASGIApp = BodyLimit(HotPaths(app), settings)
     if settings.cors_origin_list:
         served = CORSMiddleware(
