@@ -282,9 +282,10 @@ def test_every_backend_terminated_twice_under_load(start_server, database_url: s
 
     answered = sum(1 for p in publishes.values() if p.answered_ids)
     unavailable = sum(1 for _, s in traffic.statuses if s == 503)
+    retried = [p.answers for p in publishes.values() if p.key and len(p.answers) > 1]
     print(  # what the faults did, for -s / -rP
         f"killed {killed} backends; ready after {recovered}; {len(publishes)} publishes, "
-        f"{answered} answered, {unavailable} answers 503; stream opens "
+        f"{answered} answered, {unavailable} answers 503; keys retried {retried}; stream opens "
         f"{ {r.name: (len(r.opens), sorted(set(r.opens))) for r in readers} }"
     )
     assert answered > 50, f"only {answered} publishes answered"
