@@ -101,6 +101,13 @@ def database_unavailable(exc: BaseException) -> bool:
 
     SQLAlchemy wraps asyncpg's errors (``DBAPIError.orig`` and the exception
     chain), so the chain is followed down to the driver's own exception.
+
+    ``asyncpg.InternalClientError`` counts too: a pooled connection whose backend
+    was just terminated has read the server's FATAL but not yet its end of
+    stream, so the pool still hands it out, and its next query fails with
+    "cannot switch to state ...; another operation (2) is in progress" (state 2:
+    consuming that error). Found by ``tests/e2e/test_database_faults.py``: a
+    stream opened at that moment answered 500.
     """
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -109,7 +116,9 @@ def database_unavailable(exc: BaseException) -> bool:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError | TimeoutError | asyncpg.InterfaceError):
+        if isinstance(
+            current, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+        ):
             return True
         if isinstance(current, asyncpg.PostgresError):
             state = getattr(current, "sqlstate", "") or ""
