@@ -20,6 +20,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -100,6 +101,13 @@ def database_unavailable(exc: BaseException) -> bool:
 
     SQLAlchemy wraps asyncpg's errors (``DBAPIError.orig`` and the exception
     chain), so the chain is followed down to the driver's own exception.
+
+    ``asyncpg.InternalClientError`` counts too: a pooled connection whose backend
+    was just terminated has read the server's FATAL but not yet its end of
+    stream, so the pool still hands it out, and its next query fails with
+    "cannot switch to state ...; another operation (2) is in progress" (state 2:
+    consuming that error). Found by ``tests/e2e/test_database_faults.py``: a
+    stream opened at that moment answered 500.
     """
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -124,6 +132,47 @@ def database_unavailable(exc: BaseException) -> bool:
             return True  # QueuePool: no connection free within pool_timeout
         todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
     return False
+
+
+class FieldError(BaseModel):
+    """One invalid field of a 422: its kind, where it is, what is wrong."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorOut(BaseModel):
+    """The body of every error: a sentence, or for a 422 the invalid fields."""
+
+    detail: str | list[FieldError]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed: a body that is not JSON, a bad header or resume position",
+    401: "No or bad credentials",
+    403: "Authenticated but not allowed",
+    404: "Unknown, or a private channel the caller may not see",
+    409: "Conflict: the name is taken",
+    413: "Too large: a body or an event's data past its limit",
+    422: "Invalid field",
+    429: "Too many: failed logins, or open streams",
+    503: "The database is unavailable, or the instance is at its connection cap: retry",
+}
+_ERROR_HEADERS = {401: "WWW-Authenticate", 429: "Retry-After", 503: "Retry-After"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all in the one format
+    (``ErrorOut``), with the header each always carries; for ``include_router``."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[status]}
+        if status in _ERROR_HEADERS:
+            schema = {"schema": {"type": "string"}, "required": True}
+            response["headers"] = {_ERROR_HEADERS[status]: schema}
+        responses[status] = response
+    return responses
 
 
 def error_response(

@@ -31,7 +31,7 @@ from app.auth.routes import router as auth_router
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
 from app.db import create_engine, create_pool, create_sessionmaker, split_budget
-from app.errors import install_error_handlers
+from app.errors import error_responses, install_error_handlers
 from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
 from app.hotpaths import HotPaths
@@ -43,6 +43,17 @@ from app.realtime.routes import router as realtime_router
 from app.users.routes import router as users_router
 
 STATIC_DIR = Path(__file__).parent / "static"
+# What the routes of each router may answer besides success, all as {"detail": ...}
+# (API.md "Errors"): declared once here, so that /docs shows them and the fuzzing
+# (tests/test_fuzz.py) holds every answer to the schema. 503 is the database away.
+ROUTER_ERRORS = (
+    (auth_router, error_responses(400, 401, 403, 409, 413, 422, 429, 503)),
+    (users_router, error_responses(400, 401, 403, 404, 413, 422, 503)),
+    (api_keys_router, error_responses(400, 401, 403, 404, 413, 422, 503)),
+    (channels_router, error_responses(400, 401, 403, 404, 409, 413, 422, 503)),
+    (events_router, error_responses(400, 401, 403, 404, 413, 422, 503)),
+    (realtime_router, error_responses(400, 401, 403, 404, 422, 429, 503)),
+)
 
 
 def create_app(settings: Settings) -> ASGIApp:
@@ -90,19 +101,14 @@ def create_app(settings: Settings) -> ASGIApp:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    routers = (
-        ops.router,
-        auth_router,
-        users_router,
-        api_keys_router,
-        channels_router,
-        events_router,
-        realtime_router,
-    )
-    for router in routers:
-        app.include_router(router)
+    app.include_router(ops.router)
+    for router, errors in ROUTER_ERRORS:
+        app.include_router(router, responses=errors)
     if STATIC_DIR.joinpath("index.html").exists():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        # The page is what the router answers for paths no route knows. Mounted at
+        # "/" it matched every path first: GET /auth/register was its 404, not the
+        # route's 405, and DELETE /channels its 405 with "Allow: GET, HEAD".
+        app.router.default = StaticFiles(directory=STATIC_DIR, html=True)
     served: ASGIApp = HotPaths(app, lambda inner: BodyLimit(inner, settings))
     if settings.cors_origin_list:
         served = CORSMiddleware(

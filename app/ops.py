@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from app.db import raw_connection
 
@@ -19,13 +20,29 @@ router = APIRouter(tags=["operations"])
 STUCK_SECONDS = 5.0
 
 
+class Readiness(BaseModel):
+    """``/readyz``: ``ok`` or ``unavailable``, and each check that decides it."""
+
+    status: str
+    database: bool
+    listener: bool
+    broker: bool
+    writer: bool
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """200 while the process runs."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "Ready"},
+        503: {"model": Readiness, "description": "Not ready: a check failed"},
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
     """200 when the database answers, the cross-instance listener is up, and
     neither the writer nor the listener's loop is stuck; else 503."""

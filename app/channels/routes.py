@@ -101,7 +101,11 @@ async def my_subscriptions(session: SessionDep, user: CurrentUser) -> list[Subsc
     return [SubscriptionOut(channel=c, created_at=at) for c, at in rows]
 
 
-@router.put("/me/subscriptions/{name}", response_model=SubscriptionOut)
+@router.put(
+    "/me/subscriptions/{name}",
+    response_model=SubscriptionOut,
+    responses={201: {"model": SubscriptionOut, "description": "Subscribed (it is new)"}},
+)
 async def subscribe(
     name: ChannelName, session: SessionDep, user: CurrentUser, response: Response
 ) -> SubscriptionOut:

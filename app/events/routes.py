@@ -28,7 +28,7 @@ from app.errors import BadRequest, Forbidden, Invalid, NotFound, PayloadTooLarge
 from app.events.log import Page, StoredEvent, read_page
 from app.events.publisher import NewEvent, Publisher
 from app.events.rights import PublishRights
-from app.events.schemas import BatchIn, EventIn
+from app.events.schemas import BatchIn, BatchOut, EventIn, EventOut, EventPage
 from app.text import Text, storable
 
 router = APIRouter(tags=["events"])
@@ -110,7 +110,10 @@ def _idempotency_key(value: str | None) -> str | None:
     "/channels/{name}/events",
     status_code=201,
     openapi_extra=_body_schema(EventIn),
-    responses={200: {"description": "An earlier publish with the same Idempotency-Key"}},
+    responses={
+        201: {"model": EventOut, "description": "Published"},
+        200: {"model": EventOut, "description": "An earlier publish with the same Idempotency-Key"},
+    },
 )
 async def publish(
     name: str,
@@ -133,7 +136,10 @@ async def publish(
     "/users/{username}/events",
     status_code=201,
     openapi_extra=_body_schema(EventIn),
-    responses={200: {"description": "An earlier publish with the same Idempotency-Key"}},
+    responses={
+        201: {"model": EventOut, "description": "Published"},
+        200: {"model": EventOut, "description": "An earlier publish with the same Idempotency-Key"},
+    },
 )
 async def publish_to_user(
     username: Username,
@@ -150,7 +156,12 @@ async def publish_to_user(
         raise NotFound(f"User {username!r} not found") from exc
 
 
-@router.post("/channels/{name}/events/batch", status_code=201, openapi_extra=_body_schema(BatchIn))
+@router.post(
+    "/channels/{name}/events/batch",
+    status_code=201,
+    openapi_extra=_body_schema(BatchIn),
+    responses={201: {"model": BatchOut, "description": "Published, ids in the order given"}},
+)
 async def publish_batch(
     name: str, request: Request, settings: SettingsDep, caller: PublisherCaller
 ) -> Response:
@@ -163,7 +174,9 @@ async def publish_batch(
     return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
 
 
-@router.get("/channels/{name}/events")
+@router.get(
+    "/channels/{name}/events", responses={200: {"model": EventPage, "description": "A page"}}
+)
 async def history(
     name: ChannelName,
     request: Request,
@@ -183,7 +196,7 @@ async def history(
     return _page_response(page)
 
 
-@router.get("/me/events")
+@router.get("/me/events", responses={200: {"model": EventPage, "description": "A page"}})
 async def my_events(
     request: Request, caller: UserCaller, after: After = 0, limit: Limit = 100
 ) -> Response:

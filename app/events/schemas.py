@@ -3,10 +3,14 @@
 The raw body is parsed with orjson rather than FastAPI's stdlib parser
 because the stdlib accepts ``NaN`` and ``Infinity``, which are not JSON and
 which we could not store faithfully.
+
+The answers are written as bytes (``StoredEvent.to_json``); ``EventOut`` and
+the pages only document them.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,3 +38,20 @@ class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     events: list[EventIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class EventOut(BaseModel):
+    id: int = Field(gt=0)
+    channel: str
+    type: str
+    data: Any
+    published_at: datetime
+
+
+class BatchOut(BaseModel):
+    events: list[EventOut]
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+    next_after: int | None

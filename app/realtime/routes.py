@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.auth.deps import StreamCaller
 from app.auth.identity import Caller
@@ -22,8 +22,30 @@ from app.realtime.subscriber import Subscriber
 router = APIRouter(tags=["streams"])
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
 MAX_EVENT_ID = 2**63 - 1
+# One frame, as OpenAPI 3.2's ``itemSchema`` describes an event (FastAPI writes the
+# same for its own SSE routes); ``schema`` is then the whole stream, as a list of them.
+SSE_FRAME = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+# The routes' ``response_class`` is plain ``Response`` (no media type) so that FastAPI
+# documents the 200 only as below and the errors as JSON, which they are; the
+# endpoints return an ``EventStream`` themselves.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "An SSE stream"}
+    200: {
+        "description": "An SSE stream",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": SSE_FRAME,
+                "schema": {"type": "array", "items": SSE_FRAME},
+            }
+        },
+    }
 }
 
 
@@ -52,7 +74,7 @@ async def _open(
     return EventStream(state, sub, position)
 
 
-@router.get("/stream", status_code=200, response_class=EventStream, responses=STREAM_RESPONSE)
+@router.get("/stream", status_code=200, response_class=Response, responses=STREAM_RESPONSE)
 async def stream_subscriptions(request: Request, caller: StreamCaller) -> EventStream:
     """Events of every channel the caller is subscribed to, and of their personal
     channel, following changes live."""
@@ -63,7 +85,7 @@ async def stream_subscriptions(request: Request, caller: StreamCaller) -> EventS
 @router.get(
     "/channels/{name}/stream",
     status_code=200,
-    response_class=EventStream,
+    response_class=Response,
     responses=STREAM_RESPONSE,
 )
 async def stream_channel(name: str, request: Request, caller: StreamCaller) -> EventStream:
