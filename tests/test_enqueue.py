@@ -302,6 +302,33 @@ async def test_an_idempotency_key_publishes_once_whichever_path_uses_it(
     assert hub.publish("orders", {"u": "http-again"}, key="order-42").json() == first.json()
 
 
+async def test_an_open_transaction_does_not_block_deleting_its_channel(
+    server: Server, database_url: str
+) -> None:
+    """``ssehub_enqueue`` takes no lock on the channel: deleting it does not wait
+    for the transaction, whose row for it is then dropped by the move."""
+    hub = Hub(server)
+    hub.channel("doomed")
+    hub.channel("kept")
+    conn = await connect(database_url)
+    try:
+        tr = conn.transaction()
+        await tr.start()
+        await enqueue(conn, "doomed", {"u": "orphan"})
+        await enqueue(conn, "kept", {"u": "survivor"})
+        r = await asyncio.to_thread(
+            hub.api.http.delete, "/channels/doomed", headers=hub.admin, timeout=5
+        )
+        assert r.status_code == 204, r.text
+        await tr.commit()
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    assert [e["data"] for e in hub.history("kept")] == [{"u": "survivor"}]
+    orphans = await sql(database_url, "SELECT count(*) FROM events WHERE data LIKE '%orphan%'")
+    assert orphans[0][0] == 0
+
+
 async def test_data_is_stored_as_compact_json_with_its_value(
     server: Server, database_url: str
 ) -> None:
