@@ -449,27 +449,40 @@ async def test_stream_and_tail_go_on_across_a_server_restart(
 
 
 def test_cli_publish_prints_the_event(server: Server) -> None:
-    """``ssehub publish`` and ``ssehub-client publish``: one CLI in two commands."""
+    """``ssehub publish`` and ``ssehub-client publish``: one CLI in two commands.
+    The runs are independent: they run at once (each is a Python start-up)."""
     s = Setup(server, "news")
     env = {**os.environ, **_cli_env(s.url, SSEHUB_API_KEY=s.key)}
-
-    def run(cli: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*cli, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    ssehub, client = [sys.executable, "-m", "app.cli"], [CLIENT_CLI]
+    paid = ["publish", "news", '{"id": 42, "state": "paid"}', "--type", "order.paid"]
+    commands = {
+        "ssehub": [*ssehub, *paid],
+        "ssehub-client": [*client, *paid],
+        "ssehub bad": [*ssehub, "publish", "news", "{not json"],
+        "ssehub-client bad": [*client, "publish", "news", "{not json"],
+        "keyed 1": [*client, "publish", "news", "7", "--key", "once"],
+        "keyed 2": [*client, "publish", "news", "7", "--key", "once"],
+        "refused": [*client, "publish", "elsewhere", "1"],
+    }
+    running = {
+        name: subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-
+        for name, cmd in commands.items()
+    }
+    done = {name: (p.communicate(timeout=30), p.returncode) for name, p in running.items()}
     events = []
-    for cli in ([sys.executable, "-m", "app.cli"], [CLIENT_CLI]):
-        done = run(cli, "publish", "news", '{"id": 42, "state": "paid"}', "--type", "order.paid")
-        assert done.returncode == 0, done.stderr
-        event = json.loads(done.stdout)
+    for name in ("ssehub", "ssehub-client"):
+        (out, err), code = done[name]
+        assert code == 0, err
+        event = json.loads(out)
         assert event["type"] == "order.paid" and event["data"] == {"id": 42, "state": "paid"}
         events.append(event)
-        bad = run(cli, "publish", "news", "{not json")
-        assert bad.returncode != 0 and "not JSON" in bad.stderr and "Traceback" not in bad.stderr
-    keyed = [run([CLIENT_CLI], "publish", "news", "7", "--key", "once") for _ in range(2)]
-    assert keyed[0].returncode == 0 and keyed[0].stdout == keyed[1].stdout
-    refused = run([CLIENT_CLI], "publish", "elsewhere", "1")
-    assert refused.returncode != 0 and "403" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    assert s.history("news") == [*events, json.loads(keyed[0].stdout)]
+        (_, err), code = done[f"{name} bad"]
+        assert code != 0 and "not JSON" in err and "Traceback" not in err
+    (out, err), code = done["keyed 1"]
+    assert code == 0 and done["keyed 2"] == done["keyed 1"], err
+    events.append(json.loads(out))
+    (_, err), code = done["refused"]
+    assert code != 0 and "403" in err and "Traceback" not in err
+    assert s.history("news") == sorted(events, key=lambda e: e["id"])
