@@ -118,7 +118,9 @@ def in_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
 
     async def run() -> T:
         assert settings.database_url
-        engine = create_engine(settings.database_url, pool_size=1)
+        engine = create_engine(
+            settings.database_url, pool_size=1, pgbouncer=settings.behind_pgbouncer
+        )
         try:
             async with create_sessionmaker(engine)() as session:
                 result = await work(session)
@@ -218,7 +220,7 @@ def _check_signing_key(settings: Settings) -> None:
 
     assert settings.database_url and settings.secret_key
     try:
-        asyncio.run(check(settings.database_url, settings.secret_key))
+        asyncio.run(check(settings.database_url, settings.secret_key, settings.behind_pgbouncer))
     except SigningKeyConflict as exc:
         sys.exit(f"ssehub: {exc}")
 

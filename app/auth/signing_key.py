@@ -84,9 +84,13 @@ async def claim(conn: Any, fp: str) -> None:
         await conn.execute(_RECORD, fp)
 
 
-async def check(database_url: str, key: str) -> None:
-    """``claim`` on a connection of its own: ``ssehub serve``'s check before uvicorn starts."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+async def check(database_url: str, key: str, pgbouncer: bool = False) -> None:
+    """``claim`` on a connection of its own: ``ssehub serve``'s check before uvicorn starts.
+    Behind PgBouncer nothing stays prepared: every ``serve`` names its statements
+    alike, and the server connection it gets may hold the last one's."""
+    conn = await asyncpg.connect(
+        asyncpg_dsn(database_url), **({"statement_cache_size": 0} if pgbouncer else {})
+    )
     try:
         await claim(conn, fingerprint(key))
     finally:

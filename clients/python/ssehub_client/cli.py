@@ -22,7 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ssehub_client.client import AsyncClient, Event, Notice, SsehubError
+import httpx
+
+from ssehub_client.client import RETRY_STATUSES, AsyncClient, Event, Notice, SsehubError
 
 POLL_SECONDS = 1.0
 
@@ -75,7 +77,14 @@ async def _poll(hub: AsyncClient, channels: Sequence[str], after: int) -> None:
     positions = dict.fromkeys(channels, after)
     while True:
         for channel in channels:
-            page = await hub.history(channel, positions[channel], 1000)
+            try:
+                page = await hub.history(channel, positions[channel], 1000)
+            except httpx.TransportError:
+                break  # the server is away (a restart, a deploy): ask again next turn
+            except SsehubError as exc:
+                if exc.status not in RETRY_STATUSES:
+                    raise
+                break
             for event in page["events"]:
                 _line(event)
                 positions[channel] = event["id"]

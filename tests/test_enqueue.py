@@ -1,0 +1,674 @@
+"""Publishing from the application's own transaction: ``ssehub_enqueue``.
+
+Real ``ssehub serve`` processes, a real Postgres, the application's side played
+by plain asyncpg connections that call ``ssehub_enqueue`` in their own
+transactions. Every enqueued event's data carries a unique mark (``"u"``), so
+exactly-once can be checked by counting marks in the history and on streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from app.db import asyncpg_dsn
+from tests.e2e.sse_client import SseStream
+from tests.support import ROOT, TEST_SECRET, Api, Server, sql
+
+ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
+
+
+class TimedStream(SseStream):
+    """An ``SseStream`` that notes when each event arrived, by id and by the
+    ``"u"`` mark of its data."""
+
+    def __post_init__(self) -> None:
+        self.arrived: dict[int, float] = {}
+        self.marks: dict[str, tuple[int, float]] = {}
+        super().__post_init__()
+
+    def _parse(self, text: bytes) -> None:
+        before = len(self.frames)
+        super()._parse(text)
+        now = time.monotonic()
+        for frame in self.frames[before:]:
+            if frame.id is None:
+                continue
+            self.arrived.setdefault(frame.id, now)
+            data = frame.json["data"]
+            if isinstance(data, dict) and "u" in data:
+                self.marks.setdefault(str(data["u"]), (frame.id, now))
+
+    def datas(self) -> list[Any]:
+        return [frame.json["data"] for frame in self.events()]
+
+
+class Hub:
+    """Admin calls and streams on one server."""
+
+    def __init__(self, server: Server) -> None:
+        self.api = Api(server.url)
+        self.admin = self.api.admin()
+        self.token = self.stream_token(self.admin)
+
+    def channel(self, name: str, **fields: Any) -> None:
+        r = self.api.http.post("/channels", json={"name": name, **fields}, headers=self.admin)
+        assert r.status_code == 201, r.text
+
+    def stream_token(self, headers: dict[str, str]) -> str:
+        r = self.api.http.post("/auth/stream-token", headers=headers)
+        assert r.status_code == 200, r.text
+        token: str = r.json()["stream_token"]
+        return token
+
+    def open(
+        self, path: str, token: str | None = None, base: str | None = None, **kw: Any
+    ) -> TimedStream:
+        stream = TimedStream(
+            f"{base or self.api.base_url}{path}?access_token={token or self.token}", **kw
+        )
+        stream.wait_for(lambda s: bool(s.notices("ssehub.live")))
+        return stream
+
+    def publish(self, channel: str, data: Any, key: str | None = None) -> httpx.Response:
+        headers = {**self.admin, **({"Idempotency-Key": key} if key else {})}
+        return self.api.http.post(
+            f"/channels/{channel}/events", json={"data": data}, headers=headers
+        )
+
+    def history(self, channel: str, base: str | None = None) -> list[dict[str, Any]]:
+        """The channel's whole retained history, page after page."""
+        events: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            r = httpx.get(
+                f"{base or self.api.base_url}/channels/{channel}/events",
+                params={"after": after, "limit": 1000},
+                headers=self.admin,
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            page = r.json()["events"]
+            events += page
+            if not page:
+                return events
+            after = page[-1]["id"]
+
+
+async def connect(database_url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(asyncpg_dsn(database_url))
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    channel: str,
+    data: Any,
+    type_: str = "message",
+    key: str | None = None,
+) -> None:
+    await conn.execute(ENQUEUE, channel, type_, json.dumps(data), key)
+
+
+async def inbox_drained(database_url: str, timeout: float = 10) -> None:
+    """Wait until every committed inbox row has been moved into the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = await sql(database_url, "SELECT count(*) FROM ssehub_inbox")
+        if rows[0][0] == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the inbox was not drained in time")
+
+
+async def arrival(stream: TimedStream, mark: str, timeout: float = 10) -> tuple[int, float]:
+    """(id, arrival time) of the event marked ``mark`` once it is on ``stream``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = stream.marks.get(mark)
+        if got is not None:
+            return got
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{mark} did not arrive within {timeout}s; last {stream.ids()[-5:]}")
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[math.ceil(0.99 * len(ordered)) - 1]
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.1f} ms"
+
+
+# -- the transaction decides ---------------------------------------------------------
+
+
+async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
+    server: Server, database_url: str
+) -> None:
+    hub = Hub(server)
+    hub.channel("orders")
+    stream = hub.open("/channels/orders/stream")
+    app, other = await connect(database_url), await connect(database_url)
+    try:
+        async with app.transaction():
+            await enqueue(app, "orders", {"u": "a"}, "order.paid")
+            await enqueue(app, "orders", {"u": "b"}, "order.paid")
+            await enqueue(app, "orders", {"u": "c"}, "order.shipped")
+        rolled = app.transaction()
+        await rolled.start()
+        await enqueue(app, "orders", {"u": "never"})
+        await enqueue(app, "orders", {"u": "never-2"})
+        await rolled.rollback()
+        # Two transactions interleaved, an API publish between them: each keeps
+        # its own calls adjacent and in order; the one that commits first goes first.
+        first, second = app.transaction(), other.transaction()
+        await first.start()
+        await second.start()
+        await enqueue(app, "orders", {"u": "x1"})
+        await enqueue(other, "orders", {"u": "y1"})
+        assert hub.publish("orders", {"u": "api"}).status_code == 201
+        await enqueue(app, "orders", {"u": "x2"})
+        await enqueue(other, "orders", {"u": "y2"})
+        await second.commit()
+        await enqueue(app, "orders", {"u": "x3"})
+        await first.commit()
+        await arrival(stream, "x3")
+        await inbox_drained(database_url)
+    finally:
+        await app.close()
+        await other.close()
+    history = hub.history("orders")
+    marks = [e["data"]["u"] for e in history]
+    assert marks == ["a", "b", "c", "api", "y1", "y2", "x1", "x2", "x3"]
+    ids = [e["id"] for e in history]
+    for start, length in ((0, 3), (4, 2), (6, 3)):  # each transaction's ids are consecutive
+        assert ids[start : start + length] == list(range(ids[start], ids[start] + length))
+    assert [e["type"] for e in history[:3]] == ["order.paid", "order.paid", "order.shipped"]
+    assert all(e["channel"] == "orders" for e in history)
+    assert stream.ids() == ids
+    assert [d["u"] for d in stream.datas()] == marks
+
+
+async def test_bad_calls_fail_the_callers_transaction(server: Server, database_url: str) -> None:
+    hub = Hub(server)
+    hub.channel("orders")
+    limit_rows = await sql(
+        database_url, "SELECT value FROM ssehub_config WHERE name = 'max_event_bytes'"
+    )
+    limit = int(limit_rows[0][0])
+    assert limit == 65536  # written by the server as it started: SSEHUB_MAX_EVENT_BYTES
+    bad: list[tuple[str, str, str, Any, str | None]] = [
+        ("P0002", "nope", "message", 1, None),
+        ("P0002", "@nobody", "message", 1, None),
+        ("22023", "orders", "bad type", 1, None),
+        ("22023", "orders", "", 1, None),
+        ("22023", "orders", "x" * 65, 1, None),
+        ("22023", "orders", "ssehub.live", 1, None),
+        ("22023", "orders", "message", "x" * (limit - 1), None),  # limit + 1 bytes with quotes
+        ("22023", "orders", "message", "é" * (limit // 2), None),  # bytes, not characters
+        ("22023", "orders", "message", 1, ""),
+        ("22023", "orders", "message", 1, "   "),
+        ("22023", "orders", "message", 1, "k" * 201),
+    ]
+    conn = await connect(database_url)
+    try:
+        for state, channel, type_, data, key in bad:
+            tr = conn.transaction()
+            await tr.start()
+            await enqueue(conn, "orders", {"u": "before-the-bad-call"})
+            with pytest.raises(asyncpg.PostgresError) as caught:
+                await enqueue(conn, channel, data, type_, key)
+            assert caught.value.sqlstate == state, (channel, type_, key, caught.value)
+            # The call failed the caller's transaction: nothing it did can commit.
+            with pytest.raises(asyncpg.InFailedSQLTransactionError):
+                await conn.execute("SELECT 1")
+            await tr.rollback()
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await conn.execute(ENQUEUE, "orders", "message", None, None)  # SQL NULL, not 'null'
+        assert caught.value.sqlstate == "22023"
+        # At the limit, and over it only as jsonb's spaced text: accepted.
+        at_limit = "x" * (limit - 2)
+        spaced = [1] * ((limit - 1) // 2)  # [1,1,...] fits; "[1, 1, ...]" would not
+        assert len(json.dumps(spaced)) > limit >= len(json.dumps(spaced, separators=(",", ":")))
+        async with conn.transaction():
+            await enqueue(conn, "orders", at_limit)
+            await enqueue(conn, "orders", spaced)
+            await enqueue(conn, "orders", {"u": "last"})
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    datas = [e["data"] for e in hub.history("orders")]
+    assert datas == [at_limit, spaced, {"u": "last"}]
+
+
+async def test_personal_channels_take_enqueues(server: Server, database_url: str) -> None:
+    hub = Hub(server)
+    bob = hub.api.user("bob")
+    stream = hub.open("/stream", token=hub.stream_token(bob))
+    conn = await connect(database_url)
+    try:
+        async with conn.transaction():
+            await enqueue(conn, "@bob", {"u": "for-bob"}, "note")
+        event_id, _ = await arrival(stream, "for-bob")
+    finally:
+        await conn.close()
+    mine = hub.api.http.get("/me/events", headers=bob).json()["events"]
+    assert [(e["id"], e["channel"], e["type"], e["data"]) for e in mine] == [
+        (event_id, "@bob", "note", {"u": "for-bob"})
+    ]
+
+
+async def test_an_idempotency_key_publishes_once_whichever_path_uses_it(
+    server: Server, database_url: str
+) -> None:
+    hub = Hub(server)
+    hub.channel("orders")
+    hub.channel("other")
+    first = hub.publish("orders", {"u": "http"}, key="order-42")
+    assert first.status_code == 201
+    conn = await connect(database_url)
+    try:
+        async with conn.transaction():  # the key the API used: nothing new
+            await enqueue(conn, "orders", {"u": "enqueued-42"}, key="order-42")
+        async with conn.transaction():  # one key twice in one transaction: once
+            await enqueue(conn, "orders", {"u": "k43-first"}, key="order-43")
+            await enqueue(conn, "orders", {"u": "k43-second"}, key="order-43")
+            await enqueue(conn, "orders", {"u": "unkeyed"})
+        async with conn.transaction():  # and again in a later transaction: still once
+            await enqueue(conn, "orders", {"u": "k43-third"}, key="order-43")
+        async with conn.transaction():  # keys are per channel
+            await enqueue(conn, "other", {"u": "other-42"}, key="order-42")
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    assert [e["data"]["u"] for e in hub.history("orders")] == ["http", "k43-first", "unkeyed"]
+    assert [e["data"]["u"] for e in hub.history("other")] == ["other-42"]
+    # The HTTP retry of the enqueued key answers with the enqueued event.
+    again = hub.publish("orders", {"u": "http-43"}, key="order-43")
+    assert again.status_code == 200 and again.json()["data"] == {"u": "k43-first"}
+    assert hub.publish("orders", {"u": "http-again"}, key="order-42").json() == first.json()
+
+
+async def test_an_open_transaction_does_not_block_deleting_its_channel(
+    server: Server, database_url: str
+) -> None:
+    """``ssehub_enqueue`` takes no lock on the channel: deleting it does not wait
+    for the transaction, whose row for it is then dropped by the move."""
+    hub = Hub(server)
+    hub.channel("doomed")
+    hub.channel("kept")
+    conn = await connect(database_url)
+    try:
+        tr = conn.transaction()
+        await tr.start()
+        await enqueue(conn, "doomed", {"u": "orphan"})
+        await enqueue(conn, "kept", {"u": "survivor"})
+        r = await asyncio.to_thread(
+            hub.api.http.delete, "/channels/doomed", headers=hub.admin, timeout=5
+        )
+        assert r.status_code == 204, r.text
+        await tr.commit()
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    assert [e["data"] for e in hub.history("kept")] == [{"u": "survivor"}]
+    orphans = await sql(database_url, "SELECT count(*) FROM events WHERE data LIKE '%orphan%'")
+    assert orphans[0][0] == 0
+
+
+async def test_data_is_stored_as_compact_json_with_its_value(
+    server: Server, database_url: str
+) -> None:
+    hub = Hub(server)
+    hub.channel("json")
+    stream = hub.open("/channels/json/stream")
+    values: list[Any] = [
+        {
+            "b": [1, 2.5, {"c": None, "d": [True, False]}],
+            "a": {},
+            "e": [],
+            "n": 12345678901234567890,
+        },
+        {"text": 'a "quoted" line\nwith spaces, commas: colons; é ü 日本 \\ \t'},
+        "a plain string",
+        -3,
+        0.125,
+        True,
+        None,
+        [],
+    ]
+    conn = await connect(database_url)
+    try:
+        async with conn.transaction():
+            for value in values:
+                await enqueue(conn, "json", value)
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    stored = [r[0] for r in await sql(database_url, "SELECT data FROM events ORDER BY id")]
+    assert [json.loads(text) for text in stored] == values
+    assert " " not in stored[0] and stored[0].startswith('{"a":{}')  # no space anywhere
+    assert stored[2:] == ['"a plain string"', "-3", "0.125", "true", "null", "[]"]
+    stream.wait_ids(len(values))
+    assert stream.datas() == values
+    raw = httpx.get(f"{server.url}/channels/json/events", headers=hub.admin).text
+    assert stored[0] in raw  # served as stored, byte for byte
+
+
+# -- nobody waits for an open transaction -----------------------------------------------
+
+
+async def _round(
+    hub: Hub, stream: TimedStream, conn: asyncpg.Connection, mark: str
+) -> tuple[float, float]:
+    """One API publish and one enqueue, each until it is on the stream: their latencies."""
+    started = time.monotonic()
+    r = await asyncio.to_thread(hub.publish, "busy", {"u": f"{mark}-api"})
+    assert r.status_code == 201, r.text
+    _, at = await arrival(stream, f"{mark}-api", timeout=5)
+    api = at - started
+    async with conn.transaction():
+        await enqueue(conn, "busy", {"u": f"{mark}-sql"})
+    committed = time.monotonic()
+    _, at = await arrival(stream, f"{mark}-sql", timeout=5)
+    return api, at - committed
+
+
+async def test_a_transaction_held_open_delays_nobody(server: Server, database_url: str) -> None:
+    hub = Hub(server)
+    hub.channel("busy")
+    stream = hub.open("/channels/busy/stream")
+    held, conn = await connect(database_url), await connect(database_url)
+    before: list[tuple[float, float]] = []
+    during: list[tuple[float, float]] = []
+    try:
+        for i in range(40):
+            before.append(await _round(hub, stream, conn, f"before{i}"))
+        tr = held.transaction()
+        await tr.start()
+        for i in range(3):
+            await enqueue(held, "busy", {"u": f"held{i}"})
+        hold_until = time.monotonic() + 10
+        i = 0
+        while time.monotonic() < hold_until:
+            during.append(await _round(hub, stream, conn, f"during{i}"))
+            i += 1
+        assert not any(mark.startswith("held") for mark in stream.marks)
+        last_during = max(stream.ids())
+        await tr.commit()
+        committed = time.monotonic()
+        held_at = [await arrival(stream, f"held{i}") for i in range(3)]
+        await inbox_drained(database_url)
+    finally:
+        await held.close()
+        await conn.close()
+    # Its events come after it commits, after everything published meanwhile,
+    # adjacent and in call order.
+    held_ids = [event_id for event_id, _ in held_at]
+    assert held_ids == list(range(held_ids[0], held_ids[0] + 3))
+    assert held_ids[0] > last_during
+    assert all(at >= committed for _, at in held_at)
+    history = [e["id"] for e in hub.history("busy")]
+    assert stream.ids() == history  # gap-free, in order, once
+    assert len(history) == 2 * (len(before) + len(during)) + 3
+    api_before, sql_before = (p99([r[k] for r in before]) for k in (0, 1))
+    api_during, sql_during = (p99([r[k] for r in during]) for k in (0, 1))
+    print(
+        f"\nheld transaction: {len(during)} rounds; p99 API publish->stream "
+        f"{ms(api_before)} before, {ms(api_during)} during; "
+        f"enqueue commit->stream {ms(sql_before)} before, {ms(sql_during)} during"
+    )
+    assert api_during < 1.0 and sql_during < 1.0
+
+
+async def test_committed_enqueues_reach_an_open_stream_quickly(
+    server: Server, database_url: str
+) -> None:
+    """The contract says 100 ms at p99; on a shared CI machine only a generous
+    bound is asserted, the measure is printed."""
+    hub = Hub(server)
+    hub.channel("fast")
+    stream = hub.open("/channels/fast/stream")
+    conn = await connect(database_url)
+    latencies: list[float] = []
+    try:
+        for i in range(100):
+            async with conn.transaction():
+                await enqueue(conn, "fast", {"u": f"e{i}"})
+            committed = time.monotonic()
+            _, at = await arrival(stream, f"e{i}", timeout=5)
+            latencies.append(at - committed)
+    finally:
+        await conn.close()
+    latencies.sort()
+    print(f"\nenqueue commit->stream: p50 {ms(latencies[49])}, p99 {ms(p99(latencies))}")
+    assert p99(latencies) < 0.5
+
+
+# -- concurrency, and an instance killed in the middle ----------------------------------
+
+
+async def test_concurrent_enqueues_and_publishes_on_two_instances_survive_a_sigkill(
+    start_server, database_url: str
+) -> None:
+    # Small pools: the test's Postgres is shared, and 8 more connections are the application's.
+    a, b = (start_server(SSEHUB_DB_POOL_SIZE="4") for _ in range(2))
+    hub = Hub(b)
+    channels = ["left", "right"]
+    for name in channels:
+        hub.channel(name)
+    on_b = {c: hub.open(f"/channels/{c}/stream") for c in channels}
+    on_a = hub.open("/channels/left/stream", base=a.url)
+    committed: dict[str, tuple[str, int]] = {}  # mark -> (transaction, index in it)
+    rolled_back: set[str] = set()
+    published: dict[str, int] = {}  # API mark -> event id
+    done = 0
+    killed = asyncio.Event()
+    enqueuers_done = asyncio.Event()
+
+    async def enqueuer(n: int) -> None:
+        nonlocal done
+        rng = random.Random(n)
+        conn = await connect(database_url)
+        try:
+            for t in range(100):
+                tx = f"t{n}.{t}"
+                rows = [(rng.choice(channels), f"{tx}.{i}") for i in range(rng.randint(1, 3))]
+                tr = conn.transaction()
+                await tr.start()
+                for i, (channel, mark) in enumerate(rows):
+                    await enqueue(conn, channel, {"u": mark, "tx": tx, "i": i})
+                if rng.random() < 0.1:
+                    await tr.rollback()
+                    rolled_back.update(mark for _, mark in rows)
+                else:
+                    await tr.commit()
+                    committed.update((mark, (tx, i)) for i, (_, mark) in enumerate(rows))
+                done += 1
+                await asyncio.sleep(rng.uniform(0, 0.02))
+        finally:
+            await conn.close()
+
+    async def publisher(n: int) -> None:
+        """API publishes on both instances; one that fails (its instance was
+        killed) is retried on the other with the same Idempotency-Key."""
+        rng = random.Random(100 + n)
+        async with httpx.AsyncClient(headers=hub.admin, timeout=10) as client:
+            i = 0
+            while not enqueuers_done.is_set():
+                mark = f"p{n}.{i}"
+                i += 1
+                channel = rng.choice(channels)
+                bases = [b.url] if killed.is_set() else rng.sample([a.url, b.url], 2)
+                for base in [*bases, b.url, b.url]:
+                    try:
+                        r = await client.post(
+                            f"{base}/channels/{channel}/events",
+                            json={"data": {"u": mark}},
+                            headers={"Idempotency-Key": mark},
+                        )
+                    except httpx.TransportError:
+                        continue
+                    if r.status_code in (200, 201):
+                        published[mark] = r.json()["id"]
+                        break
+                    assert r.status_code == 503, r.text
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"{mark} was never published")
+
+    async def killer() -> None:
+        while done < 240:  # 30% of the 800 transactions
+            await asyncio.sleep(0.005)
+        assert a.process is not None
+        a.process.kill()  # SIGKILL: no shutdown, its transactions die with it
+        a.process.wait()
+        killed.set()
+
+    started = time.monotonic()
+    publishers = [asyncio.create_task(publisher(n)) for n in range(2)]
+    kill = asyncio.create_task(killer())
+    await asyncio.gather(*(enqueuer(n) for n in range(8)))
+    enqueuers_done.set()
+    await asyncio.gather(*publishers, kill)
+    await inbox_drained(database_url, timeout=20)
+    took = time.monotonic() - started
+
+    history = {c: hub.history(c) for c in channels}
+    marks = [e["data"]["u"] for c in channels for e in history[c]]
+    assert len(marks) == len(set(marks)), "an event was published twice"
+    assert {m for m in marks if m.startswith("t")} == set(committed), "enqueues lost or leaked"
+    assert not rolled_back & set(marks)
+    by_mark = {e["data"]["u"]: e for c in channels for e in history[c]}
+    assert {m: by_mark[m]["id"] for m in marks if m.startswith("p")} == published
+    # Each transaction's events: adjacent ids (across channels), in call order.
+    transactions: dict[str, list[tuple[int, int]]] = {}
+    for mark, (tx, i) in committed.items():
+        transactions.setdefault(tx, []).append((i, by_mark[mark]["id"]))
+    for tx, rows in transactions.items():
+        ids = [event_id for _, event_id in sorted(rows)]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), f"{tx} not adjacent: {ids}"
+    # Streams agree with the history exactly; the one on the killed instance
+    # resumes on the other from its last id.
+    for c in channels:
+        expected = [e["id"] for e in history[c]]
+        assert on_b[c].wait_ids(len(expected), timeout=20) == expected
+    assert on_a.ended
+    seen = on_a.ids()
+    resumed = hub.open(
+        "/channels/left/stream", headers={"Last-Event-ID": str(seen[-1])} if seen else {}
+    )
+    left = [e["id"] for e in history["left"]]
+    assert seen + resumed.wait_ids(len(left) - len(seen), timeout=20) == left
+    for s in [*on_b.values(), on_a, resumed]:
+        s.close()
+    print(
+        f"\n{len(transactions)} transactions committed ({len(committed)} enqueues), "
+        f"{len(rolled_back)} enqueues rolled back, {len(published)} API publishes, "
+        f"instance killed after 240 transactions; {took:.1f} s"
+    )
+
+
+# -- grant-publisher --------------------------------------------------------------------
+
+
+def _cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "SSEHUB_SECRET_KEY": TEST_SECRET, "SSEHUB_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _as_role(database_url: str, role: str) -> str:
+    scheme, rest = asyncpg_dsn(database_url).split("://", 1)
+    return f"{scheme}://{role}@{rest.split('@', 1)[1]}"
+
+
+async def test_grant_publisher_grants_enqueue_and_nothing_else(
+    server: Server, database_url: str
+) -> None:
+    hub = Hub(server)
+    hub.channel("orders")
+    role = f"ssehub_pub_{uuid.uuid4().hex[:8]}"
+    await sql(database_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        app = await asyncpg.connect(_as_role(database_url, role))
+        try:
+            assert await app.fetchval("SELECT current_user") == role
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await enqueue(app, "orders", {"u": "too-early"})
+
+            done = _cli("grant-publisher", role, database_url=database_url)
+            assert done.returncode == 0, done.stderr
+            assert role in done.stdout
+
+            async with app.transaction():
+                await enqueue(app, "orders", {"u": "granted"}, "order.paid")
+            await inbox_drained(database_url)
+            assert [e["data"] for e in hub.history("orders")] == [{"u": "granted"}]
+
+            tables = [
+                r[0]
+                for r in await sql(
+                    database_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            ]
+            assert {"events", "users", "channels", "ssehub_inbox", "api_keys"} <= set(tables)
+            assert "idempotency_keys" in tables and "ssehub_config" in tables
+            for table in tables:
+                column = await sql(
+                    database_url,
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = $1 AND is_identity = 'NO' AND is_generated = 'NEVER' "
+                    "ORDER BY ordinal_position LIMIT 1",
+                    table,
+                )
+                col = column[0][0]
+                for statement in (
+                    f"SELECT * FROM {table} LIMIT 1",
+                    f"INSERT INTO {table} DEFAULT VALUES",
+                    f"UPDATE {table} SET {col} = {col}",
+                    f"DELETE FROM {table}",
+                    f"TRUNCATE {table}",
+                ):
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await app.execute(statement)
+            for call in (
+                "SELECT ssehub_move_inbox(1000)",
+                "SELECT * FROM ssehub_publish_as(ARRAY[1]::bigint[], ARRAY[NULL]::bigint[], "
+                "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL])",
+                "SELECT * FROM ssehub_append(ARRAY[1]::bigint[], ARRAY['message'], "
+                "ARRAY['1'], ARRAY[NULL])",
+                "SELECT nextval(pg_get_serial_sequence('events', 'id'))",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await app.execute(call)
+        finally:
+            await app.close()
+        assert [e["data"] for e in hub.history("orders")] == [{"u": "granted"}]
+
+        unknown = _cli("grant-publisher", f"{role}_missing", database_url=database_url)
+        assert unknown.returncode != 0
+        assert f"no database role '{role}_missing'" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+    finally:
+        await sql(database_url, f"DROP OWNED BY {role}")
+        await sql(database_url, f"DROP ROLE {role}")
