@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # or NATS with interest routing (app.realtime.nats_broker).
     broker: Literal["postgres", "nats"] = "postgres"
     nats_url: str = "nats://127.0.0.1:4222"
+    # Messages one NATS subscription may hold unprocessed; past it the client
+    # drops them as a slow consumer's, and the log fills the gap (nats-py's default).
+    nats_pending_limit: PositiveInt = 512 * 1024
     # Your application's own tokens (app.auth.external); unset issuer: off.
     jwt_issuer: str | None = None
     jwt_audience: str | None = None

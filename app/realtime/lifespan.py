@@ -59,7 +59,9 @@ def _broker(app: FastAPI, hub: Hub) -> Broker:
     if settings.broker == "nats":
         from app.realtime.nats_broker import NatsBroker
 
-        return NatsBroker(settings.nats_url, hub, app.state.pool, metrics)
+        return NatsBroker(
+            settings.nats_url, hub, app.state.pool, metrics, settings.nats_pending_limit
+        )
     return PostgresBroker(hub, metrics)
 
 

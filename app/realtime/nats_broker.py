@@ -100,8 +100,18 @@ class _Tx:
 class NatsBroker:
     wants_notify = False  # events come over NATS; the log only fills gaps
 
-    def __init__(self, url: str, hub: Hub, pool: Any, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        url: str,
+        hub: Hub,
+        pool: Any,
+        metrics: Metrics,
+        pending_limit: int = 512 * 1024,
+    ) -> None:
         self._url = url
+        # Past this many unprocessed messages a subscription drops the next ones
+        # (nats-py's slow consumer): the chain notices, the log fills them.
+        self._pending_limit = pending_limit
         self._hub = hub
         self._pool = pool
         self._metrics = metrics
@@ -134,7 +144,7 @@ class NatsBroker:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        await self._nc.subscribe(TX_SUBJECT, cb=self._on_tx)
+        await self._nc.subscribe(TX_SUBJECT, cb=self._on_tx, pending_msgs_limit=self._pending_limit)
         self._hub.interest = self._interest
         self._tasks = [
             asyncio.create_task(self._send_forever(), name="nats-send"),
@@ -197,7 +207,9 @@ class NatsBroker:
             try:
                 if carried and channel_id not in self._subs:
                     self._subs[channel_id] = await self._nc.subscribe(
-                        _subject(channel_id), cb=self._on_events
+                        _subject(channel_id),
+                        cb=self._on_events,
+                        pending_msgs_limit=self._pending_limit,
                     )
                 elif not carried and channel_id in self._subs:
                     await self._subs.pop(channel_id).unsubscribe()

@@ -167,6 +167,12 @@ class SseStream:
         self.wait_for(lambda s: len(s.ids()) >= count, timeout)
         return self.ids()
 
+    @property
+    def local_port(self) -> int:
+        """This end's port: the peer port the server sees (while open)."""
+        port: int = self._sock.getsockname()[1]
+        return port
+
     def unread(self) -> int:
         """Bytes that arrived on the socket and that this client has not read (yet)."""
         buf = fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, struct.pack("i", 0))

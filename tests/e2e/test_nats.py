@@ -1,0 +1,486 @@
+"""``SSEHUB_BROKER=nats`` on real processes: exactness when NATS fails, interest routing, workers.
+
+One ``nats-server`` and three instances serve the whole module (``cluster``).
+Instance A talks to NATS directly; B and C through a TCP proxy of the test's
+(``TcpProxy``), which can cut B's connection or stall what flows to C; C's
+subscriptions hold at most ``SLOW_PENDING_LIMIT`` messages
+(``SSEHUB_NATS_PENDING_LIMIT``), so a burst makes it a slow consumer that
+drops messages. Every disruption runs in the middle of the chaos run of
+``tests.e2e.chaos`` and must cost nothing: each reader ends with exactly its
+channels' history. ``ssehub_broker_events_total{source="log"}`` growing on the
+disrupted instance shows the gap was noticed and read from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.chaos import run_chaos
+from tests.e2e.conftest import Hubs
+from tests.e2e.sse_client import SseStream
+from tests.support import ROOT, Api, Server, free_port, sql
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+SLOW_PENDING_LIMIT = 50
+
+pytestmark = pytest.mark.skipif(
+    not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
+)
+
+
+class NatsServer:
+    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
+
+    def __init__(self) -> None:
+        self.port, self.monitor_port = free_port(), free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
+                if s.recv(4096).startswith(b"INFO"):
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def subscriptions(self) -> list[list[str]]:
+        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
+        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
+        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
+
+
+class TcpProxy:
+    """127.0.0.1:``port`` to a target port, two pumping threads per connection.
+
+    ``cut`` closes every connection and refuses new ones for a while (a broken
+    network path); ``stall`` stops reading what the target sends to the
+    client, lets it pile up in the kernel, then passes it on in one burst."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._upstreams: list[socket.socket] = []
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._refuse_until = 0.0
+        self._stalled = threading.Event()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self._refuse_until:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=1)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._pairs.append((client, upstream))
+                self._upstreams.append(upstream)
+                self.connections += 1
+            done = threading.Semaphore(0)
+            threading.Thread(target=self._pump, args=(client, upstream, done), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, done), daemon=True).start()
+            threading.Thread(target=self._close, args=(client, upstream, done), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, done: threading.Semaphore) -> None:
+        to_client = src in self._upstreams
+        try:
+            while True:
+                while to_client and self._stalled.is_set():
+                    time.sleep(0.005)
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):  # the other pump's recv returns too
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            done.release()
+
+    def _close(self, client: socket.socket, upstream: socket.socket, done: Any) -> None:
+        done.acquire()
+        done.acquire()
+        with self._lock:
+            self._pairs.remove((client, upstream))
+            self._upstreams.remove(upstream)
+        client.close()
+        upstream.close()
+
+    def cut(self, refuse_for: float) -> None:
+        self._refuse_until = time.monotonic() + refuse_for
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self, until_bytes: int, timeout: float) -> int:
+        """Hold back what the target sends until ``until_bytes`` wait (or
+        ``timeout``), then let it all through; returns the bytes held."""
+        self._stalled.set()
+        held = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and held < until_bytes:
+                time.sleep(0.02)
+                with self._lock:
+                    held = sum(_unread(s) for s in self._upstreams)
+        finally:
+            self._stalled.clear()
+        return held
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut(0)
+
+
+def _unread(s: socket.socket) -> int:
+    with contextlib.suppress(OSError):
+        buf = fcntl.ioctl(s.fileno(), termios.FIONREAD, struct.pack("i", 0))
+        count: int = struct.unpack("i", buf)[0]
+        return count
+    return 0
+
+
+def broker_events(base: str) -> dict[str, float]:
+    """``ssehub_broker_events_total`` of one instance, by source."""
+    counts = {"nats": 0.0, "log": 0.0}
+    for source, value in re.findall(
+        r'^ssehub_broker_events_total\{source="(\w+)"\} (\S+)$',
+        httpx.get(f"{base}/metrics", timeout=10).text,
+        re.MULTILINE,
+    ):
+        counts[source] = float(value)
+    return counts
+
+
+class Cluster:
+    def __init__(self, nats: NatsServer, database_url: str) -> None:
+        self.nats = nats
+        self.proxy_b, self.proxy_c = TcpProxy(nats.port), TcpProxy(nats.port)
+        env = {"SSEHUB_BROKER": "nats", "SSEHUB_ACCESS_LOG": "false"}
+        self.a = Server(database_url, env={**env, "SSEHUB_NATS_URL": nats.url})
+        self.b = Server(database_url, env={**env, "SSEHUB_NATS_URL": self.proxy_b.url})
+        self.c = Server(
+            database_url,
+            env={
+                **env,
+                "SSEHUB_NATS_URL": self.proxy_c.url,
+                "SSEHUB_NATS_PENDING_LIMIT": str(SLOW_PENDING_LIMIT),
+            },
+        )
+        self.servers = (self.a, self.b, self.c)
+
+    @property
+    def bases(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def counts(self) -> list[dict[str, float]]:
+        return [broker_events(base) for base in self.bases]
+
+
+def _grown(before: list[dict[str, float]], after: list[dict[str, float]], source: str) -> list[int]:
+    return [int(b[source] - a[source]) for a, b in zip(before, after, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(nats_server: NatsServer, database_url: str) -> Iterator[Cluster]:
+    c = Cluster(nats_server, database_url)
+    try:
+        with ThreadPoolExecutor(3) as pool:  # together: each takes seconds to start
+            for started in [pool.submit(srv.start) for srv in c.servers]:
+                started.result()
+        yield c
+    finally:
+        for srv in c.servers:
+            srv.stop()
+        c.proxy_b.close()
+        c.proxy_c.close()
+
+
+@pytest.fixture
+def hubs(cluster: Cluster) -> Iterator[Hubs]:
+    h = Hubs(Api(cluster.a.url))
+    yield h
+    h.close_all()
+    h.api.http.close()
+
+
+def _readers(hubs: Hubs) -> list[dict[str, str]]:
+    """Two ``/stream`` readers: one subscribed to two channels, one to three."""
+    return [hubs.api.user(f"reader{i}") for i in range(2)]
+
+
+def _chaos(
+    cluster: Cluster,
+    hubs: Hubs,
+    users: list[dict[str, str]],
+    tag: str,
+    during: Callable[[], None] | None = None,
+    seed: int = 0,
+) -> tuple[list[int], list[int]]:
+    """One chaos run on the three instances; returns the events each received
+    over NATS and read from the log meanwhile."""
+    before = cluster.counts()
+    run = run_chaos(hubs, cluster.bases, users, tag=tag, seconds=2.5, during=during, seed=seed)
+    after = cluster.counts()
+    nats, log = _grown(before, after, "nats"), _grown(before, after, "log")
+    print(f"{tag}: {run}; over NATS {nats}, from the log {log}")
+    return nats, log
+
+
+def test_chaos_ten_times_on_three_instances(cluster: Cluster, hubs: Hubs) -> None:
+    """The streams suite's chaos run, ten times on the same three instances: every
+    reader ends with exactly its channels' history, and NATS carried events
+    to every instance (the log alone would pass too)."""
+    users = _readers(hubs)
+    for i in range(10):
+        nats, _log = _chaos(cluster, hubs, users, f"run{i}", seed=i)
+        assert all(nats), f"run {i}: an instance received nothing over NATS ({nats})"
+
+
+def _reconnects(srv: Server) -> int:
+    return srv.log().count("nats: reconnected")
+
+
+def test_nats_server_restarted_mid_run(cluster: Cluster, hubs: Hubs) -> None:
+    """nats-server stopped, and started again on its port 2.5 s later, while
+    everything runs: meanwhile every instance delivers from the log (the
+    listener's safety net), then reconnects; what NATS lost, the log fills."""
+    reconnects = [_reconnects(srv) for srv in cluster.servers]
+
+    def restart() -> None:
+        cluster.nats.stop()
+        time.sleep(2.5)
+        cluster.nats.start()
+
+    _nats, log = _chaos(cluster, hubs, _readers(hubs), "restart", during=restart)
+    _wait(lambda: all(_reconnects(s) > n for s, n in zip(cluster.servers, reconnects, strict=True)))
+    assert all(log), f"an instance filled nothing from the log ({log})"
+
+
+def test_one_instance_cut_from_nats_mid_run(cluster: Cluster, hubs: Hubs) -> None:
+    """B's connection to NATS cut, and refused for a second: B misses what the
+    others send meanwhile, and they miss what B sends; the log fills both."""
+    connections, reconnects = cluster.proxy_b.connections, _reconnects(cluster.b)
+    _nats, log = _chaos(
+        cluster, hubs, _readers(hubs), "cut", during=lambda: cluster.proxy_b.cut(refuse_for=1.0)
+    )
+    _wait(lambda: _reconnects(cluster.b) > reconnects)
+    assert cluster.proxy_b.connections > connections
+    assert log[1] > 0, "B did not fill its gap from the log"
+
+
+def test_slow_nats_consumer_drops_and_the_log_fills(cluster: Cluster, hubs: Hubs) -> None:
+    """What NATS sends C is held back, then arrives in one burst: more than C's
+    subscriptions may hold (``SLOW_PENDING_LIMIT``), so the NATS client drops
+    the rest as a slow consumer's, and C reads them from the log."""
+    held: list[int] = []
+    dropped = cluster.c.log().count("slow consumer")
+    _nats, log = _chaos(
+        cluster,
+        hubs,
+        _readers(hubs),
+        "slow",
+        during=lambda: held.append(cluster.proxy_c.stall(until_bytes=24_000, timeout=2.0)),
+    )
+    dropped = cluster.c.log().count("slow consumer") - dropped
+    print(f"slow: {held[0]} bytes held back from C, {dropped} messages dropped")
+    assert dropped > 0, "C's subscriptions never overflowed"
+    assert log[2] > 0, "C did not fill its gap from the log"
+
+
+def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> None:
+    """An instance whose only stream carries channel a receives a's events over
+    NATS and none of b's, over NATS or from the log; the two instances with
+    no stream receive nothing at all."""
+    hubs.channel("a")
+    hubs.channel("b")
+    ids = {r["name"]: r["id"] for r in _channel_ids(database_url)}
+    on_a = hubs.open("/channels/a/stream", hubs.stream_token(hubs.admin), base=cluster.a.url)
+    on_a.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    subject_a, subject_b = f"ssehub.ev.{ids['a']}", f"ssehub.ev.{ids['b']}"
+    _wait(lambda: any(subject_a in subs for subs in cluster.nats.subscriptions()))
+
+    before = cluster.counts()
+    b_ids = [hubs.publish("b", i, base=cluster.bases[1 + i % 2]) for i in range(20)]
+    r = httpx.post(
+        f"{cluster.b.url}/channels/b/events/batch",
+        json={"events": [{"data": i} for i in range(10)]},
+        headers=hubs.admin,
+    )
+    assert r.status_code == 201, r.text
+    marker = hubs.publish("a", "marker", base=cluster.b.url)
+    assert on_a.wait_ids(1) == [marker]  # A has applied every transaction of b before it
+    time.sleep(2.5)  # a listener turn or more: the safety net reads nothing of b either
+    middle = cluster.counts()
+    assert _grown(before, middle, "nats") == [1, 0, 0], "b's events reached an instance"
+    assert _grown(before, middle, "log") == [0, 0, 0]
+    assert b_ids and not any(subject_b in subs for subs in cluster.nats.subscriptions())
+
+    a_ids = [hubs.publish("a", i, base=cluster.bases[1 + i % 2]) for i in range(20)]
+    assert on_a.wait_ids(21) == [marker, *a_ids]
+    after = cluster.counts()
+    assert _grown(middle, after, "nats") == [20, 0, 0]
+    assert _grown(middle, after, "log") == [0, 0, 0]
+
+
+def _channel_ids(database_url: str) -> list[Any]:
+    return asyncio.run(sql(database_url, "SELECT name, id FROM channels"))
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# -- ssehub serve --workers N ---------------------------------------------------
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes uvicorn spawned (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = fd.readlink().name
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _worker_of(streams: list[SseStream], port: int, workers: list[int]) -> list[int]:
+    """Which worker process holds the server side of each stream's connection."""
+    by_peer: dict[int, int] = {}  # client port -> socket inode, server side of `port`
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], int(fields[9])
+        if int(local.split(":")[1], 16) == port and inode:
+            by_peer[int(remote.split(":")[1], 16)] = inode
+    owners = {inode: pid for pid in workers for inode in _socket_inodes(pid)}
+    return [owners.get(by_peer.get(s.local_port, -1), 0) for s in streams]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("broker", ["postgres", "nats"])
+def test_workers_fan_out_and_stop_together(
+    start_server: Callable[..., Server], nats_server: NatsServer, broker: str
+) -> None:
+    """``--workers 3``: three processes on one port, each a full instance with its
+    own per-user stream limit; an event published through the port reaches the
+    streams of every worker; SIGTERM ends all of them, and their streams, in 5 s."""
+    per_user = 4
+    env = {"SSEHUB_MAX_STREAMS_PER_USER": str(per_user)}
+    if broker == "nats":
+        env |= {"SSEHUB_BROKER": "nats", "SSEHUB_NATS_URL": nats_server.url}
+    srv = start_server(workers=3, **env)
+    assert srv.process is not None
+    parent = srv.process.pid
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("news")
+    token = hubs.stream_token(hubs.admin)
+    _wait(lambda: len(_workers(parent)) == 3)
+    workers = _workers(parent)
+
+    # One user opens streams until every worker holds its limit: each connection
+    # lands on whichever worker accepts it, and is refused (429) by a full one.
+    streams: list[SseStream] = []
+    for _ in range(200):
+        if len(streams) == per_user * 3:
+            break
+        s = hubs.open("/channels/news/stream", token)
+        if s.status == 429:
+            s.close()
+            continue
+        s.wait_for(lambda st: bool(st.notices("ssehub.live")))
+        streams.append(s)
+    owners = _worker_of(streams, srv.port, workers)
+    assert sorted(owners.count(w) for w in workers) == [per_user] * 3, owners
+    extra = hubs.open("/channels/news/stream", token)  # every worker is full now
+    assert extra.status == 429
+
+    ids = [hubs.publish("news", i) for i in range(10)]  # each on whichever worker takes it
+    for s in streams:
+        assert s.wait_ids(10) == ids
+
+    took = srv.stop()
+    assert took < 5, took
+    for s in streams:
+        s.wait_for(lambda st: st.ended, timeout=2)
+    assert not [pid for pid in workers if _alive(pid)]
+    hubs.close_all()
