@@ -102,26 +102,40 @@ async def open_streams(
     sample_every: int = 20,
     headers: dict[str, str] | None = None,
     concurrency: int = 200,
-) -> list[asyncio.Transport]:
-    """Open one stream per path, ``concurrency`` at a time; wait until each has its headers."""
+    open_times: list[float] | None = None,
+) -> list[StreamProtocol]:
+    """Open one stream per path, ``concurrency`` at a time; wait until each has its headers.
+
+    ``sample_every=0`` samples no latencies (the resume scenarios' events carry no
+    publish time). ``open_times`` receives each stream's seconds from connect to
+    response headers.
+    """
     loop = asyncio.get_running_loop()
-    transports: list[asyncio.Transport] = []
+    streams: list[StreamProtocol] = []
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, path: str) -> None:
         async with gate:
             connected: asyncio.Future[bool] = loop.create_future()
             request = get_request(host, port, path, headers)
-            transport, _ = await loop.create_connection(
-                lambda: StreamProtocol(request, totals, i % sample_every == 0, connected),
-                host,
-                port,
+            sample = sample_every > 0 and i % sample_every == 0
+            began = time.monotonic()
+            _, stream = await loop.create_connection(
+                lambda: StreamProtocol(request, totals, sample, connected), host, port
             )
-            transports.append(transport)
+            streams.append(stream)
             await asyncio.wait_for(connected, 60)
+            if open_times is not None:
+                open_times.append(time.monotonic() - began)
 
     await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
-    return transports
+    return streams
+
+
+def close_streams(streams: list[StreamProtocol]) -> None:
+    for stream in streams:
+        if stream.transport is not None:
+            stream.transport.close()
 
 
 class HttpClient:
