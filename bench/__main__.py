@@ -1,4 +1,5 @@
-"""Run every scenario against ssehub and Nchan; write docs/BENCHMARKS.md.
+"""Run every scenario against ssehub and Nchan, and pgbench for the publish ceiling;
+write docs/BENCHMARKS.md.
 
     python -m bench             # the full plan (about 8 minutes on 2 cores)
     python -m bench --quick     # a smoke run with small numbers (bench/results/quick.md)
@@ -29,6 +30,7 @@ from typing import Any
 
 import uvloop
 
+from bench import pgbench
 from bench.scenarios import (
     fan_out,
     idle_memory,
@@ -43,7 +45,7 @@ from bench.targets import ROOT, Target, start
 # figures from the last run only if they are in this shape.
 RESULTS_FORMAT = 2
 
-DEFAULT_TARGETS = ["ssehub", "nchan"]
+DEFAULT_TARGETS = ["ssehub", "nchan", "pgbench"]
 TUTORIAL_TARGETS = ["baseline", "lean"]
 WITH_HISTORY = {"ssehub", "nchan"}
 
@@ -170,20 +172,25 @@ def _run_step(step: Step, name: str) -> Any:
 
 
 def run(names: list[str], plan: Plan, results: dict[str, Any]) -> None:
-    """Scenario by scenario, each target in turn."""
+    """Scenario by scenario, each target in turn; pgbench right after ssehub publishes."""
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     for name in names:
         results[name] = {}
         results.setdefault("measured_at", {})[name] = now
     for step in steps(plan):
         for name in names:
-            if not step.applies(name):
+            if name == "pgbench" or not step.applies(name):
                 continue
             value = _run_step(step, name)
             if step.key == "fan_out":
                 results[name].setdefault("fan_out", []).extend(value)
             else:
                 results[name][step.key] = value
+        if step.key == "publish" and "pgbench" in names:
+            print("[pgbench] one-row and 1,000-row inserts", flush=True)
+            began = time.monotonic()
+            results["pgbench"] = pgbench.run(plan.publish_seconds, plan.reps)
+            print(f"[pgbench]   took {time.monotonic() - began:.0f} s", flush=True)
 
 
 def main() -> None:
