@@ -114,7 +114,7 @@ def _anchor_runs(rows: Rows) -> tuple[Rows, str]:
     if len(valid) == len(rows):
         return valid, f"valid ({len(rows)}/{len(rows)})"
     faults = "; ".join(anchor_fault(r) for r in rows if anchor_fault(r))
-    return valid, f"valid in {len(valid)}/{len(rows)} ({faults})"
+    return valid, f"valid in {len(valid)}/{len(rows)}: {faults}"
 
 
 # -- the machine -----------------------------------------------------------------------
@@ -262,9 +262,9 @@ class Goals:
         mine, theirs = _median(_col(ours, key)), _median(_col(valid, key))
         ratio = _ratio(mine, theirs)
         if not valid:
-            verdict = f"n/a: Nchan's runs not valid ({note})"
+            verdict = f"n/a: Nchan no valid anchor ({note})"
         else:
-            verdict = _met(ratio <= limit) + _bound_note(ours)
+            verdict = _met(ratio, ratio <= limit) + _bound_note(ours)
         return [
             label,
             f"≤ {limit}× Nchan's",
@@ -285,7 +285,7 @@ class Goals:
             _one(mine, "/s"),
             f"Nchan {_one(ref, '/s')}",
             _times(ratio),
-            _met(ratio >= 0.6) + _bound_note(ours + theirs),
+            _met(ratio, ratio >= 0.6) + _bound_note(ours + theirs),
         ]
 
     def _storm(self) -> list[str]:
@@ -299,7 +299,7 @@ class Goals:
             _one(mine, " s", 2),
             f"Nchan {_one(_median(_col(theirs, 'seconds')), ' s', 2)} (not restarted)",
             "",
-            _met(bool(ours) and everyone and mine <= 5) + _bound_note(ours),
+            _met(mine, everyone and mine <= 5) + _bound_note(ours),
         ]
 
     def _memory(self) -> list[str]:
@@ -312,7 +312,7 @@ class Goals:
             _one(mine, " KiB", 1),
             f"Nchan {_one(ref, ' KiB', 1)}",
             _times(_ratio(mine, ref)),
-            _met(mine <= 10),
+            _met(mine, mine <= 10),
         ]
 
     def _saturation(self, row: tuple[int, float]) -> list[str]:
@@ -328,7 +328,7 @@ class Goals:
             _one(mine, "/s"),
             f"Nchan {_one(ref, '/s')}",
             _times(ratio),
-            _met(ratio >= 3) + _bound_note(ours + theirs),
+            _met(ratio, ratio >= 3) + _bound_note(ours + theirs),
         ]
 
     def _publishing(self, mode: str, limit: float, what: str) -> list[str]:
@@ -343,11 +343,14 @@ class Goals:
             _one(mine, "/s"),
             f"pgbench {_one(ref, '/s')}",
             _times(ratio),
-            _met(ratio >= limit) + _bound_note(ours),
+            _met(ratio, ratio >= limit) + _bound_note(ours),
         ]
 
 
-def _met(ok: bool) -> str:
+def _met(value: float, ok: bool) -> str:
+    """A goal's verdict; "n/a" when its figure is missing (a target not run)."""
+    if value != value:
+        return "n/a"
     return "yes" if ok else "**no**"
 
 
