@@ -285,7 +285,7 @@ class Goals:
             _one(mine, "/s"),
             f"Nchan {_one(ref, '/s')}",
             _times(ratio),
-            _met(ratio, ratio >= 0.6) + _bound_note(ours + theirs),
+            _met(ratio, ratio >= 0.6) + _bound_note(ours, theirs),
         ]
 
     def _storm(self) -> list[str]:
@@ -328,7 +328,7 @@ class Goals:
             _one(mine, "/s"),
             f"Nchan {_one(ref, '/s')}",
             _times(ratio),
-            _met(ratio, ratio >= 3) + _bound_note(ours + theirs),
+            _met(ratio, ratio >= 3) + _bound_note(ours, theirs),
         ]
 
     def _publishing(self, mode: str, limit: float, what: str) -> list[str]:
@@ -354,10 +354,14 @@ def _met(value: float, ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def _bound_note(rows: Rows) -> str:
-    if _mostly_bound(rows):
-        return " (load generator bound: may be the measurement)"
-    return ""
+def _bound_note(ours: Rows, theirs: Rows | None = None) -> str:
+    """Which side of a figure or ratio the load generator may have set."""
+    sides = [
+        name for name, rows in (("ssehub", ours), ("Nchan", theirs or [])) if _mostly_bound(rows)
+    ]
+    if not sides:
+        return ""
+    return f" ({' and '.join(sides)}: load generator bound, may be the measurement)"
 
 
 def _memory(results: dict[str, Any], plan: Any) -> list[str]:
