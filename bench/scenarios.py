@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from bench.cost import Meter
-from bench.loadgen import HttpClient, Totals, close_streams, open_streams
+from bench.loadgen import HttpClient, StreamProtocol, Totals, close_streams, open_streams
 from bench.targets import HOST, Target
 
 # Streams being opened at once (connect until response headers). The same for
@@ -247,7 +247,9 @@ async def reconnect_storm(target: Target, n: int, missed: int, reps: int) -> lis
     return rows
 
 
-async def _all_caught_up(streams: list[Any], totals: Totals, missed: int, deadline: float) -> int:
+async def _all_caught_up(
+    streams: list[StreamProtocol], totals: Totals, missed: int, deadline: float
+) -> int:
     """Wait until every stream has ``missed`` events (or the deadline); how many have."""
     while time.time() < deadline:
         if totals.events >= len(streams) * missed and all(s.events >= missed for s in streams):
