@@ -3,6 +3,10 @@
 Streams are counted, not parsed: each event carries ``"t":<publish time>``
 in its data, so counting ``"t":`` occurrences counts events, and a sample
 of streams also extracts those timestamps for publish-to-receive latency.
+Reads and bytes are counted too: events per read says how much work each
+wake-up of the generator does, so the report can tell a server that sends
+many small writes (more reads per event for the generator) from one that
+batches, and what the generator's own CPU went into (``bench.cost``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ class Totals:
     """What all streams of one run received."""
 
     events: int = 0
+    reads: int = 0  # data_received calls
+    bytes: int = 0
     connected: int = 0
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -38,6 +44,7 @@ class StreamProtocol(asyncio.Protocol):
         self.sample = sample
         self.connected = connected
         self.headers_done = False
+        self.events = 0  # this stream's own, for "has every client caught up"
         self.tail = b""
         self.transport: asyncio.Transport | None = None
 
@@ -46,6 +53,8 @@ class StreamProtocol(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        self.totals.reads += 1
+        self.totals.bytes += len(data)
         if not self.headers_done:
             self.tail += data
             if b"\r\n\r\n" not in self.tail:
@@ -64,6 +73,7 @@ class StreamProtocol(asyncio.Protocol):
         # Keep the last few bytes so a marker split across reads is still seen.
         count = chunk.count(T_FIELD) - self.tail.count(T_FIELD)
         if count:
+            self.events += count
             self.totals.events += count
             self.totals.last_event_at = time.time()
             if self.sample:
@@ -92,26 +102,40 @@ async def open_streams(
     sample_every: int = 20,
     headers: dict[str, str] | None = None,
     concurrency: int = 200,
-) -> list[asyncio.Transport]:
-    """Open one stream per path, ``concurrency`` at a time; wait until each has its headers."""
+    open_times: list[float] | None = None,
+) -> list[StreamProtocol]:
+    """Open one stream per path, ``concurrency`` at a time; wait until each has its headers.
+
+    ``sample_every=0`` samples no latencies (the resume scenarios' events carry no
+    publish time). ``open_times`` receives each stream's seconds from connect to
+    response headers.
+    """
     loop = asyncio.get_running_loop()
-    transports: list[asyncio.Transport] = []
+    streams: list[StreamProtocol] = []
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, path: str) -> None:
         async with gate:
             connected: asyncio.Future[bool] = loop.create_future()
             request = get_request(host, port, path, headers)
-            transport, _ = await loop.create_connection(
-                lambda: StreamProtocol(request, totals, i % sample_every == 0, connected),
-                host,
-                port,
+            sample = sample_every > 0 and i % sample_every == 0
+            began = time.monotonic()
+            _, stream = await loop.create_connection(
+                lambda: StreamProtocol(request, totals, sample, connected), host, port
             )
-            transports.append(transport)
+            streams.append(stream)
             await asyncio.wait_for(connected, 60)
+            if open_times is not None:
+                open_times.append(time.monotonic() - began)
 
     await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
-    return transports
+    return streams
+
+
+def close_streams(streams: list[StreamProtocol]) -> None:
+    for stream in streams:
+        if stream.transport is not None:
+            stream.transport.close()
 
 
 class HttpClient:
