@@ -20,8 +20,7 @@ from tests.support import (
     Server,
     create_database,
     drop_database,
-    make_admin,
-    truncate_all,
+    reset_database,
     unique_name,
 )
 
@@ -60,8 +59,7 @@ def clean_db(request: pytest.FixtureRequest) -> None:
     if "database_url" not in request.fixturenames:
         return
     url = request.getfixturevalue("database_url")
-    truncate_all(url)
-    make_admin(url)
+    reset_database(url)
 
 
 @pytest.fixture(scope="session")

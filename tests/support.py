@@ -8,6 +8,7 @@ port, reached over a socket.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -106,6 +107,38 @@ def make_admin(url: str, username: str = "admin", password: str = ADMIN_PASSWORD
                 await session.commit()
         finally:
             await engine.dispose()
+
+    asyncio.run(run())
+
+
+@functools.cache
+def _admin_hash() -> str:
+    """Argon2 is slow on purpose: hash the suite's admin password once, not per test."""
+    from app.auth.passwords import hash_password
+
+    return hash_password(ADMIN_PASSWORD)
+
+
+def reset_database(url: str) -> None:
+    """``truncate_all`` and ``make_admin`` in one connection, with the password
+    hashed once per run: every test starts this way, so it must be cheap."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            async with conn.transaction():
+                await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+                user_id = await conn.fetchval(
+                    "INSERT INTO users (username, password_hash, is_admin) "
+                    "VALUES ('admin', $1, true) RETURNING id",
+                    _admin_hash(),
+                )
+                await conn.execute(
+                    "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
+                    user_id,
+                )
+        finally:
+            await conn.close()
 
     asyncio.run(run())
 

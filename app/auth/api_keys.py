@@ -125,12 +125,16 @@ class ApiKeys:
         self._checked: dict[str, ApiKeyGrant] = {}
         self._used: dict[int, float] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._revocations = 0  # a look-up that a revocation overtook is not remembered
 
     async def grant(self, key: str) -> ApiKeyGrant:
         """The key's grant; 401 for a malformed, unknown or revoked key."""
         grant = self._checked.get(key)
         if grant is None:
+            revocations = self._revocations
             grant = await self._look_up(key)
+            if revocations != self._revocations:
+                grant = await self._look_up(key)  # it may be the key just revoked
             if len(self._checked) >= CACHE_SIZE:
                 self._checked.clear()
             self._checked[key] = grant
@@ -151,12 +155,14 @@ class ApiKeys:
 
     async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
         if message.get("op") == "api_key_revoked":
+            self._revocations += 1
             revoked = int(message["key_id"])
             for key, grant in list(self._checked.items()):
                 if grant.id == revoked:
                     del self._checked[key]
 
     async def resync(self, _conn: Any) -> None:
+        self._revocations += 1
         self._checked.clear()
 
     # -- last_used_at ---------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ class ExternalTokens:
         assert self._jwks is not None
         try:
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
-        except jwt.PyJWKClientConnectionError as exc:
+        except (jwt.PyJWKClientConnectionError, json.JSONDecodeError) as exc:
+            # Unreachable, or answering something that is not a key set at all.
             raise Unavailable("The identity provider's keys cannot be fetched") from exc
         except (jwt.PyJWTError, ValueError) as exc:  # no kid, unknown kid, a bad key set
             raise Unauthorized("Invalid or expired token") from exc

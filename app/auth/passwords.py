@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
 _hasher = PasswordHash((Argon2Hasher(),))
-# Verified against when the user does not exist, so an unknown name costs the
-# same time as a wrong password and the two cannot be told apart.
-_DUMMY_HASH = _hasher.hash("ssehub-timing-equaliser")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so an unknown name costs the
+    same time as a wrong password and the two cannot be told apart. Made on first
+    use, not at import: every process (each CLI command) would pay for it."""
+    return _hasher.hash("ssehub-timing-equaliser")
 
 
 def hash_password(password: str) -> str:
@@ -16,4 +23,4 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password: str, password_hash: str | None) -> bool:
-    return _hasher.verify(password, password_hash or _DUMMY_HASH) and password_hash is not None
+    return _hasher.verify(password, password_hash or _dummy_hash()) and password_hash is not None

@@ -11,7 +11,10 @@ retried only when the connection failed before anything was sent.
 when the connection drops it reconnects with backoff and ``Last-Event-ID``,
 so the events go on with no gap and no duplicate (the server guarantees
 "everything after the last id I saw"). A refused stream (401, 403, 404) raises
-``SsehubError`` instead of retrying forever.
+``SsehubError`` instead of retrying forever. One case it cannot cover: a
+stream opened without ``last_event_id`` that drops before its first event has
+no position yet, and goes on live from its reconnection; pass a position
+(``0``: all retained history) where that matters.
 
 Credentials: an API key (``ssehub_...``: publishing and history) or a token
 (an access token, for everything a user may do, streams included). ``token``
