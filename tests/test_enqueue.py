@@ -173,7 +173,9 @@ async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
         await enqueue(app, "orders", {"u": "never-2"})
         await rolled.rollback()
         # Two transactions interleaved, an API publish between them: each keeps
-        # its own calls adjacent and in order; the one that commits first goes first.
+        # its own calls adjacent and in order. Which of the two goes first is not
+        # promised (a mover that runs after both committed takes them in the order
+        # of their first call).
         first, second = app.transaction(), other.transaction()
         await first.start()
         await second.start()
@@ -192,9 +194,11 @@ async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
         await other.close()
     history = hub.history("orders")
     marks = [e["data"]["u"] for e in history]
-    assert marks == ["a", "b", "c", "api", "y1", "y2", "x1", "x2", "x3"]
+    assert marks[:4] == ["a", "b", "c", "api"]
+    assert marks[4:] in (["y1", "y2", "x1", "x2", "x3"], ["x1", "x2", "x3", "y1", "y2"])
     ids = [e["id"] for e in history]
-    for start, length in ((0, 3), (4, 2), (6, 3)):  # each transaction's ids are consecutive
+    runs = ((0, 3), (4, 2), (6, 3)) if marks[4] == "y1" else ((0, 3), (4, 3), (7, 2))
+    for start, length in runs:  # each transaction's ids are consecutive
         assert ids[start : start + length] == list(range(ids[start], ids[start] + length))
     assert [e["type"] for e in history[:3]] == ["order.paid", "order.paid", "order.shipped"]
     assert all(e["channel"] == "orders" for e in history)
