@@ -107,7 +107,7 @@ class Event(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # No foreign key (its trigger ran per event): publishing locks the channel's row
     # instead, and a trigger on channels deletes a deleted channel's events
-    # (migration 0008).
+    # (migration 0004).
     channel_id: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[str] = mapped_column(Text)  # compact JSON text, spliced into frames as is

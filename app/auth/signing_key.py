@@ -6,7 +6,7 @@ forgotten ``.env``, a generated development key) answers the others' tokens
 with 401, and they answer its tokens the same: a client's token then works or
 fails at random, depending on which instance the balancer picks, and no log
 line says why. So every instance (every process, whatever started it) keeps a
-fingerprint of its key in ``signing_keys`` (migration 0005), refreshed every
+fingerprint of its key in ``signing_keys`` (migration 0004), refreshed every
 ``REFRESH_SECONDS`` while it runs, and refuses to start while a different
 fingerprint was seen within ``FRESH_SECONDS``.
 

@@ -1,6 +1,6 @@
 """Publishing from the application's own transaction: moving ``ssehub_enqueue``'s rows.
 
-``ssehub_enqueue`` (migration 0007) runs in the application's transaction:
+``ssehub_enqueue`` (migration 0004) runs in the application's transaction:
 it validates, writes one row to ``ssehub_inbox`` tagged with that
 transaction's id, and notifies ``ssehub_inbox``, which Postgres delivers only
 if the transaction commits. It takes no lock anybody else waits for, so a

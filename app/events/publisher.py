@@ -15,7 +15,7 @@ at the top. "Everything above the last id I saw" is therefore a complete cursor.
 much as possible: requests that arrive while a transaction is in flight are
 coalesced into the next one. And each transaction is one round trip on the
 writer's own connection: the database function ``ssehub_publish_as``
-(migration 0006) checks every request's caller (an admin or an API key that
+(migration 0004) checks every request's caller (an admin or an API key that
 still exists) and channel, takes the lock, draws the ids, inserts the rows
 that pass and sends one NOTIFY that wakes every instance's broker; the
 statement's implicit transaction commits as it returns. The writer itself
@@ -81,7 +81,7 @@ WRITE_TIMEOUT_SECONDS = 10.0
 MAX_EVENTS_PER_TRANSACTION = 1000
 WRITER_NAME = "ssehub-writer"
 
-# The function (migrations/versions/0006) checks each row's caller and channel,
+# The function (migrations/versions/0004) checks each row's caller and channel,
 # takes the lock, draws the ids in request order, inserts and notifies: one round
 # trip, committed when the statement ends. One status per row, in row order.
 _PUBLISH = (

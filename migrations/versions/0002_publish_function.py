@@ -20,9 +20,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def upgrade() -> None:
-    op.execute(
-        """
+# The function, as a constant: a later migration restores it on its way down.
+PUBLISH = """
 CREATE FUNCTION ssehub_publish(
     p_channel_ids bigint[], p_types text[], p_datas text[], p_keys text[]
 ) RETURNS TABLE (
@@ -51,7 +50,10 @@ BEGIN
 END
 $$
 """
-    )
+
+
+def upgrade() -> None:
+    op.execute(PUBLISH)
 
 
 def downgrade() -> None:

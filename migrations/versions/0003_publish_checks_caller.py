@@ -23,9 +23,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def upgrade() -> None:
-    op.execute(
-        """
+# The function, as a constant: a later migration restores it on its way down.
+PUBLISH_AS = """
 CREATE FUNCTION ssehub_publish_as(
     p_user_ids bigint[], p_channels text[], p_types text[], p_datas text[], p_keys text[]
 ) RETURNS TABLE (
@@ -91,7 +90,10 @@ BEGIN
 END
 $$
 """
-    )
+
+
+def upgrade() -> None:
+    op.execute(PUBLISH_AS)
 
 
 def downgrade() -> None:

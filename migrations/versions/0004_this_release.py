@@ -1,42 +1,124 @@
-"""Appending without a foreign-key check per event; the log's previous head
+"""This release's schema: hardening, your application's identities, publishing from SQL
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-02
 
-- ``events.channel_id`` loses its foreign key: its trigger ran once per
-  inserted row, about a third of a 1,000-event batch's time in Postgres. What
-  it guaranteed is kept another way: publishing locks the channel rows it
-  writes to (``FOR KEY SHARE``, once per transaction), so deleting a channel
-  waits for the publishes in flight, and a statement trigger on ``channels``
-  deletes a deleted channel's events (also when a user's deletion cascades to
-  its personal channel).
-- ``ssehub_append`` also returns ``tx_prev``: the highest id in the log when
-  the append began, under the publish lock. Every id up to it is committed,
-  so an instance whose broker has delivered exactly up to ``tx_prev`` may hand
-  the new events to its streams at once (app/realtime/broker.py, ``committed``).
+- ``idempotency_keys``: a used key with a copy of the event it answers with,
+  expired by age alone (app/events/retention.py), so a key outlives an event
+  retention removed sooner. ``events.idempotency_key`` goes.
+- ``signing_keys``: a one-way fingerprint of each running instance's signing
+  key (app/auth/signing_key.py): instances with different keys refuse to start.
+- ``users.external_subject`` and ``external_tombstones``: users created from
+  the identity provider's tokens (app/auth/external.py).
+- ``channels.owner_id``: a personal channel ``@USERNAME`` per user, created
+  with it and deleted with it; one for every existing user.
+- ``api_keys``: backend publishers' keys, kept only as a hash (app/auth/api_keys.py).
+- ``ssehub_inbox`` and ``ssehub_config``, ``ssehub_enqueue()``,
+  ``ssehub_compact_json()`` and ``ssehub_move_inbox()``: publishing from the
+  application's own transaction (app/events/inbox.py says why nothing is lost,
+  duplicated or reordered).
+- ``events.channel_id`` loses its foreign key, whose trigger ran once per
+  inserted event (a third of a 1,000-event batch's time in Postgres).
+  Publishing locks the channel rows it writes to (``FOR KEY SHARE``, once per
+  transaction), so deleting a channel waits for the publishes in flight, and
+  a statement trigger on ``channels`` deletes a deleted channel's events.
+- ``ssehub_append()``: the one insert both publishing paths share (ids in row
+  order under the publish lock, idempotency keys, the NOTIFY, and ``tx_prev``,
+  the log's head before it). ``ssehub_publish_as()`` takes the caller as a user
+  or an API key, checks rights before it takes the lock, and answers a
+  duplicate key in the same statement. ``ssehub_publish()`` (0002) goes: all
+  instances must run this release once it is migrated.
+- ``channels.pruned_through`` gets an index: every read of the log asks which
+  channels were pruned past a position.
 """
 
 from collections.abc import Sequence
+from importlib import util
+from pathlib import Path
+from typing import Any
 
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _load(name: str):  # type: ignore[no-untyped-def]
-    from importlib import util
-    from pathlib import Path
+def _sql(statement: str) -> None:
+    """As the driver's own SQL: function bodies hold colons that are not bind
+    parameters, and asyncpg prepares one statement per call."""
+    op.get_bind().exec_driver_sql(statement)
 
+
+def _previous(name: str) -> Any:
+    """An earlier migration's module, for the functions it created."""
     spec = util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     assert spec and spec.loader
     module = util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
+
+TABLES = (
+    """CREATE TABLE idempotency_keys (
+    channel_id bigint NOT NULL REFERENCES channels (id) ON DELETE CASCADE,
+    key varchar(200) NOT NULL,
+    event_id bigint NOT NULL,
+    type varchar(64) NOT NULL,
+    data text NOT NULL,
+    published_at timestamptz NOT NULL,
+    PRIMARY KEY (channel_id, key)
+)""",
+    "CREATE INDEX ix_idempotency_keys_published_at ON idempotency_keys (published_at)",
+    """INSERT INTO idempotency_keys (channel_id, key, event_id, type, data, published_at)
+SELECT channel_id, idempotency_key, id, type, data, published_at
+FROM events WHERE idempotency_key IS NOT NULL""",
+    "DROP INDEX uq_events_channel_idempotency_key",
+    "DROP FUNCTION ssehub_publish(bigint[], text[], text[], text[])",
+    "DROP FUNCTION ssehub_publish_as(bigint[], text[], text[], text[], text[])",
+    "ALTER TABLE events DROP COLUMN idempotency_key",
+    "ALTER TABLE events DROP CONSTRAINT events_channel_id_fkey",
+    "CREATE INDEX ix_channels_pruned_through ON channels (pruned_through)",
+    """CREATE TABLE signing_keys (
+    fingerprint text PRIMARY KEY,
+    last_seen_at timestamptz NOT NULL
+)""",
+    "ALTER TABLE users ALTER COLUMN password_hash DROP NOT NULL",
+    "ALTER TABLE users ADD COLUMN external_subject text",
+    "CREATE UNIQUE INDEX uq_users_external_subject ON users (external_subject)",
+    """CREATE TABLE external_tombstones (
+    subject text PRIMARY KEY,
+    deleted_at timestamptz NOT NULL DEFAULT now()
+)""",
+    "ALTER TABLE channels ALTER COLUMN name TYPE varchar(65)",
+    "ALTER TABLE channels ADD COLUMN owner_id bigint REFERENCES users (id) ON DELETE CASCADE",
+    "CREATE UNIQUE INDEX uq_channels_owner_id ON channels (owner_id)",
+    """INSERT INTO channels (name, private, owner_id)
+SELECT '@' || username, true, id FROM users ON CONFLICT (name) DO NOTHING""",
+    """CREATE TABLE api_keys (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    name varchar(100) NOT NULL,
+    publish text[] NOT NULL,
+    prefix varchar(32) NOT NULL,
+    secret_hash bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz
+)""",
+    "CREATE UNIQUE INDEX uq_api_keys_prefix ON api_keys (prefix)",
+    """CREATE TABLE ssehub_inbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    channel_id bigint NOT NULL,
+    type varchar(64) NOT NULL,
+    data text NOT NULL,
+    idempotency_key varchar(200),
+    enqueued_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)""",
+    "CREATE INDEX ix_ssehub_inbox_txid ON ssehub_inbox (txid)",
+    "CREATE TABLE ssehub_config (name text PRIMARY KEY, value text NOT NULL)",
+)
 
 APPEND = """
 CREATE FUNCTION ssehub_append(
@@ -167,6 +249,62 @@ END
 $$
 """
 
+COMPACT = """
+CREATE FUNCTION ssehub_compact_json(j jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+-- jsonb as compact JSON text, as the server stores what it is sent: jsonb's own
+-- output puts a space after every ':' and ','.
+SELECT CASE jsonb_typeof(j)
+    WHEN 'object' THEN '{' || coalesce((
+        SELECT string_agg(to_json(e.k)::text || ':' || ssehub_compact_json(e.v), ',' ORDER BY e.o)
+        FROM jsonb_each(j) WITH ORDINALITY AS e(k, v, o)), '') || '}'
+    WHEN 'array' THEN '[' || coalesce((
+        SELECT string_agg(ssehub_compact_json(e.v), ',' ORDER BY e.o)
+        FROM jsonb_array_elements(j) WITH ORDINALITY AS e(v, o)), '') || ']'
+    ELSE j::text
+END
+$$
+"""
+
+ENQUEUE = """
+CREATE FUNCTION ssehub_enqueue(
+    channel text, type text, data jsonb, idempotency_key text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+-- Called in the application's transaction: validate, write one inbox row, notify
+-- at commit. No lock anybody waits for (see the migration's docstring).
+DECLARE
+    cid bigint;
+    compact text;
+    max_bytes integer;
+BEGIN
+    IF type IS NULL OR type !~ '^[A-Za-z0-9.:_-]{1,64}$' OR type LIKE 'ssehub.%' THEN
+        RAISE EXCEPTION 'invalid event type %: 1-64 of A-Z a-z 0-9 . _ : -, not beginning with ssehub.',
+            coalesce(quote_literal(type), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF idempotency_key IS NOT NULL AND (btrim(idempotency_key) = '' OR length(idempotency_key) > 200) THEN
+        RAISE EXCEPTION 'invalid idempotency key: 1-200 characters' USING ERRCODE = '22023';
+    END IF;
+    IF data IS NULL THEN
+        RAISE EXCEPTION 'data must not be NULL (use ''null''::jsonb)' USING ERRCODE = '22023';
+    END IF;
+    SELECT c.id INTO cid FROM channels c WHERE c.name = channel;
+    IF cid IS NULL THEN
+        RAISE EXCEPTION 'unknown channel %', quote_literal(channel) USING ERRCODE = 'P0002';
+    END IF;
+    compact := ssehub_compact_json(data);
+    SELECT value::integer INTO max_bytes FROM ssehub_config WHERE name = 'max_event_bytes';
+    IF octet_length(compact) > coalesce(max_bytes, 65536) THEN
+        RAISE EXCEPTION 'data is % bytes as compact JSON; the limit is %',
+            octet_length(compact), coalesce(max_bytes, 65536) USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO ssehub_inbox (channel_id, type, data, idempotency_key)
+    VALUES (cid, type, compact, idempotency_key);
+    PERFORM pg_notify('ssehub_inbox', '');
+END
+$$
+"""
+
 MOVE_INBOX = """
 CREATE FUNCTION ssehub_move_inbox(p_limit integer) RETURNS TABLE (
     moved_taken integer, moved_id bigint, moved_channel_id bigint, moved_channel text,
@@ -236,40 +374,51 @@ $$
 """
 
 
-def _sql(statement: str) -> None:
-    op.get_bind().exec_driver_sql(statement)
-
-
 def upgrade() -> None:
-    for statement in (
-        "ALTER TABLE events DROP CONSTRAINT events_channel_id_fkey",
-        "DROP FUNCTION ssehub_move_inbox(integer)",
-        "DROP FUNCTION ssehub_publish_as(bigint[], bigint[], text[], text[], text[], text[])",
-        "DROP FUNCTION ssehub_append(bigint[], text[], text[], text[])",
-        APPEND,
-        PUBLISH_AS,
-        MOVE_INBOX,
-        DELETE_EVENTS,
+    for statement in (*TABLES, APPEND, PUBLISH_AS, COMPACT, ENQUEUE, MOVE_INBOX, DELETE_EVENTS):
+        _sql(statement)
+    _sql(
         "CREATE TRIGGER ssehub_channels_deleted AFTER DELETE ON channels "
         "REFERENCING OLD TABLE AS gone FOR EACH STATEMENT "
-        "EXECUTE FUNCTION ssehub_channels_deleted()",
-    ):
-        _sql(statement)
+        "EXECUTE FUNCTION ssehub_channels_deleted()"
+    )
+    # Callable only by roles granted it (ssehub grant-publisher), not by PUBLIC.
+    _sql("REVOKE ALL ON FUNCTION ssehub_enqueue(text, text, jsonb, text) FROM PUBLIC")
 
 
 def downgrade() -> None:
-    previous = _load("0007_enqueue")
     for statement in (
         "DROP TRIGGER ssehub_channels_deleted ON channels",
         "DROP FUNCTION ssehub_channels_deleted()",
         "DROP FUNCTION ssehub_move_inbox(integer)",
+        "DROP FUNCTION ssehub_enqueue(text, text, jsonb, text)",
+        "DROP FUNCTION ssehub_compact_json(jsonb)",
         "DROP FUNCTION ssehub_publish_as(bigint[], bigint[], text[], text[], text[], text[])",
         "DROP FUNCTION ssehub_append(bigint[], text[], text[], text[])",
-        previous.APPEND,
-        previous.PUBLISH_AS,
-        previous.MOVE_INBOX,
+        "DROP TABLE ssehub_config",
+        "DROP TABLE ssehub_inbox",
+        "DROP TABLE api_keys",
+        "DELETE FROM channels WHERE owner_id IS NOT NULL",
+        "DROP INDEX uq_channels_owner_id",
+        "ALTER TABLE channels DROP COLUMN owner_id",
+        "ALTER TABLE channels ALTER COLUMN name TYPE varchar(64)",
+        "DROP TABLE external_tombstones",
+        "DROP INDEX uq_users_external_subject",
+        "ALTER TABLE users DROP COLUMN external_subject",
+        "DELETE FROM users WHERE password_hash IS NULL",
+        "ALTER TABLE users ALTER COLUMN password_hash SET NOT NULL",
+        "DROP TABLE signing_keys",
+        "DROP INDEX ix_channels_pruned_through",
         "DELETE FROM events e WHERE NOT EXISTS (SELECT 1 FROM channels c WHERE c.id = e.channel_id)",
         "ALTER TABLE events ADD CONSTRAINT events_channel_id_fkey FOREIGN KEY (channel_id) "
         "REFERENCES channels (id) ON DELETE CASCADE",
+        "ALTER TABLE events ADD COLUMN idempotency_key varchar(200)",
+        """UPDATE events e SET idempotency_key = ik.key
+FROM idempotency_keys ik WHERE ik.event_id = e.id AND ik.channel_id = e.channel_id""",
+        "CREATE UNIQUE INDEX uq_events_channel_idempotency_key ON events (channel_id, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL",
+        "DROP TABLE idempotency_keys",
+        _previous("0003_publish_checks_caller").PUBLISH_AS,
+        _previous("0002_publish_function").PUBLISH,
     ):
         _sql(statement)
