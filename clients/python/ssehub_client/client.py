@@ -102,6 +102,24 @@ def _backoff(attempt: int, retry_after: str | None = None) -> float:
     return base * (0.5 + random.random())  # jitter, not secrecy
 
 
+def _retry_after_error(exc: httpx.TransportError, attempt: int, retries: int, safe: bool) -> float:
+    """How long to wait before retrying after a lost connection; re-raises when
+    it must not be retried: no attempts left, or a request that is not safe to
+    repeat (no idempotency key) and may have reached the server."""
+    if attempt == retries or not (safe or isinstance(exc, httpx.ConnectError)):
+        raise exc
+    return _backoff(attempt)
+
+
+def _retry_after_response(
+    response: httpx.Response, attempt: int, retries: int, safe: bool
+) -> float | None:
+    """How long to wait before retrying this answer, or None to take it as it is."""
+    if response.status_code in RETRY_STATUSES and safe and attempt < retries:
+        return _backoff(attempt, response.headers.get("retry-after"))
+    return None
+
+
 def _checked(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         try:
@@ -204,20 +222,17 @@ class Client(_Base):
         self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
     ) -> Any:
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
             try:
                 response = self.http.request(
                     method, path, json=body, headers={**headers, **self._auth()}
                 )
             except httpx.TransportError as exc:
-                if last or not (safe or isinstance(exc, httpx.ConnectError)):
-                    raise
-                time.sleep(_backoff(attempt))
+                time.sleep(_retry_after_error(exc, attempt, self.retries, safe))
                 continue
-            if response.status_code in RETRY_STATUSES and safe and not last:
-                time.sleep(_backoff(attempt, response.headers.get("retry-after")))
-                continue
-            return _checked(response)
+            delay = _retry_after_response(response, attempt, self.retries, safe)
+            if delay is None:
+                return _checked(response)
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
     def stream(
@@ -322,20 +337,17 @@ class AsyncClient(_Base):
         self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
     ) -> Any:
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
             try:
                 response = await self.http.request(
                     method, path, json=body, headers={**headers, **await self._auth()}
                 )
             except httpx.TransportError as exc:
-                if last or not (safe or isinstance(exc, httpx.ConnectError)):
-                    raise
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(_retry_after_error(exc, attempt, self.retries, safe))
                 continue
-            if response.status_code in RETRY_STATUSES and safe and not last:
-                await asyncio.sleep(_backoff(attempt, response.headers.get("retry-after")))
-                continue
-            return _checked(response)
+            delay = _retry_after_response(response, attempt, self.retries, safe)
+            if delay is None:
+                return _checked(response)
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def stream(
