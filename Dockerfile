@@ -5,7 +5,9 @@ RUN python -m venv /opt/ssehub
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations
-RUN /opt/ssehub/bin/pip install --no-cache-dir .
+COPY clients/python ./clients/python
+# The client too: `ssehub publish` and `ssehub tail` are its commands.
+RUN /opt/ssehub/bin/pip install --no-cache-dir ./clients/python .
 
 # Run: the virtualenv, the migrations, an unprivileged user.
 FROM python:3.11-slim
