@@ -51,8 +51,10 @@ import platform
 import random
 import re
 import resource
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -107,8 +109,11 @@ class Plan:
     fanout_seconds: float = 5
     reps: int = 2
     publish_seconds: float = 5
+    # One rerun of k = high_rate_k at this rate (events/s): how reads coalesce.
+    high_rate: float = 1000
+    high_rate_k: int = 4
     personal_channels: int = 500
-    personal_rate: float = 500
+    personal_rates: list[float] = field(default_factory=lambda: [500, 2000])
     nats_messages: int = 200_000
     nats_size: int = 200  # bytes: about an event's message on ``ssehub.ev.<id>``
 
@@ -126,8 +131,10 @@ QUICK = Plan(
     fanout_seconds=2,
     reps=1,
     publish_seconds=2,
+    high_rate=100,
+    high_rate_k=2,
     personal_channels=50,
-    personal_rate=50,
+    personal_rates=[50, 100],
     nats_messages=20_000,
 )
 
@@ -491,12 +498,12 @@ async def publish_paced(
 ) -> int:
     """``rate`` single publishes a second for ``seconds``: event n to channel n mod
     len(channels), through an instance drawn (seeded) from ``publishers``, so the
-    committer is not tied to the channel. Four keep-alive connections per
+    committer is not tied to the channel. Eight keep-alive connections per
     instance; not waiting for one answer before the next is due."""
     free: dict[int, asyncio.Queue[HttpClient]] = {}
     for i in publishers:
         free[i] = asyncio.Queue()
-        for _ in range(4):
+        for _ in range(8):
             free[i].put_nowait(cluster.instances[i].client())
     chooser = random.Random(13)
     sent = 0
@@ -641,6 +648,18 @@ def run_cluster(plan: Plan, brokers: list[str], ks: list[int]) -> list[dict[str,
                     rows.append(row)
             finally:
                 cluster.stop()
+        if plan.high_rate_k in ks:
+            k = plan.high_rate_k
+            print(f"  [{broker}] k={k} at {plan.high_rate:g} events/s: starting", flush=True)
+            cluster = start_cluster(broker, k, channels)
+            try:
+                row = asyncio.run(
+                    measure_variant(cluster, "all", channels, plan, plan.high_rate, list(range(k)))
+                )
+                print(_describe(row), flush=True)
+                rows.append(row)
+            finally:
+                cluster.stop()
     return rows
 
 
@@ -651,26 +670,27 @@ def run_personal(plan: Plan, brokers: list[str]) -> list[dict[str, Any]]:
         print(f"  [{broker}] personal channels: starting", flush=True)
         cluster = start_cluster(broker, 2, channels)
         try:
-            row = asyncio.run(
-                measure_variant(cluster, "personal", channels, plan, plan.personal_rate, [0])
-            )
-            # The receiver alone: instance 1 publishes nothing and carries every stream.
-            run, idle = row["run"]["instances"][1], row["idle"]["instances"][1]
-            scale = row["run"]["wall_s"] / max(1e-6, row["idle"]["wall_s"])
-            cpu = run["cpu_s"] - idle["cpu_s"] * scale
-            row["receiver_cpu_us_per_event"] = 1e6 * cpu / max(1.0, row["published"])
-            pub_run, pub_idle = row["run"]["instances"][0], row["idle"]["instances"][0]
-            pub_cpu = pub_run["cpu_s"] - pub_idle["cpu_s"] * scale
-            row["publisher_cpu_us_per_event"] = 1e6 * pub_cpu / max(1.0, row["published"])
-            print(
-                _describe(row) + f"; receiver {row['receiver_cpu_us_per_event']:.0f} us/event,"
-                f" publisher {row['publisher_cpu_us_per_event']:.0f} us/event",
-                flush=True,
-            )
-            rows.append(row)
+            for rate in plan.personal_rates:
+                rows.append(_personal(cluster, channels, plan, rate))
         finally:
             cluster.stop()
     return rows
+
+
+def _personal(cluster: Cluster, channels: list[str], plan: Plan, rate: float) -> dict[str, Any]:
+    """Publishes through instance 0 only; instance 1 carries one stream per channel."""
+    row = asyncio.run(measure_variant(cluster, "personal", channels, plan, rate, [0]))
+    scale = row["run"]["wall_s"] / max(1e-6, row["idle"]["wall_s"])
+    for name, i in (("receiver", 1), ("publisher", 0)):
+        run, idle = row["run"]["instances"][i], row["idle"]["instances"][i]
+        cpu = run["cpu_s"] - idle["cpu_s"] * scale
+        row[f"{name}_cpu_us_per_event"] = 1e6 * cpu / max(1.0, row["published"])
+    print(
+        _describe(row) + f"; receiver {row['receiver_cpu_us_per_event']:.0f} us/event,"
+        f" publisher {row['publisher_cpu_us_per_event']:.0f} us/event",
+        flush=True,
+    )
+    return row
 
 
 # -- one process ---------------------------------------------------------------------
@@ -942,6 +962,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1})
     uvloop.install()
+    postmaster()  # found once, outside any event loop
     plan = QUICK if args.quick else Plan()
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
@@ -950,6 +971,7 @@ def main() -> None:
     results.setdefault("phases", {})
     brokers = args.broker or BROKERS
     ks = args.k or plan.ks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     RUNNING.write_text(f"{os.getpid()}\n")
     try:
         for phase in args.only or PHASES:
@@ -966,13 +988,11 @@ def main() -> None:
             if phase == "cluster":
                 rows = run_cluster(plan, brokers, ks)
                 old = results["phases"].get("cluster", {}).get("value", [])
-                keep = [
-                    r
-                    for r in old
-                    if (r["broker"], r["k"]) not in {(x["broker"], x["k"]) for x in rows}
-                ]
+                redone = {(x["broker"], x["k"], x["rate"]) for x in rows}
+                keep = [r for r in old if (r["broker"], r["k"], r["rate"]) not in redone]
                 value: Any = sorted(
-                    keep + rows, key=lambda r: (BROKERS.index(r["broker"]), r["k"], r["variant"])
+                    keep + rows,
+                    key=lambda r: (BROKERS.index(r["broker"]), r["rate"], r["k"], r["variant"]),
                 )
                 entry = {"value": value}
             elif phase == "personal":
