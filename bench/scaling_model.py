@@ -59,7 +59,7 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def units(results: dict[str, Any]) -> dict[str, Any]:
+def units(results: dict[str, Any], per_stream_rate: float) -> dict[str, Any]:
     """The per-unit costs, each with its source."""
     phases = results["phases"]
     u: dict[str, Any] = {}
@@ -74,23 +74,21 @@ def units(results: dict[str, Any]) -> dict[str, Any]:
         f"kernel slab + TCP buffers per idle connection at {kernel['n']:,} (estimate)",
     )
 
+    # Per delivery: a stream receiving events r/s apart gets one socket write per
+    # event; at saturation several events share a write. The row at the planned
+    # rate per stream is the one the plan uses.
     fan = phases["fanout"]["value"]
-    top_rate = max(r["rate"] for r in fan)
-    saturated = [r for r in fan if r["rate"] == top_rate]
-    light = [r for r in fan if r["rate"] != top_rate]
-    n = saturated[0]["n"]
-    u["delivery_us"] = (
-        _median([r["cpu_us_per_delivery"] for r in saturated]),
-        f"server CPU / deliveries, one channel to {n:,} streams at {top_rate:g} events/s",
-    )
-    u["deliveries_per_s"] = (
-        _median([r["delivered_per_s"] for r in saturated]),
-        f"deliveries/s reached by one process at {n:,} x {top_rate:g}/s offered",
-    )
-    if light:
-        u["delivery_us_light"] = (
-            _median([r["cpu_us_per_delivery"] for r in light]),
-            f"the same at {light[0]['rate']:g} events/s (not saturated)",
+    rates = sorted({r["rate"] for r in fan})
+    planned = min(rates, key=lambda x: abs(math.log(x / per_stream_rate)))
+    n = fan[0]["n"]
+    for name, rate in (("delivery_us", planned), ("delivery_us_saturated", rates[-1])):
+        rows = [r for r in fan if r["rate"] == rate]
+        u[name] = (
+            _median([r["cpu_us_per_delivery"] for r in rows]),
+            f"server CPU / deliveries, one channel to {n:,} streams at {rate:g} events/s"
+            f" ({_median([r['delivered_per_s'] for r in rows]):,.0f} deliveries/s,"
+            f" {_median([r['server_cpu_pct'] for r in rows]):.0f}% of a core,"
+            f" {_median([r['events_per_read'] for r in rows]):.1f} events per read)",
         )
 
     pub = phases["publish"]["value"]
@@ -364,6 +362,39 @@ def plan(u: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return out
 
 
+def tables(results: dict[str, Any]) -> list[str]:
+    """The k-instance figures as Markdown tables, one per broker (docs/SCALING.md)."""
+    out: list[str] = []
+    rows = results["phases"]["cluster"]["value"]
+    for broker in ("postgres", "nats"):
+        out.append(f"### SSEHUB_BROKER={broker}")
+        out.append("")
+        out.append(
+            "| k | streams on | events/s | delivered | Postgres xacts | `events` rows fetched"
+            " | log rows read | Postgres CPU µs | its backends µs | NATS msgs in / out"
+            " | NATS bytes out | instances CPU µs | p50 / p99 ms |"
+        )
+        out.append("| " + " | ".join(["---"] * 13) + " |")
+        for r in rows:
+            if r["broker"] != broker:
+                continue
+            e = r["per_event_net"]
+            nats = (
+                f"{e['nats_in_msgs']:.2f} / {e['nats_out_msgs']:.2f}" if broker == "nats" else "–"
+            )
+            nats_bytes = f"{e['nats_out_bytes']:.0f}" if broker == "nats" else "–"
+            flag = " ⚠" if r["disturbed"] else ""
+            out.append(
+                f"| {r['k']} | {r['variant']} | {r['rate']:g} | {r['pct_delivered']:.1f}%{flag}"
+                f" | {e['pg_db_xact_commit']:.2f} | {e['pg_events_idx_tup_fetch']:.2f}"
+                f" | {e['log_rows']:.2f} | {e['pg_cpu_us']:,.0f} | {e['pg_backends_cpu_us']:,.0f}"
+                f" | {nats} | {nats_bytes} | {e['instances_cpu_us']:,.0f}"
+                f" | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} |"
+            )
+        out.append("")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scaling_model")
     parser.add_argument("--streams", type=float, default=1_000_000)
@@ -378,9 +409,13 @@ def main() -> None:
     parser.add_argument("--nats-node-cores", type=int, default=8)
     parser.add_argument("--pg-cores", type=int, default=16)
     parser.add_argument("--pool", type=int, default=20, help="SSEHUB_DB_POOL_SIZE")
+    parser.add_argument("--tables", action="store_true", help="print the k-instance tables")
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
-    print("\n".join(plan(units(results), args)))
+    if args.tables:
+        print("\n".join(tables(results)))
+        return
+    print("\n".join(plan(units(results, args.rate), args)))
 
 
 if __name__ == "__main__":
