@@ -180,8 +180,17 @@ def carried(k: int, m: float) -> float:
 
 
 def instances_needed(
-    u: dict[str, Any], broker: str, streams: float, rate: float, m: float, headroom: float
+    u: dict[str, Any],
+    broker: str,
+    streams: float,
+    rate: float,
+    m: float,
+    headroom: float,
+    affinity: bool = False,
 ) -> dict[str, Any]:
+    """The smallest k that keeps every instance within ``headroom``. With
+    ``affinity`` (NATS only) a channel's streams are routed to as few instances
+    as hold them (a load balancer hashing on the channel), not spread at random."""
     deliveries = streams * rate
     events = deliveries / m
     d = u["delivery_us"][0]
@@ -197,7 +206,12 @@ def instances_needed(
         }
     k = max(1, math.ceil((deliveries * d + events * p) / budget))
     for _ in range(100000):
-        intake = events if broker == "postgres" else events * carried(k, m)
+        if broker == "postgres":
+            intake = events
+        elif affinity:
+            intake = events / k * math.ceil(m / (streams / k))
+        else:
+            intake = events * carried(k, m)
         cpu = (deliveries * d + events * p) / k + intake * e
         if cpu <= budget:
             return {"k": k, "cpu_share": cpu / 1e6, "publish_mode": mode, "intake": intake}
@@ -249,24 +263,32 @@ def plan(u: dict[str, Any], args: argparse.Namespace) -> list[str]:
     ]
     shapes.append(("personal channels (one stream each)", 1))
     c1, cb = u["ceiling_single"][0], u["ceiling_batch"][0]
+    # The lock's ceiling: one writer leaves it idle while its instance parses the
+    # next batch; two writers keep it busy (measured), so the larger figure.
+    lock = max(cb, u.get("ceiling_batch_two_writers", (0.0, ""))[0])
     for name, m in shapes:
         E = D / m
         say(f"## Shape: {name} (m = {m:,.0f})")
         say(f"- publishes: {E:,.0f} events/s into {S / m:,.0f} channel(s)")
         if c1 >= E:
-            verdict = f"within the single-publish ceiling ({c1:,.0f}/s): {E / c1:.1%} of it"
-        elif cb >= E:
+            verdict = f"within what one instance publishes as singles ({c1:,.0f}/s): {E / c1:.1%}"
+        elif lock >= E:
             verdict = (
-                f"above singles ({c1:,.0f}/s): needs batches; {E / cb:.0%} of the batch ceiling"
+                f"{E / lock:.0%} of the lock's ceiling ({lock:,.0f}/s, measured with batches);"
+                f" singles beyond {c1:,.0f}/s need several instances' writers or batches"
             )
         else:
             verdict = (
-                f"{E / cb:,.0f}x the one-writer ceiling ({cb:,.0f}/s in batches): "
-                "does not fit one ordered log: shard it (docs/SCALING.md)"
+                f"{E / lock:,.0f}x the one-lock ceiling ({lock:,.0f}/s): does not fit one"
+                " ordered log at any k: shard it (docs/SCALING.md)"
             )
         say(f"- the one ordered writer: {verdict}")
         mode = "single" if c1 >= E else "batch"
         pg_write = E * u[f"pg_publish_us_{mode}"][0] / 1e6
+        # Writer transactions/s: every instance's broker wakes once per transaction.
+        # Singles at low rates are one event each (as measured at 200/s); the writer
+        # coalesces up to 1,000 events into one as the rate grows.
+        tx_hi, tx_lo = E, max(1.0, E / 1000)
         for broker in ("postgres", "nats"):
             need = instances_needed(u, broker, S, r, m, args.headroom)
             if need["k"] is None:
@@ -274,44 +296,55 @@ def plan(u: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 continue
             k = need["k"]
             (_a, b) = u[f"{broker}_pg_cpu_us"][0]
-            (la, lb) = u[f"{broker}_log_rows"][0]
-            (xa, xb) = u[f"{broker}_pg_db_xact_commit"][0]
-            read_cores = E * max(0.0, b) * k / 1e6
-            log_rows = E * max(0.0, la + lb * k)
-            queries = E * max(0.0, xa + xb * k)
+            wake = max(0.0, b)
             say(
                 f"- {broker} broker: {k:,} instances at {need['cpu_share']:.0%} of a core each"
                 f" ({S / k:,.0f} streams, {S / k * mem / 2**20:.1f} GiB each)"
             )
+            rows = f"{E * k:,.0f} log rows/s read (every instance reads every event)"
+            if broker == "nats":
+                rows = "no log rows read (only to fill gaps)"
+            lo, hi = tx_lo * wake * k / 1e6, tx_hi * wake * k / 1e6
             say(
-                f"    Postgres: writes ~{pg_write:,.2f} cores ({mode}s); what k instances add per"
-                f" event: {max(0.0, b):.0f} us each -> {read_cores:,.2f} cores;"
-                f" {log_rows:,.0f} log rows/s read; up to {queries:,.0f} transactions/s"
-                f" (at one event per transaction; reads coalesce above that);"
-                f" {k * (args.pool + 2):,} connections"
+                f"    Postgres: the publishes ~{pg_write:,.2f} cores ({'singles' if mode == 'single' else 'batches'}); the k instances"
+                f" add {wake:.0f} us each per writer transaction: {lo:,.2f} cores (1,000 events"
+                f" per transaction) to {hi:,.2f} (one each); {rows};"
+                f" {k * (args.pool + 2):,} connections ({k:,} of them LISTEN)"
             )
             if broker == "nats":
-                tx = (
-                    E if mode == "single" else E / 1000
-                )  # the batch endpoint: one channel per batch
                 carriers = k * carried(k, m)
-                msgs_in = tx * 2
-                msgs_out = tx * (k + carriers)
-                cores = (msgs_in + msgs_out) * u["nats_us_per_msg"][0] / 1e6
-                nodes = max(1, math.ceil(cores / (args.nats_node_cores * args.infra_headroom)))
-                say(
-                    f"    NATS: {tx:,.0f} transactions/s -> in {msgs_in:,.0f} msgs/s, out"
-                    f" {msgs_out:,.0f} msgs/s (the ssehub.tx chain to all {k:,} instances:"
-                    f" {tx * k:,.0f}/s); {cores:,.2f} cores of nats-server at the measured"
-                    f" {u['nats_us_per_msg'][0]:.2f} us/msg -> {nodes:,} node(s) of"
-                    f" {args.nats_node_cores} cores (x2 for routes between nodes in a cluster,"
-                    " an assumption: {0:,})".format(2 * nodes)
-                )
-                per_instance_msgs = tx + tx * carried(k, m)
-                if per_instance_msgs > u["nats_py_msgs_per_s"][0] * args.headroom:
+                channels_per_tx = min(1000.0, S / m) if tx_lo < tx_hi else 1.0
+                for label, tx, per in (
+                    ("one event each", tx_hi, 1.0),
+                    ("coalesced", tx_lo, channels_per_tx),
+                ):
+                    msgs_in = tx * (1 + per)
+                    msgs_out = tx * (k + per * carriers)
+                    cores = (msgs_in + msgs_out) * u["nats_us_per_msg"][0] / 1e6
+                    nodes = max(1, math.ceil(cores / (args.nats_node_cores * args.infra_headroom)))
                     say(
-                        f"    each instance receives {per_instance_msgs:,.0f} msgs/s: above what"
-                        f" one nats-py client moved here ({u['nats_py_msgs_per_s'][0]:,.0f}/s)"
+                        f"    NATS ({label}): {tx:,.0f} transactions/s -> in {msgs_in:,.0f}"
+                        f" msgs/s, out {msgs_out:,.0f} msgs/s (of which the ssehub.tx chain to"
+                        f" all {k:,} instances: {tx * k:,.0f}/s); {cores:,.2f} cores of"
+                        f" nats-server at {u['nats_us_per_msg'][0]:.2f} us/msg -> {nodes:,}"
+                        f" node(s) of {args.nats_node_cores} cores at"
+                        f" {args.infra_headroom:.0%}"
+                    )
+                    if tx_lo == tx_hi:
+                        break
+                if m > 1 and m < S:
+                    aff = instances_needed(u, broker, S, r, m, args.headroom, affinity=True)
+                    if aff["k"] is not None:
+                        say(
+                            f"    with channel affinity (a channel's streams routed to the same"
+                            f" instances): {aff['k']:,} instances, each taking in"
+                            f" {aff['intake']:,.0f} events/s instead of {need['intake']:,.0f}"
+                        )
+                per_instance = tx_hi * (1 + carried(k, m))
+                if per_instance > u["nats_py_msgs_per_s"][0] * args.headroom:
+                    say(
+                        f"    each instance would receive up to {per_instance:,.0f} msgs/s: above"
+                        f" what one nats-py client moved here ({u['nats_py_msgs_per_s'][0]:,.0f}/s)"
                     )
         say("")
 
@@ -331,18 +364,20 @@ def plan(u: dict[str, Any], args: argparse.Namespace) -> list[str]:
         budget = args.pg_cores * args.infra_headroom * 1e6
         say(
             f"- Postgres broker, in Postgres: each instance adds {b:.0f} us of Postgres CPU per"
-            f" event (NOTIFY wake-up, the tail query); a {args.pg_cores}-core server at"
-            f" {args.infra_headroom:.0%} allows k x events/s <= {budget / b:,.0f}"
+            f" writer transaction (the NOTIFY wake-up, the tail query, an inbox check); a"
+            f" {args.pg_cores}-core server at {args.infra_headroom:.0%} allows"
+            f" k x transactions/s <= {budget / b:,.0f}"
         )
-        for E in (10, 1000, 10000):
-            say(f"    at {E:,} events/s: k <= {max(0, int(budget / b / E)):,}")
+        for T in (10, 100, 1000):
+            say(f"    at {T:,} transactions/s: k <= {max(0, int(budget / b / T)):,}")
     (_na, nb) = u["nats_pg_cpu_us"][0]
     say(
-        f"- NATS broker, in Postgres: {nb:+.0f} us per event per instance (fit; ~0 means k"
-        f" costs Postgres nothing per event); the log is read only to fill gaps"
+        f"- NATS broker, in Postgres: {nb:+.0f} us per writer transaction per instance: the"
+        " listener still LISTENs (control, inbox), so Postgres still signals it on every"
+        " NOTIFY ssehub_events and it reads the queue in a transaction; no log rows"
     )
     say(
-        f"- the one ordered writer: {c1:,.0f} single events/s, {cb:,.0f} in batches, for the"
+        f"- the one ordered writer: {c1:,.0f} single events/s through one instance, {cb:,.0f} in batches, for the"
         " whole deployment: every instance's writer takes the same lock"
         + (
             f" (two instances at once: {u['ceiling_batch_two_writers'][0]:,.0f}/s)"
