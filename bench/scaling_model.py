@@ -92,7 +92,7 @@ def units(results: dict[str, Any], per_stream_rate: float) -> dict[str, Any]:
         )
 
     pub = phases["publish"]["value"]
-    for mode in ("single", "batch"):
+    for mode, plural in (("single", "singles"), ("batch", "batches")):
         rows = pub[mode]
         u[f"ceiling_{mode}"] = (
             _median([r["per_s"] for r in rows]),
@@ -100,11 +100,11 @@ def units(results: dict[str, Any], per_stream_rate: float) -> dict[str, Any]:
         )
         u[f"publish_us_{mode}"] = (
             _median([r["server_cpu_us_per_event"] for r in rows]),
-            f"instance CPU per event published ({mode}s, at the ceiling)",
+            f"instance CPU per event published ({plural}, at the ceiling)",
         )
         u[f"pg_publish_us_{mode}"] = (
             _median([r["postgres_cpu_us_per_event"] for r in rows]),
-            f"Postgres CPU per event published ({mode}s, at the ceiling)",
+            f"Postgres CPU per event published ({plural}, at the ceiling)",
         )
     two = phases["publish"].get("two_writers") or []
     if two:
@@ -165,8 +165,9 @@ def units(results: dict[str, Any], per_stream_rate: float) -> dict[str, Any]:
         "nats-server CPU per message in or out (the larger of 1->1 and 1->4, nats-py driving it)",
     )
     u["nats_py_msgs_per_s"] = (
-        min(r["in_per_s"] for r in nats),
-        "messages/s one nats-py client published (its core full): an instance's NATS ceiling",
+        max(r["in_per_s"] for r in nats),
+        "messages/s through one nats-py process publishing and receiving them (its core"
+        " full, 1 -> 1): the order of an instance's NATS ceiling",
     )
     return u
 
@@ -343,8 +344,8 @@ def plan(u: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 per_instance = tx_hi * (1 + carried(k, m))
                 if per_instance > u["nats_py_msgs_per_s"][0] * args.headroom:
                     say(
-                        f"    each instance would receive up to {per_instance:,.0f} msgs/s: above"
-                        f" what one nats-py client moved here ({u['nats_py_msgs_per_s'][0]:,.0f}/s)"
+                        f"    each instance would receive up to {per_instance:,.0f} msgs/s: more than"
+                        f" {args.headroom:.0%} of what one nats-py process moved here ({u['nats_py_msgs_per_s'][0]:,.0f}/s)"
                     )
         say("")
 
