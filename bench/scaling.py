@@ -1,6 +1,6 @@
 """What k instances cost, and the per-unit figures docs/SCALING.md plans with (issue #13).
 
-    python -m bench.scaling                  # every phase (about 15 minutes on 2 cores)
+    python -m bench.scaling                  # every phase (about 10 minutes on 2 cores, plus waits)
     python -m bench.scaling --quick          # a smoke run with tiny numbers (bench/results/scaling-quick.json)
     python -m bench.scaling --only cluster   # one phase; the others' figures are kept
 
