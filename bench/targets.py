@@ -123,6 +123,7 @@ class Ssehub(Target):
     stream_query: str = ""  # the stream token
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    owns_database: bool = True
     has_history: ClassVar[bool] = True
     takes_batches: ClassVar[bool] = True
 
@@ -163,12 +164,27 @@ class Ssehub(Target):
 
     def stop(self) -> None:
         super().stop()
-        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        if self.owns_database:
+            asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
 
 
 def start_ssehub(channels: list[str]) -> Ssehub:
     database = f"ssehub_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(admin_sql(f'CREATE DATABASE "{database}"'))
+    target = launch_ssehub(database)
+    for channel in channels:
+        httpx.post(
+            f"http://{HOST}:{target.port}/channels", json={"name": channel}, headers=target.headers
+        )
+    return target
+
+
+def launch_ssehub(
+    database: str, extra_env: dict[str, str] | None = None, owns_database: bool = True
+) -> Ssehub:
+    """One ``ssehub serve`` on an existing database, pinned to CPU 0, logged in as
+    the bench's admin. Several may share a database (``bench.scaling``): only the
+    one that ``owns_database`` drops it when it stops."""
     port = _free_port()
     env = {
         **os.environ,
@@ -181,6 +197,7 @@ def start_ssehub(channels: list[str]) -> Ssehub:
         "SSEHUB_MAX_CONNECTIONS": "100000",
         # The others run without an access log too.
         "SSEHUB_ACCESS_LOG": "false",
+        **(extra_env or {}),
     }
     command = ["taskset", "-c", "0", sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     process = _spawn(command, env)
@@ -190,8 +207,6 @@ def start_ssehub(channels: list[str]) -> Ssehub:
         f"{base}/auth/token", data={"username": ADMIN[0], "password": ADMIN[1]}
     ).json()["access_token"]
     headers = {"Authorization": f"Bearer {token}"}
-    for channel in channels:
-        httpx.post(f"{base}/channels", json={"name": channel}, headers=headers)
     stream_token = httpx.post(f"{base}/auth/stream-token", headers=headers).json()["stream_token"]
     return Ssehub(
         "ssehub",
@@ -202,6 +217,7 @@ def start_ssehub(channels: list[str]) -> Ssehub:
         stream_query=f"access_token={stream_token}",
         command=command,
         env=env,
+        owns_database=owns_database,
     )
 
 
