@@ -2,7 +2,8 @@
 
 It LISTENs to ``ssehub_control`` (``app.notify``: changes open streams must
 react to), to ``ssehub_inbox`` (rows enqueued from SQL, handed to the writer:
-``on_inbox``) and, when the broker wants it, to ``ssehub_events``. Every turn
+``on_inbox``, also on every quiet turn, in case a notification was missed) and,
+when the broker wants it, to ``ssehub_events``. Every turn
 (on a notification, and at least every ``HEALTH_CHECK_SECONDS``) it applies
 the pending control messages, then lets the broker catch up
 (``Broker.catch_up``, ``app.realtime.broker``), on this connection: live
@@ -113,13 +114,18 @@ class Listener:
                 await handler.resync(conn)
             self.listening = True
             log.info("listener: listening")
+            quiet = True  # the first turn, and every turn no notification started
             while not self._lost.is_set():
                 self.alive_at = time.monotonic()
-                self._on_inbox()
+                if quiet:
+                    self._on_inbox()  # a safety net, not a query per event's wake-up
                 await self._apply_control(conn)
                 await self._broker.catch_up(conn, self._between_pages)
-                with contextlib.suppress(TimeoutError):
+                quiet = False
+                try:
                     await asyncio.wait_for(self._dirty.wait(), HEALTH_CHECK_SECONDS)
+                except TimeoutError:
+                    quiet = True
                 self._dirty.clear()
         finally:
             self.listening = False

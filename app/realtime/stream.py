@@ -164,14 +164,32 @@ class EventStream(Response):
         await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _begin(self, send: Send) -> None:
-        """The retry line, the replay from the resume position, ``ssehub.live``."""
+        """The retry line, what the client missed, then ``ssehub.live``.
+
+        What it missed: the events fanned out before the stream registered,
+        above its resume position, replayed from the log; nothing if its
+        position is at or above the subscriber's (every later event comes live:
+        a reconnect storm costs no query per stream); ``ssehub.reset`` if no id
+        this database ever issued reaches it (a restore), and on from the head.
+        Without a replay, it is all one write."""
         sub = self._sub
-        await self._write(send, RETRY)
+        frames = [RETRY]
         replayed = 0
-        if self._resume_from is not None:
-            replayed = await self._resume(send, self._resume_from)
+        position = self._resume_from
+        if position is not None and position < sub.position:
+            await self._write(send, RETRY)
+            frames = []
+            replayed = await self._replay(send, position)
+        elif position is not None and position > sub.position:
+            if position > await self._last_issued():
+                reset = {"last_event_id": sub.position}
+                frames.append(notice_frame("ssehub.reset", reset))
+            else:
+                sub.position = position  # in flight: it has them, live drops them
         if sub.closed is None:
-            await self._write(send, notice_frame("ssehub.live", {"replayed": replayed}))
+            frames.append(notice_frame("ssehub.live", {"replayed": replayed}))
+        if frames:
+            await self._write(send, b"".join(frames))
 
     async def _end(self, send: Send) -> bool:
         """The stream must end: its last words (the expiry notice, or what is queued,
@@ -195,19 +213,9 @@ class EventStream(Response):
             time.time(), (at for event_id, at in zip(ids, times, strict=True) if event_id)
         )
 
-    async def _resume(self, send: Send, position: int) -> int:
-        """The client's resume position: replayed from, unless no id this database
-        ever issued reaches it; then ``ssehub.reset`` and on from the head (the
-        subscriber's position, where the live events it is queued start)."""
-        sub = self._sub
-        if position > sub.position:
-            async with raw_connection(self._state.pool) as conn:
-                issued = await last_issued_id(conn)
-            if position > issued:
-                reset = {"last_event_id": sub.position}
-                await self._write(send, notice_frame("ssehub.reset", reset))
-                return 0
-        return await self._replay(send, position)
+    async def _last_issued(self) -> int:
+        async with raw_connection(self._state.pool) as conn:
+            return await last_issued_id(conn)
 
     async def _replay(self, send: Send, after: int) -> int:
         """Retained events after ``after`` from the log, page by page, each page
