@@ -137,6 +137,12 @@ def reset_database(url: str) -> None:
                     "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
                     user_id,
                 )
+                # What the shared server wrote as it started: a test's own server
+                # with another SSEHUB_MAX_EVENT_BYTES may have replaced it.
+                await conn.execute(
+                    "INSERT INTO ssehub_config (name, value) VALUES ('max_event_bytes', '65536') "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                )
         finally:
             await conn.close()
 

@@ -12,13 +12,16 @@ changed, on this instance as on every other:
 - a reconnected listener forgets everything (messages may have been lost).
 
 A query that was in flight while a message was applied may have read the old
-state: it is asked again (``generation``). The stream registers with the hub
+state: it is asked again (``generation``). Streams asking the same while it is
+asked wait for that one query (a storm of a thousand opens at once is one
+query, not a thousand). The stream registers with the hub
 right after ``get`` returns, with no wait in between, so every later message
 finds it: no revocation falls between the answer and the registration.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from app.channels.service import StreamAccess, stream_access
@@ -32,6 +35,7 @@ class StreamAccessCache:
 
     def __init__(self) -> None:
         self._known: dict[tuple[int, str | None], StreamAccess] = {}
+        self._asking: dict[tuple[int, str | None], asyncio.Future[StreamAccess]] = {}
         self._generation = 0
 
     async def get(self, pool: Any, user_id: int, name: str | None) -> StreamAccess:
@@ -41,6 +45,16 @@ class StreamAccessCache:
         known = self._known.get(key)
         if known is not None:
             return known
+        asking = self._asking.get(key)
+        if asking is None:
+            # A task of its own: the stream that asked first may go away meanwhile.
+            asking = asyncio.ensure_future(self._ask(pool, key))
+            self._asking[key] = asking
+            asking.add_done_callback(lambda _: self._asking.pop(key, None))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, pool: Any, key: tuple[int, str | None]) -> StreamAccess:
+        user_id, name = key
         async with raw_connection(pool) as conn:
             while True:
                 generation = self._generation

@@ -18,6 +18,7 @@ from app.realtime.broker import Broker, PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.listener import Listener
+from app.realtime.replay import SharedPages
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -27,6 +28,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     hub = Hub(app.state.metrics, settings.max_streams_per_user)
     app.state.stream_access = StreamAccessCache()
+    app.state.replays = SharedPages(app.state.pool, hub)
     handlers = [
         StreamControl(hub),
         app.state.stream_access,

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.db import raw_connection
-from app.events.log import Gap, last_issued_id, read_page
+from app.events.log import Gap, last_issued_id
 from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
 
@@ -224,12 +224,16 @@ class EventStream(Response):
         sub = self._sub
         cursor, count = after, 0
         while sub.closed is None and sub.channels:
-            # A fresh connection per page: never hold one while a slow client reads.
-            async with raw_connection(self._state.pool) as conn:
-                page = await read_page(conn, list(sub.channels), cursor)
-            # What the stream carries now: a channel revoked since the read is left out.
-            events = [e for e in page.events if e.channel_id in sub.channels]
-            chunk = self._gap_notices(page.gaps, cursor) + b"".join(map(event_frame, events))
+            # Read (or shared with the streams asking the same: ``app.realtime.replay``)
+            # on a pooled connection only for the read: never held while a client reads.
+            shared = await self._state.replays.page(sub.channels, cursor, self._state.hub.position)
+            page = shared.page
+            if shared.channels.issubset(sub.channels):
+                events, frames = page.events, shared.frames()
+            else:  # a channel revoked since the read is left out
+                events = [e for e in page.events if e.channel_id in sub.channels]
+                frames = b"".join(map(event_frame, events))
+            chunk = self._gap_notices(page.gaps, cursor) + frames
             if chunk:
                 await self._write(send, chunk)
             if page.events:

@@ -133,23 +133,27 @@ CREATE FUNCTION ssehub_append(
 -- key is not stored yet and no earlier row carries it; a duplicate comes back
 -- with the event its key answers with.
 DECLARE
+    n bigint := coalesce(cardinality(p_cids), 0);
+    keyed boolean := EXISTS (SELECT 1 FROM unnest(p_keys) k WHERE k IS NOT NULL);
     fresh_rows boolean[];
-    n_fresh bigint;
+    n_fresh bigint := n;
     first_id bigint;
     head bigint;
     at timestamptz := clock_timestamp();  -- one publish time per transaction
 BEGIN
     SELECT coalesce(max(e.id), 0) INTO head FROM events e;
-    SELECT array_agg(f ORDER BY n), count(*) FILTER (WHERE f)
-    INTO fresh_rows, n_fresh
-    FROM (
-        SELECT u.n, u.k IS NULL OR (
-                   row_number() OVER (PARTITION BY u.c, u.k ORDER BY u.n) = 1
-                   AND NOT EXISTS (
-                       SELECT 1 FROM idempotency_keys ik
-                       WHERE ik.channel_id = u.c AND ik.key = u.k)) AS f
-        FROM unnest(p_cids, p_keys) WITH ORDINALITY AS u(c, k, n)
-    ) keyed;
+    IF keyed THEN
+        SELECT array_agg(f ORDER BY u_n), count(*) FILTER (WHERE f)
+        INTO fresh_rows, n_fresh
+        FROM (
+            SELECT u.n AS u_n, u.k IS NULL OR (
+                       row_number() OVER (PARTITION BY u.c, u.k ORDER BY u.n) = 1
+                       AND NOT EXISTS (
+                           SELECT 1 FROM idempotency_keys ik
+                           WHERE ik.channel_id = u.c AND ik.key = u.k)) AS f
+            FROM unnest(p_cids, p_keys) WITH ORDINALITY AS u(c, k, n)
+        ) checked;
+    END IF;
     IF n_fresh > 0 THEN
         -- Only publishers draw ids, all under the lock: one nextval and one setval
         -- reserve the whole range, handed out in row order.
@@ -157,17 +161,29 @@ BEGIN
         IF n_fresh > 1 THEN
             PERFORM setval(pg_get_serial_sequence('events', 'id'), first_id + n_fresh - 1);
         END IF;
-        WITH numbered AS (
-            SELECT u.c, u.t, u.d, u.k, first_id + row_number() OVER (ORDER BY u.n) - 1 AS id
-            FROM unnest(p_cids, p_types, p_datas, p_keys) WITH ORDINALITY AS u(c, t, d, k, n)
-            WHERE fresh_rows[u.n]
-        ), inserted AS (
+        IF NOT keyed THEN  -- a batch: every row, in order, nothing to remember
             INSERT INTO events (id, channel_id, type, data, published_at)
-            SELECT nb.id, nb.c, nb.t, nb.d, at FROM numbered nb
-        )
-        INSERT INTO idempotency_keys (channel_id, key, event_id, type, data, published_at)
-        SELECT nb.c, nb.k, nb.id, nb.t, nb.d, at FROM numbered nb WHERE nb.k IS NOT NULL;
+            SELECT first_id + u.n - 1, u.c, u.t, u.d, at
+            FROM unnest(p_cids, p_types, p_datas) WITH ORDINALITY AS u(c, t, d, n);
+        ELSE
+            WITH numbered AS (
+                SELECT u.c, u.t, u.d, u.k, first_id + row_number() OVER (ORDER BY u.n) - 1 AS id
+                FROM unnest(p_cids, p_types, p_datas, p_keys) WITH ORDINALITY AS u(c, t, d, k, n)
+                WHERE fresh_rows[u.n]
+            ), inserted AS (
+                INSERT INTO events (id, channel_id, type, data, published_at)
+                SELECT nb.id, nb.c, nb.t, nb.d, at FROM numbered nb
+            )
+            INSERT INTO idempotency_keys (channel_id, key, event_id, type, data, published_at)
+            SELECT nb.c, nb.k, nb.id, nb.t, nb.d, at FROM numbered nb WHERE nb.k IS NOT NULL;
+        END IF;
         PERFORM pg_notify('ssehub_events', (first_id + n_fresh - 1)::text);
+    END IF;
+    IF NOT keyed THEN
+        RETURN QUERY
+        SELECT g.i, true, first_id + g.i - 1, NULL::text, NULL::text, at, head
+        FROM generate_series(1::bigint, n) AS g(i);
+        RETURN;
     END IF;
     RETURN QUERY
     WITH req AS (
@@ -200,24 +216,63 @@ DECLARE
     allowed boolean[]; -- per row: the caller may publish; false: a user who is no admin; NULL: no such caller
     cids bigint[];     -- per row: the channel's id, NULL if there is no such channel
     n_valid bigint;
+    n bigint := cardinality(p_channels);
+    one_ok boolean;
+    one_cid bigint;
 BEGIN
     -- The channels stay until this transaction ends: deleting one waits for it.
-    PERFORM 1 FROM channels WHERE name = ANY(p_channels) FOR KEY SHARE;
+    PERFORM 1 FROM channels
+    WHERE name = ANY(ARRAY(SELECT DISTINCT c FROM unnest(p_channels) c)) FOR KEY SHARE;
     -- Rights first, without the publish lock: a row nobody may publish costs no
-    -- wait. An API key's patterns were matched by the server; here it must exist.
-    SELECT array_agg(CASE WHEN u.kid IS NOT NULL THEN CASE WHEN k.id IS NULL THEN NULL ELSE true END
-                          ELSE usr.is_admin END ORDER BY u.n),
-           array_agg(ch.id ORDER BY u.n)
-    INTO allowed, cids
-    FROM unnest(p_user_ids, p_key_ids, p_channels) WITH ORDINALITY AS u(uid, kid, cname, n)
-    LEFT JOIN users usr ON usr.id = u.uid
-    LEFT JOIN api_keys k ON k.id = u.kid
-    LEFT JOIN channels ch ON ch.name = u.cname;
-    SELECT count(*) INTO n_valid
-    FROM generate_subscripts(allowed, 1) AS i WHERE allowed[i] AND cids[i] IS NOT NULL;
+    -- wait. An API key's patterns were matched by the server; here it must still
+    -- exist. Each distinct caller and channel is looked up once (a batch is a
+    -- thousand rows of one caller and one channel).
+    IF n > 1 AND NOT EXISTS (
+        SELECT 1 FROM unnest(p_user_ids, p_key_ids, p_channels) AS u(uid, kid, cname)
+        WHERE u.uid IS DISTINCT FROM p_user_ids[1] OR u.kid IS DISTINCT FROM p_key_ids[1]
+           OR u.cname IS DISTINCT FROM p_channels[1])
+    THEN
+        SELECT CASE WHEN p_key_ids[1] IS NOT NULL THEN CASE WHEN k.id IS NULL THEN NULL ELSE true END
+                    ELSE usr.is_admin END, ch.id
+        INTO one_ok, one_cid
+        FROM (SELECT 1) one
+        LEFT JOIN users usr ON usr.id = p_user_ids[1]
+        LEFT JOIN api_keys k ON k.id = p_key_ids[1]
+        LEFT JOIN channels ch ON ch.name = p_channels[1];
+        allowed := array_fill(one_ok, ARRAY[n::integer]);
+        cids := array_fill(one_cid, ARRAY[n::integer]);
+        n_valid := CASE WHEN one_ok AND one_cid IS NOT NULL THEN n ELSE 0 END;
+    ELSE
+    WITH rows AS (
+        SELECT u.uid, u.kid, u.cname, u.n
+        FROM unnest(p_user_ids, p_key_ids, p_channels) WITH ORDINALITY AS u(uid, kid, cname, n)
+    ), checked AS (
+        SELECT d.uid, d.kid, d.cname, ch.id AS cid,
+               CASE WHEN d.kid IS NOT NULL THEN CASE WHEN k.id IS NULL THEN NULL ELSE true END
+                    ELSE usr.is_admin END AS ok
+        FROM (SELECT DISTINCT r.uid, r.kid, r.cname FROM rows r) d
+        LEFT JOIN users usr ON usr.id = d.uid
+        LEFT JOIN api_keys k ON k.id = d.kid
+        LEFT JOIN channels ch ON ch.name = d.cname
+    )
+    SELECT array_agg(c.ok ORDER BY r.n), array_agg(c.cid ORDER BY r.n),
+           count(*) FILTER (WHERE c.ok AND c.cid IS NOT NULL)
+    INTO allowed, cids, n_valid
+    FROM rows r
+    JOIN checked c ON c.uid IS NOT DISTINCT FROM r.uid AND c.kid IS NOT DISTINCT FROM r.kid
+                  AND c.cname IS NOT DISTINCT FROM r.cname;
+    END IF;
     IF n_valid > 0 THEN
         -- The lock: no id is drawn by anyone else until this transaction commits.
         PERFORM pg_advisory_xact_lock(351819);  -- 0x55E4B, app.events.publisher.PUBLISH_LOCK
+    END IF;
+    IF n_valid = n THEN  -- every row may be published: the usual case
+        RETURN QUERY
+        SELECT a.row_number, CASE WHEN a.fresh THEN 'created' ELSE 'duplicate' END,
+               a.event_id, cids[a.row_number], a.event_type, a.event_data,
+               a.event_published_at, a.tx_prev
+        FROM ssehub_append(cids, p_types, p_datas, p_keys) a;
+        RETURN;
     END IF;
     RETURN QUERY
     WITH req AS (
