@@ -92,7 +92,7 @@ _PUBLISH = (
 _OUTCOME_UNKNOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57014"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewEvent:
     type: str
     data: str  # compact JSON
@@ -276,12 +276,13 @@ class Publisher:
         self, requests: list[_Request]
     ) -> list[tuple[list[StoredEvent], bool] | SsehubError]:
         rows = [(r, item) for r in requests for item in r.items]
+        names = {r.channel: lookup_name(r.channel) for r in requests}  # once each, not per row
         conn = await self._connection()
         statuses = await conn.fetch(
             _PUBLISH,
             [r.user_id for r, _ in rows],
             [r.key_id for r, _ in rows],
-            [lookup_name(r.channel) for r, _ in rows],
+            [names[r.channel] for r, _ in rows],
             [item.type for _, item in rows],
             [item.data for _, item in rows],
             [r.idempotency_key for r, _ in rows],
