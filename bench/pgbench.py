@@ -11,7 +11,9 @@ transaction), the same clients and seconds as ``bench.scenarios.publish_throughp
 - one row per transaction, 32 clients: the one-row commit rate, which single
   publishes can match only by coalescing several into one commit;
 - 1,000 rows per transaction (``INSERT ... SELECT generate_series``), 4
-  clients: the rows/s a batch can approach.
+  clients: the rows/s a batch can approach;
+- the same with 1 client: what one connection writing one transaction at a
+  time can do, the ceiling of ssehub's one ordered writer.
 
 pgbench runs on CPU 1 like the load generator; Postgres is unpinned, as for ssehub.
 """
@@ -59,7 +61,9 @@ INSERT INTO events (channel_id, type, data, published_at)
 SELECT 1, 'message', '{"i":' || g || '}', now() FROM generate_series(0, 999) AS g;
 """
 
-MODES = {"single": (SINGLE, 1, 32), "batch": (BATCH, 1000, 4)}  # script, rows, clients
+# script, rows, clients. "batch_one" is one ordered writer's ceiling: ssehub's
+# publish lock admits one publishing transaction at a time, whatever the clients.
+MODES = {"single": (SINGLE, 1, 32), "batch": (BATCH, 1000, 4), "batch_one": (BATCH, 1000, 1)}
 
 
 async def _create_table(database: str) -> None:

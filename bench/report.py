@@ -568,6 +568,16 @@ def _publishing(results: dict[str, Any], plan: Any) -> list[str]:
             f"| {_times(ratio)} | {_busy(ours, 'server')} | {_busy(ours, 'loadgen')} "
             f"| {_one(_median(_col(theirs, 'loadgen_cpu_pct')), '%')} |"
         )
+    one = pg.get("batch_one", [])
+    if one:
+        ratio = _ratio(_median(_col(s.get("batch", []), "per_s")), _median(_col(one, "per_s")))
+        lines += [
+            "",
+            f"pgbench with 1 client, 1,000 rows per commit: {_fmt(_col(one, 'per_s'))} rows/s, "
+            "what one connection writing one transaction at a time does: the ceiling of "
+            "ssehub's one ordered writer (its lock admits one publishing transaction at a "
+            f"time). ssehub's batches reach {_times(ratio)} of it.",
+        ]
     tutorial = results.get("baseline", {}).get("publish", {}).get("single", [])
     if tutorial:
         lines += [
