@@ -84,7 +84,8 @@ class Metrics:
         self.broker_events = Counter(
             "ssehub_broker_events",
             "Events the broker received for this instance's streams, by source: "
-            "the log (Postgres broker, or the NATS broker filling a gap) or NATS",
+            "the log (Postgres broker, or the NATS broker filling a gap), NATS, or "
+            "this instance's own commit (the Postgres broker's committer shortcut)",
             ["source"],
             registry=r,
         )

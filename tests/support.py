@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -247,3 +248,15 @@ class Api:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def broker_events(base: str) -> dict[str, float]:
+    """``ssehub_broker_events_total`` of one instance, by source (``app.metrics``)."""
+    counts = {"nats": 0.0, "log": 0.0, "commit": 0.0}
+    for source, value in re.findall(
+        r'^ssehub_broker_events_total\{source="(\w+)"\} (\S+)$',
+        httpx.get(f"{base}/metrics", timeout=10).text,
+        re.MULTILINE,
+    ):
+        counts[source] = float(value)
+    return counts

@@ -84,6 +84,7 @@ class PostgresBroker:
         """Hand them to the hub now if nothing can come between (module docstring)."""
         if self._reading or self.position != tx_prev or not events:
             return
+        self._metrics.broker_events.labels("commit").inc(len(events))
         self._hub.fan_out(events)
         self.position = events[-1].id
 

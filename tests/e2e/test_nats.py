@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import re
 import shutil
 import socket
 import struct
@@ -35,7 +34,7 @@ import pytest
 from tests.e2e.chaos import run_chaos
 from tests.e2e.conftest import Hubs
 from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, Api, Server, free_port, sql
+from tests.support import ROOT, Api, Server, broker_events, free_port, sql
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SLOW_PENDING_LIMIT = 50
@@ -193,18 +192,6 @@ def _unread(s: socket.socket) -> int:
         count: int = struct.unpack("i", buf)[0]
         return count
     return 0
-
-
-def broker_events(base: str) -> dict[str, float]:
-    """``ssehub_broker_events_total`` of one instance, by source."""
-    counts = {"nats": 0.0, "log": 0.0}
-    for source, value in re.findall(
-        r'^ssehub_broker_events_total\{source="(\w+)"\} (\S+)$',
-        httpx.get(f"{base}/metrics", timeout=10).text,
-        re.MULTILINE,
-    ):
-        counts[source] = float(value)
-    return counts
 
 
 class Cluster:

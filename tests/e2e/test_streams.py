@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from tests.e2e.conftest import Hubs
-from tests.support import Api, auth
+from tests.support import Api, auth, broker_events
 
 
 def test_frames_are_byte_exact_and_headers_right(api: Api, hubs: Hubs, admin_token: str) -> None:
@@ -239,3 +240,23 @@ def test_metrics_expose_the_stream_figures(api: Api, hubs: Hubs, admin_token: st
     ):
         assert name in text
     assert "ssehub_streams_open 1.0" in text
+
+
+def test_a_publishing_instance_hands_its_own_events_to_its_hub_once(
+    api: Api, hubs: Hubs, admin_token: str
+) -> None:
+    """The committer's shortcut (``app.realtime.broker``): with concurrent
+    publishers on one instance, its own commits reach the hub without a read of
+    the log; a notification that arrives before the writer's answer is read from
+    the log instead. Either way each event reaches the hub once, in order."""
+    hubs.channel("own")
+    s = hubs.open("/channels/own/stream", admin_token)
+    s.wait_for(lambda st: bool(st.notices("ssehub.live")))
+    before = broker_events(api.base_url)
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda i: hubs.publish("own", i), range(400)))
+    assert s.wait_ids(400) == sorted(ids)
+    after = broker_events(api.base_url)
+    by_commit, by_log = after["commit"] - before["commit"], after["log"] - before["log"]
+    assert by_commit + by_log == 400
+    assert by_commit > by_log
