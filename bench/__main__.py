@@ -1,7 +1,7 @@
 """Run every scenario against ssehub and Nchan, and pgbench for the publish ceiling;
 write docs/BENCHMARKS.md.
 
-    python -m bench             # the full plan (about 9 minutes on 2 cores, estimated)
+    python -m bench             # the full plan (about 6 minutes on 2 cores)
     python -m bench --quick     # a smoke run with small numbers (bench/results/quick.md)
     python -m bench --tutorial  # also the FastAPI tutorial and its lean variant (+4 min)
 
@@ -72,7 +72,7 @@ class Plan:
         return grouped
 
 
-# The default: medians of three in an estimated 9 minutes on 2 cores (`make bench`
+# The default: medians of three in about 6 minutes on 2 cores (`make bench`
 # is meant to stay within 10). `--seconds 10` publishes for the issue's 10 s per fan-out run.
 FULL = Plan(
     memory_counts=[1000, 5000, 10000],
