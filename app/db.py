@@ -188,9 +188,9 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
         _forget_dead_handles(data_dir.resolve() / "pg" / ".handle_pids.json")
     server = get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
     query = f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608
-    exists = server.psql(query)
-    if "(1 row)" not in exists:
-        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    with PostgresServer._lock:  # two processes starting at once must not both create it
+        if "(1 row)" not in server.psql(query):
+            server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
     url: str = server.get_uri(database=EMBEDDED_DATABASE, driver="asyncpg")
     log.info("embedded Postgres running under %s", data_dir / "pg")
     return url, server

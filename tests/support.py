@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
@@ -49,6 +50,16 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def postgres_address(url: str) -> tuple[str, int]:
+    """Where the Postgres of a database URL listens: a host name, or the directory
+    of its Unix socket (the embedded Postgres listens only there), and the port."""
+    parts = urlsplit(asyncpg_dsn(url))
+    host = parts.hostname or parse_qs(parts.query).get("host", [""])[0]
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    return host, parts.port or 5432
 
 
 def with_database(url: str, name: str) -> str:

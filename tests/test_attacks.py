@@ -610,11 +610,16 @@ async def test_load_stays_within_the_connection_budget(lone_instance: tuple[Serv
         batch = {"events": [{"data": i} for i in range(20)]}
         assert api.http.post("/channels/news/events/batch", json=batch, headers=admin).is_success
         statuses: Counter[int] = Counter()
-        deadline = time.monotonic() + 3
+        start = time.monotonic()
+
+        def done() -> bool:
+            """At least 3 s and 60 calls (a busy CI machine is slow), at most 20 s."""
+            elapsed = time.monotonic() - start
+            return elapsed > 20 or (elapsed > 3 and sum(statuses.values()) >= 60)
 
         async def loop(call: Callable[[httpx.AsyncClient], Awaitable[int]]) -> None:
             async with client(srv) as http:
-                while time.monotonic() < deadline:
+                while not done():
                     statuses[await call(http)] += 1
 
         async def rest(http: httpx.AsyncClient) -> int:
@@ -643,7 +648,7 @@ async def test_load_stays_within_the_connection_budget(lone_instance: tuple[Serv
         samples: list[int] = []
 
         async def sample() -> None:
-            while time.monotonic() < deadline:
+            while not done():
                 samples.append(await instance_connections(conn))
                 await asyncio.sleep(0.05)
 
@@ -655,7 +660,7 @@ async def test_load_stays_within_the_connection_budget(lone_instance: tuple[Serv
             *(loop(publish) for _ in range(4)),
         )
     assert set(statuses) <= {200, 201}, statuses
-    assert sum(statuses.values()) > 40, "too little load to mean anything"
+    assert sum(statuses.values()) >= 60, "too little load to mean anything"
     assert max(samples) <= 4 + 2, f"the instance held {max(samples)} connections"
 
 

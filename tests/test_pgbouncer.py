@@ -8,7 +8,9 @@ the CLI, two instances, publishing, streams, enqueue, retention, with no
 prepared-statement error anywhere.
 
 Debian's ``pgbouncer`` refuses to run as root: as root it is started with
-``-u postgres``, its files in a directory that user can read.
+``-u postgres`` (for the embedded Postgres, which listens only on a Unix
+socket, as the user who owns the socket's directory), its files in a
+directory that user can read.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tests.support import (
     create_database,
     drop_database,
     free_port,
+    postgres_address,
     sql,
     unique_name,
 )
@@ -80,17 +83,18 @@ class PgBouncer:
     def url(self, database_url: str) -> str:
         """``database_url`` (same user, same database) through this PgBouncer."""
         parts = urlsplit(database_url)
-        return parts._replace(netloc=f"{parts.username}@127.0.0.1:{self.port}").geturl()
+        return parts._replace(netloc=f"{parts.username}@127.0.0.1:{self.port}", query="").geturl()
 
     def start(self, timeout: float = 15) -> PgBouncer:
         parts = urlsplit(self.server_url)
+        host, port = postgres_address(self.server_url)
         self.directory = Path(tempfile.mkdtemp(prefix="ssehub-pgbouncer-"))
         self.directory.chmod(0o755)
         (self.directory / "userlist.txt").write_text(f'"{parts.username}" ""\n')
         (self.directory / "pgbouncer.ini").write_text(
             CONFIG.format(
-                host=parts.hostname,
-                port=parts.port or 5432,
+                host=host,
+                port=port,
                 listen_port=self.port,
                 directory=self.directory,
             )
@@ -98,8 +102,8 @@ class PgBouncer:
         for name in ("userlist.txt", "pgbouncer.ini"):
             (self.directory / name).chmod(0o644)
         cmd = [PGBOUNCER, str(self.directory / "pgbouncer.ini")]
-        if os.geteuid() == 0:
-            cmd[1:1] = ["-u", "postgres"]
+        if os.geteuid() == 0:  # as the user who may open the socket's directory, if any
+            cmd[1:1] = ["-u", Path(host).owner() if host.startswith("/") else "postgres"]
         with (self.directory / "pgbouncer.log").open("wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -158,8 +162,6 @@ def behind(postgres_server_url: str) -> Iterator[Setup]:
     """PgBouncer, and a new database that nothing has migrated yet."""
     if not Path(PGBOUNCER).exists():
         pytest.skip("pgbouncer is not installed (.ci/run installs it)")
-    if not urlsplit(postgres_server_url).hostname:
-        pytest.skip("PgBouncer needs a Postgres reachable over TCP")
     bouncer = PgBouncer(postgres_server_url).start()
     name = unique_name("ssehub_pgbouncer")
     direct = create_database(postgres_server_url, name)
