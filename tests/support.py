@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,22 @@ def drop_database(server_url: str, name: str) -> None:
 
 def unique_name(prefix: str = "ssehub_test") -> str:
     return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def migrated_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new database of its own, migrated to head, with the admin; dropped afterwards."""
+    from app.cli import migrate
+    from app.config import Settings
+
+    name = unique_name(prefix)
+    url = create_database(server_url, name)
+    try:
+        migrate(Settings(database_url=url))
+        make_admin(url)
+        yield url
+    finally:
+        drop_database(server_url, name)
 
 
 async def sql(url: str, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -28,19 +28,14 @@ import asyncpg
 import httpx
 import pytest
 
-from app.cli import migrate
-from app.config import Settings
 from app.db import asyncpg_dsn
 from app.events.publisher import PUBLISH_LOCK
 from tests.support import (
     ADMIN_PASSWORD,
     Api,
     Server,
-    create_database,
-    drop_database,
-    make_admin,
+    migrated_database,
     sql,
-    unique_name,
 )
 
 T = TypeVar("T")
@@ -575,18 +570,12 @@ def lone_instance(postgres_server_url: str) -> Iterator[tuple[Server, str]]:
     """An instance with SSEHUB_DB_POOL_SIZE=4, alone on a migrated database of its
     own (with the admin), and that database's URL: its connections are counted
     exactly, where the shared server of other tests would use the same names."""
-    name = unique_name("ssehub_budget")
-    url = create_database(postgres_server_url, name)
-    srv = None
-    try:
-        migrate(Settings(database_url=url))
-        make_admin(url)
+    with migrated_database(postgres_server_url, "ssehub_budget") as url:
         srv = Server(url, env={"SSEHUB_DB_POOL_SIZE": "4"}).start()
-        yield srv, url
-    finally:
-        if srv is not None:
+        try:
+            yield srv, url
+        finally:
             srv.stop()
-        drop_database(postgres_server_url, name)
 
 
 async def instance_connections(conn: asyncpg.Connection) -> int:

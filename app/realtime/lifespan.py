@@ -61,8 +61,10 @@ def _broker(app: FastAPI, hub: Hub) -> Broker:
     if settings.broker == "nats":
         from app.realtime.nats_broker import NatsBroker
 
+        key = settings.secret_key
+        assert key, "ensure_secret_key() runs before the app is built"
         return NatsBroker(
-            settings.nats_url, hub, app.state.pool, metrics, settings.nats_pending_limit
+            settings.nats_url, hub, app.state.pool, metrics, key, settings.nats_pending_limit
         )
     return PostgresBroker(hub, metrics)
 

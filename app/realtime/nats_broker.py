@@ -9,11 +9,11 @@ Postgres stays the source of truth and the ordering authority; NATS only
 carries copies, and anything NATS loses is noticed and read from the log.
 
 **Subjects.** Per committed transaction, in this order on the committer's one
-connection:
+connection (``<ns>`` is the deployment's namespace, ``subject_namespace``):
 
-- ``ssehub.ev.<channel_id>``, for each channel it wrote: ``{"tx": max,
+- ``ssehub.<ns>.ev.<channel_id>``, for each channel it wrote: ``{"tx": max,
   "e": [[id, channel, type, data, published_at], ...]}``;
-- ``ssehub.tx``, for every instance: ``{"max": max, "prev": prev, "ch": [ids]}``,
+- ``ssehub.<ns>.tx``, for every instance: ``{"max": max, "prev": prev, "ch": [ids]}``,
   where ``prev`` is ``tx_prev``: the log's head when the transaction appended,
   under the publish lock, so every id up to it is committed. Each transaction
   names the one before it: the transactions form a chain.
@@ -40,6 +40,11 @@ The broker applies transactions strictly along the chain from its
   behind on two turns running, the carried channels are read from the log up
   to the head.
 
+Which channels are carried is decided at the hand-over, after the last log
+read: a stream that registers during a read starts at the hub's position,
+below the transaction being applied, so the transaction's events of the
+channels it adds are read too before ``position`` passes them.
+
 Every case either delivers the transaction's events of carried channels from
 NATS or from the log, and never an id at or below ``position``: NATS losing,
 duplicating or reordering messages costs log reads, never exactness. And the
@@ -59,6 +64,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections import defaultdict
@@ -66,6 +73,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import nats
 import orjson
 from nats.aio.client import Client as NatsClient
@@ -80,13 +88,32 @@ from app.realtime.hub import Hub
 
 log = logging.getLogger("ssehub")
 
-TX_SUBJECT = "ssehub.tx"
-EVENTS_SUBJECT = "ssehub.ev.{}"
 REORDER_SECONDS = 0.2
 
 
-def _subject(channel_id: int) -> str:
-    return EVENTS_SUBJECT.format(channel_id)
+def subject_namespace(key: str, cluster: str, database: str) -> str:
+    """The part of every subject that keeps deployments sharing one NATS apart.
+
+    Two deployments on one NATS must never see each other's messages: channel
+    ids repeat across databases, and another database's ``tx`` chain would
+    move this instance's position past its own events. The instances of one
+    deployment share their database and (``app.auth.signing_key`` enforces it)
+    their signing key; another deployment differs in the Postgres cluster (its
+    system identifier), the database's name or the key. An HMAC keyed with the
+    signing key, so a subject reveals none of them."""
+    label = f"ssehub nats subjects v1|{cluster}|{database}".encode()
+    return hmac.new(key.encode(), label, hashlib.sha256).hexdigest()[:16]
+
+
+async def _database_identity(conn: Any) -> tuple[str, str]:
+    """The Postgres cluster's system identifier ("" where a provider hides it)
+    and the database's name."""
+    database = await conn.fetchval("SELECT current_database()")
+    try:
+        cluster = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
+    except asyncpg.PostgresError:
+        cluster = ""
+    return str(cluster), str(database)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +133,13 @@ class NatsBroker:
         hub: Hub,
         pool: Any,
         metrics: Metrics,
+        secret_key: str,
         pending_limit: int = 512 * 1024,
     ) -> None:
         self._url = url
+        self._key = secret_key
+        self._tx_subject = ""  # set in start: they depend on the database
+        self._events_subject = ""
         # Past this many unprocessed messages a subscription drops the next ones
         # (nats-py's slow consumer): the chain notices, the log fills them.
         self._pending_limit = pending_limit
@@ -132,6 +163,9 @@ class NatsBroker:
     async def start(self, pool: Any) -> None:
         async with raw_connection(pool) as conn:
             self.position = await last_event_id(conn)
+            namespace = subject_namespace(self._key, *await _database_identity(conn))
+        self._tx_subject = f"ssehub.{namespace}.tx"
+        self._events_subject = f"ssehub.{namespace}.ev."
         self._hub.position = self.position
         self._nc = await nats.connect(
             self._url,
@@ -144,7 +178,9 @@ class NatsBroker:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        await self._nc.subscribe(TX_SUBJECT, cb=self._on_tx, pending_msgs_limit=self._pending_limit)
+        await self._nc.subscribe(
+            self._tx_subject, cb=self._on_tx, pending_msgs_limit=self._pending_limit
+        )
         self._hub.interest = self._interest
         self._tasks = [
             asyncio.create_task(self._send_forever(), name="nats-send"),
@@ -162,6 +198,9 @@ class NatsBroker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.drain(), 2)
 
+    def _subject(self, channel_id: int) -> str:
+        return f"{self._events_subject}{channel_id}"
+
     # -- publishing (the committer) ---------------------------------------------
 
     def committed(self, events: list[StoredEvent], tx_prev: int) -> None:
@@ -177,9 +216,9 @@ class NatsBroker:
             rows = [
                 [e.id, e.channel, e.type, e.data, format_timestamp(e.published_at)] for e in mine
             ]
-            self._outbox.put_nowait((_subject(channel_id), {"tx": top, "e": rows}))
+            self._outbox.put_nowait((self._subject(channel_id), {"tx": top, "e": rows}))
         tx = {"max": top, "prev": tx_prev, "ch": list(by_channel)}
-        self._outbox.put_nowait((TX_SUBJECT, tx))
+        self._outbox.put_nowait((self._tx_subject, tx))
         if not self._moving.locked() and self.position == tx_prev:
             self._hand_over(events, top)
 
@@ -207,7 +246,7 @@ class NatsBroker:
             try:
                 if carried and channel_id not in self._subs:
                     self._subs[channel_id] = await self._nc.subscribe(
-                        _subject(channel_id),
+                        self._subject(channel_id),
                         cb=self._on_events,
                         pending_msgs_limit=self._pending_limit,
                     )
@@ -275,27 +314,37 @@ class NatsBroker:
             await self._apply(tx)
 
     async def _apply(self, tx: _Tx) -> None:
+        """The transaction's events of every channel carried when it is handed over.
+
+        Which channels are carried is asked again after each log read: a stream
+        that registered during the read (at the hub's position, below
+        ``tx.max``) may carry a channel that was not carried before it, and
+        nothing else would ever send it that channel's events of ``tx``."""
         events: list[StoredEvent] = []
-        missing: list[int] = []
-        for channel_id in tx.channels:
-            if not self._hub.carries(channel_id):
-                continue
-            received = self._events.pop((tx.max, channel_id), None)
-            if received is None:
-                missing.append(channel_id)
-            else:
-                events += received
-        if missing:
-            events += await self._read_log(missing, self.position, tx.max)
-        events = sorted((e for e in events if e.id > self.position), key=lambda e: e.id)
-        self._hand_over(events, tx.max)
+        covered: set[int] = set()
+        while wanted := [c for c in tx.channels if c not in covered and self._hub.carries(c)]:
+            covered.update(wanted)
+            missing: list[int] = []
+            for channel_id in wanted:
+                received = self._events.pop((tx.max, channel_id), None)
+                if received is None:
+                    missing.append(channel_id)
+                else:
+                    events += received
+            if missing:
+                events += await self._read_log(missing, self.position, tx.max)
+        self._hand_over(sorted(events, key=lambda e: e.id), tx.max)
 
     async def _fill(self, after: int, until: int) -> None:
         """Everything of the carried channels in ``(after, until]``, from the log
-        (called holding ``_moving``)."""
-        channels = self._hub.carried_channels()
-        events = await self._read_log(channels, after, until) if channels else []
-        self._hand_over(events, until)
+        (called holding ``_moving``); the carried channels asked again after each
+        read, as in ``_apply``."""
+        events: list[StoredEvent] = []
+        covered: set[int] = set()
+        while wanted := [c for c in self._hub.carried_channels() if c not in covered]:
+            covered.update(wanted)
+            events += await self._read_log(wanted, after, until)
+        self._hand_over(sorted(events, key=lambda e: e.id), until)
 
     async def _read_log(self, channels: list[int], after: int, until: int) -> list[StoredEvent]:
         events: list[StoredEvent] = []

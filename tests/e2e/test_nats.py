@@ -28,13 +28,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from app.db import asyncpg_dsn
 from tests.e2e.chaos import run_chaos
 from tests.e2e.conftest import Hubs
 from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, Api, Server, broker_events, free_port, sql
+from tests.support import (
+    ROOT,
+    Api,
+    Server,
+    broker_events,
+    free_port,
+    migrated_database,
+    sql,
+)
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SLOW_PENDING_LIMIT = 50
@@ -348,8 +358,7 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
     ids = {r["name"]: r["id"] for r in _channel_ids(database_url)}
     on_a = hubs.open("/channels/a/stream", hubs.stream_token(hubs.admin), base=cluster.a.url)
     on_a.wait_for(lambda s: bool(s.notices("ssehub.live")))
-    subject_a, subject_b = f"ssehub.ev.{ids['a']}", f"ssehub.ev.{ids['b']}"
-    _wait(lambda: any(subject_a in subs for subs in cluster.nats.subscriptions()))
+    _wait(lambda: _subscribed(cluster.nats, ids["a"]))
 
     before = cluster.counts()
     b_ids = [hubs.publish("b", i, base=cluster.bases[1 + i % 2]) for i in range(20)]
@@ -365,13 +374,141 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
     middle = cluster.counts()
     assert _grown(before, middle, "nats") == [1, 0, 0], "b's events reached an instance"
     assert _grown(before, middle, "log") == [0, 0, 0]
-    assert b_ids and not any(subject_b in subs for subs in cluster.nats.subscriptions())
+    assert b_ids and not _subscribed(cluster.nats, ids["b"])
 
     a_ids = [hubs.publish("a", i, base=cluster.bases[1 + i % 2]) for i in range(20)]
     assert on_a.wait_ids(21) == [marker, *a_ids]
     after = cluster.counts()
     assert _grown(middle, after, "nats") == [20, 0, 0]
     assert _grown(middle, after, "log") == [0, 0, 0]
+
+
+def test_a_stream_opened_during_a_log_read_gets_what_the_read_passes(
+    cluster: Cluster, hubs: Hubs, database_url: str
+) -> None:
+    """B, cut from NATS, fills its gap from the log on the listener's turn, for the
+    channels it carries (w). While that read waits (the test holds a lock on
+    ``channels``), a stream opens on B on channel x, carried by nothing on B
+    until then, at B's position. The read passes x's event too: the broker must
+    ask what is carried again before it moves its position past that event."""
+    hubs.channel("w")
+    hubs.channel("x")
+    x = next(r["id"] for r in _channel_ids(database_url) if r["name"] == "x")
+    token = hubs.stream_token(hubs.admin)
+    on_w = hubs.open("/channels/w/stream", token, base=cluster.b.url)
+    on_w.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    # B answers x's access once; the second open below then needs no query.
+    first = hubs.open("/channels/x/stream", token, base=cluster.b.url)
+    first.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    _wait(lambda: _subscribed(cluster.nats, x))
+    first.close()
+    _wait(lambda: not _subscribed(cluster.nats, x))  # nothing on B carries x now
+    before = hubs.publish("w", "before", base=cluster.a.url)
+    assert on_w.wait_ids(1) == [before]  # B's position
+
+    reconnects = _reconnects(cluster.b)
+    cluster.proxy_b.cut(refuse_for=6.0)
+    _wait(lambda: "nats: disconnected" in cluster.b.log())
+    w_event = hubs.publish("w", "w", base=cluster.a.url)
+    x_event = hubs.publish("x", "x", base=cluster.a.url)
+    with _table_locked(database_url, "channels"):
+        _wait(lambda: _waiting_log_reads(database_url) > 0, timeout=15)
+        second = hubs.open(f"/channels/x/stream?last_event_id={before}", token, base=cluster.b.url)
+        second.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    assert on_w.wait_ids(2) == [before, w_event]
+    assert second.wait_ids(1) == [x_event], "the event of x that B's read passed was lost"
+    _wait(lambda: _reconnects(cluster.b) > reconnects, timeout=20)
+
+
+@contextlib.contextmanager
+def _table_locked(database_url: str, table: str) -> Iterator[None]:
+    """``table`` locked ACCESS EXCLUSIVE by a transaction of the test's, until the block ends."""
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    holder.start()
+    assert locked.wait(10), "could not lock the table"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def _waiting_log_reads(database_url: str) -> int:
+    """Reads of the log's pages (``app.events.log``) waiting for a lock."""
+    rows = asyncio.run(
+        sql(
+            database_url,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%JOIN channels c ON c.id = p.channel_id%'",
+        )
+    )
+    return int(rows[0]["n"])
+
+
+def test_two_deployments_on_one_nats_server_stay_apart(
+    nats_server: NatsServer,
+    cluster: Cluster,
+    hubs: Hubs,
+    database_url: str,
+    postgres_server_url: str,
+) -> None:
+    """Another deployment (its own database; the same signing key, as every
+    server of these tests has) on the same NATS server, with a channel of the
+    same name and the same id: each stream gets exactly its own deployment's
+    events, all of them, although both publish at once."""
+    hubs.channel("shared")
+    with migrated_database(postgres_server_url, "ssehub_other") as url:
+        env = {"SSEHUB_BROKER": "nats", "SSEHUB_NATS_URL": nats_server.url}
+        other = Server(url, env=env).start()
+        theirs = Hubs(Api(other.url))
+        try:
+            _same_channel_id(database_url, theirs, url)
+            streams = [
+                h.open("/channels/shared/stream", h.stream_token(h.admin), base=base)
+                for h, base in ((hubs, cluster.a.url), (theirs, other.url))
+            ]
+            for s in streams:
+                s.wait_for(lambda st: bool(st.notices("ssehub.live")))
+            published: list[list[int]] = [[], []]
+            for i in range(20):
+                published[0].append(hubs.publish("shared", i, base=cluster.bases[i % 3]))
+                published[1].append(theirs.publish("shared", i))
+            for s, ids in zip(streams, published, strict=True):
+                assert s.wait_ids(len(ids)) == ids
+            time.sleep(1)  # nothing of the other deployment's arrives late either
+            for s, ids in zip(streams, published, strict=True):
+                assert s.ids() == ids
+        finally:
+            theirs.close_all()
+            theirs.api.http.close()
+            other.stop()
+
+
+def _same_channel_id(database_url: str, theirs: Hubs, other_url: str) -> None:
+    """Their channel ``shared`` gets the id ours has: the same subject, were
+    subjects not kept apart."""
+    ours = next(r["id"] for r in _channel_ids(database_url) if r["name"] == "shared")
+    query = "SELECT setval(pg_get_serial_sequence('channels', 'id'), $1, false)"
+    asyncio.run(sql(other_url, query, ours))
+    theirs.channel("shared")
+    assert [r["id"] for r in _channel_ids(other_url) if r["name"] == "shared"] == [ours]
+
+
+def _subscribed(nats: NatsServer, channel_id: int) -> bool:
+    """Whether any connection follows the channel's subject (``ssehub.<ns>.ev.<id>``)."""
+    return any(s.endswith(f".ev.{channel_id}") for subs in nats.subscriptions() for s in subs)
 
 
 def _channel_ids(database_url: str) -> list[Any]:
