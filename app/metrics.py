@@ -85,7 +85,7 @@ class Metrics:
             "ssehub_broker_events",
             "Events the broker received for this instance's streams, by source: "
             "the log (Postgres broker, or the NATS broker filling a gap), NATS, or "
-            "this instance's own commit (the Postgres broker's committer shortcut)",
+            "this instance's own commit (either broker's committer shortcut)",
             ["source"],
             registry=r,
         )

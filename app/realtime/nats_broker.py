@@ -220,6 +220,7 @@ class NatsBroker:
         tx = {"max": top, "prev": tx_prev, "ch": list(by_channel)}
         self._outbox.put_nowait((self._tx_subject, tx))
         if not self._moving.locked() and self.position == tx_prev:
+            self._metrics.broker_events.labels("commit").inc(len(events))
             self._hand_over(events, top)
 
     async def _send_forever(self) -> None:

@@ -95,6 +95,20 @@ def publish_many(database_url: str, channel: str, count: int = HISTORY_EVENTS) -
     return [r["event_id"] for r in rows]
 
 
+def until_the_instance_has(hubs: Hubs, channel: str, last_id: int) -> None:
+    """``publish_many`` writes behind the server's back (no writer, so no NATS
+    message): with ``SSEHUB_BROKER=nats`` an instance learns of those events on
+    its safety net's turn, a second or two later. Wait for that, so that the
+    stream under test replays them rather than receives them live. (With the
+    admin's access token: a stream token of a test's short TTL may not last.)"""
+    access_token = hubs.admin["Authorization"].removeprefix("Bearer ")
+    probe = hubs.open(f"/channels/{channel}/stream?last_event_id={last_id - 1}", access_token)
+    try:
+        assert probe.wait_ids(1, timeout=15) == [last_id]
+    finally:
+        probe.close()
+
+
 def assert_no_silent_skips(stream: SseStream, published: dict[str, list[int]]) -> None:
     """Walk the stream's frames in order: ids only increase, every event is one
     that was published, and per channel each event is the next one published
@@ -212,6 +226,7 @@ def test_retention_prunes_during_a_slow_replay(api: Api, hubs: Hubs, database_ur
     after the gap, and go on to the end."""
     hubs.channel("c")
     ids = publish_many(database_url, "c")
+    until_the_instance_has(hubs, "c", ids[-1])
     s = hubs.open(
         "/channels/c/stream?last_event_id=0",
         hubs.stream_token(hubs.admin),
@@ -310,6 +325,7 @@ def test_revocation_during_a_replay_in_progress(api: Api, hubs: Hubs, database_u
     bob = api.user("bob")
     assert api.http.put("/channels/vip/members/bob", headers=hubs.admin).status_code == 204
     ids = publish_many(database_url, "vip")
+    until_the_instance_has(hubs, "vip", ids[-1])
     s = hubs.open(
         "/channels/vip/stream?last_event_id=0", hubs.stream_token(bob), rcvbuf=4096, pause_after=3
     )
@@ -336,6 +352,7 @@ def test_token_expiry_during_a_replay(
     try:
         hubs.channel("c")
         ids = publish_many(database_url, "c")
+        until_the_instance_has(hubs, "c", ids[-1])
         token = hubs.stream_token(hubs.admin)
         payload = token.split(".")[1]
         expires_at = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[
