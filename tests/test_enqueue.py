@@ -412,8 +412,10 @@ async def test_a_transaction_held_open_delays_nobody(server: Server, database_ur
             i += 1
         assert not any(mark.startswith("held") for mark in stream.marks)
         last_during = max(stream.ids())
-        await tr.commit()
+        # Taken before: the stream's reader may stamp an arrival before this
+        # coroutine resumes from the commit (nothing arrived while held, above).
         committed = time.monotonic()
+        await tr.commit()
         held_at = [await arrival(stream, f"held{i}") for i in range(3)]
         await inbox_drained(database_url)
     finally:
