@@ -27,6 +27,11 @@ Phases, each on fresh servers and a fresh database:
   instance that receives it, with each broker.
 - ``nats``: the local nats-server driven by nats-py, one publisher and one or
   four subscribers: messages/s through it and its CPU per message.
+- ``interest``: issue #13's own scenario, for each broker: 4 instances, 100
+  channels, each instance carrying streams of 10 of them (60 carried by
+  none), 1,000 events/s published over all 100: rows read from Postgres per
+  event (goal with NATS: at most 1.1) and p99 publish to delivery (goal: at
+  most 50 ms).
 
 Servers are pinned to CPU 0, this process to CPU 1 (as ``python -m bench``);
 Postgres is unpinned, nats-server too except in ``nats``. Before each phase
@@ -86,7 +91,7 @@ RESULTS = ROOT / "bench" / "results" / "scaling.json"
 QUICK_RESULTS = ROOT / "bench" / "results" / "scaling-quick.json"
 RUNNING = Path("/tmp/ssehub-scaling.running")
 NATS_SERVER = os.environ.get("SSEHUB_BENCH_NATS_SERVER", "/usr/sbin/nats-server")
-PHASES = ["memory", "fanout", "publish", "cluster", "personal", "nats"]
+PHASES = ["memory", "fanout", "publish", "cluster", "personal", "nats", "interest"]
 BROKERS = ["postgres", "nats"]
 QUIET_LOAD = 0.7
 OTHERS = "pytest|python -m bench"
@@ -115,7 +120,12 @@ class Plan:
     personal_channels: int = 500
     personal_rates: list[float] = field(default_factory=lambda: [500, 2000])
     nats_messages: int = 200_000
-    nats_size: int = 200  # bytes: about an event's message on ``ssehub.ev.<id>``
+    nats_size: int = 200  # bytes: about an event's message on ``ssehub.<ns>.ev.<id>``
+    # Issue #13's scenario: k instances, each carrying streams of a few of many channels.
+    interest_k: int = 4
+    interest_channels: int = 100
+    interest_carried: int = 10  # channels per instance
+    interest_rate: float = 1000
 
 
 QUICK = Plan(
@@ -136,6 +146,10 @@ QUICK = Plan(
     personal_channels=50,
     personal_rates=[50, 100],
     nats_messages=20_000,
+    interest_k=2,
+    interest_channels=20,
+    interest_carried=2,
+    interest_rate=100,
 )
 
 
@@ -535,8 +549,11 @@ async def publish_paced(
     return sent
 
 
-def placement(variant: str, k: int, channels: list[str], per_instance: int) -> list[list[str]]:
-    """The channel of each stream, per instance."""
+def placement(
+    variant: str, k: int, channels: list[str], per_instance: int, carried: int = 0
+) -> list[list[str]]:
+    """The channel of each stream, per instance (``interest``: ``carried`` channels
+    each, instance i the i-th run of them; the rest carried by none)."""
     if variant == "all":
         return [[channels[j % len(channels)] for j in range(per_instance)] for _ in range(k)]
     if variant == "disjoint":
@@ -547,6 +564,9 @@ def placement(variant: str, k: int, channels: list[str], per_instance: int) -> l
         return out
     if variant == "personal":  # instance 0 publishes, instance 1 one stream per channel
         return [[], list(channels)]
+    if variant == "interest":
+        runs = [channels[i * carried : (i + 1) * carried] for i in range(k)]
+        return [[mine[j % len(mine)] for j in range(per_instance)] for mine in runs]
     raise ValueError(variant)
 
 
@@ -559,7 +579,7 @@ async def measure_variant(
     publishers: list[int],
 ) -> dict[str, Any]:
     k = len(cluster.instances)
-    where = placement(variant, k, channels, plan.streams_per_instance)
+    where = placement(variant, k, channels, plan.streams_per_instance, plan.interest_carried)
     totals = Totals()
     streams: list[tuple[str, StreamProtocol]] = []
     for instance, names in zip(cluster.instances, where, strict=True):
@@ -660,6 +680,26 @@ def run_cluster(plan: Plan, brokers: list[str], ks: list[int]) -> list[dict[str,
                 rows.append(row)
             finally:
                 cluster.stop()
+    return rows
+
+
+def run_interest(plan: Plan, brokers: list[str]) -> list[dict[str, Any]]:
+    """Issue #13's scenario (module docstring), once per broker."""
+    channels = [f"i{j}" for j in range(plan.interest_channels)]
+    k, rows = plan.interest_k, []
+    for broker in brokers:
+        print(f"  [{broker}] k={k}, {len(channels)} channels: starting", flush=True)
+        cluster = start_cluster(broker, k, channels)
+        try:
+            row = asyncio.run(
+                measure_variant(
+                    cluster, "interest", channels, plan, plan.interest_rate, list(range(k))
+                )
+            )
+            print(_describe(row), flush=True)
+            rows.append(row)
+        finally:
+            cluster.stop()
     return rows
 
 
@@ -967,7 +1007,8 @@ def main() -> None:
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results["plan"] = asdict(plan)
-    results["machine"] = machine_description()
+    machine = machine_description()
+    results.setdefault("machine", machine)  # the first run's; each phase records its own
     results.setdefault("phases", {})
     brokers = args.broker or BROKERS
     ks = args.k or plan.ks
@@ -995,9 +1036,9 @@ def main() -> None:
                     key=lambda r: (BROKERS.index(r["broker"]), r["rate"], r["k"], r["variant"]),
                 )
                 entry = {"value": value}
-            elif phase == "personal":
-                rows = run_personal(plan, brokers)
-                old = results["phases"].get("personal", {}).get("value", [])
+            elif phase in ("personal", "interest"):
+                rows = (run_personal if phase == "personal" else run_interest)(plan, brokers)
+                old = results["phases"].get(phase, {}).get("value", [])
                 keep = [r for r in old if r["broker"] not in {x["broker"] for x in rows}]
                 entry = {"value": keep + rows}
             else:
@@ -1009,6 +1050,7 @@ def main() -> None:
                 }[phase](plan)
             entry |= {
                 "measured_at": at,
+                "machine": machine,
                 "quiet_before": quiet,
                 "took_s": round(time.monotonic() - began),
             }
