@@ -12,16 +12,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.cli import migrate
-from app.config import Settings
 from tests.support import (
     ROOT,
     Api,
     Server,
-    create_database,
-    drop_database,
+    migrated_database,
     reset_database,
-    unique_name,
 )
 
 
@@ -44,13 +40,8 @@ def postgres_server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A database made for this run, migrated to head, dropped afterwards."""
-    name = unique_name()
-    url = create_database(postgres_server_url, name)
-    migrate(Settings(database_url=url))
-    try:
+    with migrated_database(postgres_server_url, "ssehub_test") as url:
         yield url
-    finally:
-        drop_database(postgres_server_url, name)
 
 
 @pytest.fixture(autouse=True)

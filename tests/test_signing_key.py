@@ -17,17 +17,13 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from app.cli import migrate
-from app.config import Settings
 from tests.support import (
     ROOT,
     TEST_SECRET,
     Server,
-    create_database,
-    drop_database,
     free_port,
+    migrated_database,
     sql,
-    unique_name,
 )
 
 OTHER_SECRET = "another-test-secret-key-long-enough-for-hs256-9876543210"
@@ -36,11 +32,8 @@ REFUSAL = "another instance signs tokens with a different SSEHUB_SECRET_KEY"
 
 @pytest.fixture
 def own_database(postgres_server_url: str) -> Iterator[str]:
-    name = unique_name("ssehub_keys")
-    url = create_database(postgres_server_url, name)
-    migrate(Settings(database_url=url))
-    yield url
-    drop_database(postgres_server_url, name)
+    with migrated_database(postgres_server_url, "ssehub_keys") as url:
+        yield url
 
 
 @pytest.fixture

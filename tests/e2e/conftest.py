@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from app.db import asyncpg_dsn
 from tests.e2e.sse_client import SseStream
 from tests.support import ADMIN_PASSWORD, Api
+
+
+class Db:
+    """One connection to the test database driven step by step from a sync test,
+    so a transaction (or a lock) can stay open across steps."""
+
+    def __init__(self, url: str) -> None:
+        self._runner = asyncio.Runner()
+        self.conn: Any = self._runner.run(asyncpg.connect(asyncpg_dsn(url)))
+
+    def fetch(self, query: str, *args: Any) -> list[Any]:
+        rows: list[Any] = self._runner.run(self.conn.fetch(query, *args))
+        return rows
+
+    def execute(self, script: str) -> None:
+        self._runner.run(self.conn.execute(script))
+
+    def close(self) -> None:
+        self._runner.run(self.conn.close())
+        self._runner.close()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Db]:
+    conn = Db(database_url)
+    yield conn
+    conn.close()
 
 
 class Hubs:

@@ -13,15 +13,11 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import pytest
-
-from app.db import asyncpg_dsn
-from tests.e2e.conftest import Hubs
+from tests.e2e.conftest import Db, Hubs
 from tests.e2e.sse_client import SseStream
 from tests.support import Api, Server, sql
 
@@ -57,33 +53,6 @@ KILL_LISTENER = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
     "WHERE application_name = 'ssehub-listener' AND datname = current_database()"
 )
-
-
-class Db:
-    """One connection to the test database driven step by step from a sync test,
-    so a transaction (or a lock) can stay open across steps."""
-
-    def __init__(self, url: str) -> None:
-        self._runner = asyncio.Runner()
-        self.conn: Any = self._runner.run(asyncpg.connect(asyncpg_dsn(url)))
-
-    def fetch(self, query: str, *args: Any) -> list[Any]:
-        rows: list[Any] = self._runner.run(self.conn.fetch(query, *args))
-        return rows
-
-    def execute(self, script: str) -> None:
-        self._runner.run(self.conn.execute(script))
-
-    def close(self) -> None:
-        self._runner.run(self.conn.close())
-        self._runner.close()
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Db]:
-    conn = Db(database_url)
-    yield conn
-    conn.close()
 
 
 def publish_many(database_url: str, channel: str, count: int = HISTORY_EVENTS) -> list[int]:

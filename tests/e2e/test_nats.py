@@ -28,13 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from app.db import asyncpg_dsn
 from tests.e2e.chaos import run_chaos
-from tests.e2e.conftest import Hubs
+from tests.e2e.conftest import Db, Hubs
 from tests.e2e.sse_client import SseStream
 from tests.support import (
     ROOT,
@@ -384,7 +382,7 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
 
 
 def test_a_stream_opened_during_a_log_read_gets_what_the_read_passes(
-    cluster: Cluster, hubs: Hubs, database_url: str
+    cluster: Cluster, hubs: Hubs, db: Db, database_url: str
 ) -> None:
     """B, cut from NATS, fills its gap from the log on the listener's turn, for the
     channels it carries (w). While that read waits (the test holds a lock on
@@ -411,38 +409,17 @@ def test_a_stream_opened_during_a_log_read_gets_what_the_read_passes(
     _wait(lambda: "nats: disconnected" in cluster.b.log())
     w_event = hubs.publish("w", "w", base=cluster.a.url)
     x_event = hubs.publish("x", "x", base=cluster.a.url)
-    with _table_locked(database_url, "channels"):
+    db.execute("BEGIN")
+    db.execute("LOCK TABLE channels IN ACCESS EXCLUSIVE MODE")
+    try:
         _wait(lambda: _waiting_log_reads(database_url) > 0, timeout=15)
         second = hubs.open(f"/channels/x/stream?last_event_id={before}", token, base=cluster.b.url)
         second.wait_for(lambda s: bool(s.notices("ssehub.live")))
+    finally:
+        db.execute("ROLLBACK")
     assert on_w.wait_ids(2) == [before, w_event]
     assert second.wait_ids(1) == [x_event], "the event of x that B's read passed was lost"
     _wait(lambda: _reconnects(cluster.b) > reconnects, timeout=20)
-
-
-@contextlib.contextmanager
-def _table_locked(database_url: str, table: str) -> Iterator[None]:
-    """``table`` locked ACCESS EXCLUSIVE by a transaction of the test's, until the block ends."""
-    locked, release = threading.Event(), threading.Event()
-
-    async def hold() -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(database_url))
-        try:
-            async with conn.transaction():
-                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
-        finally:
-            await conn.close()
-
-    holder = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
-    holder.start()
-    assert locked.wait(10), "could not lock the table"
-    try:
-        yield
-    finally:
-        release.set()
-        holder.join(10)
 
 
 def _waiting_log_reads(database_url: str) -> int:
