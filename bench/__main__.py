@@ -1,7 +1,7 @@
 """Run every scenario against ssehub, Nchan and the FastAPI tutorial, and pgbench for
 the publish ceiling; write docs/BENCHMARKS.md.
 
-    python -m bench             # the full plan (about 9 minutes on 2 cores)
+    python -m bench             # the full plan (about 7 minutes on 2 cores)
     python -m bench --quick     # a smoke run with small numbers (bench/results/quick.md)
     python -m bench --lean      # also the tutorial with a lean response (+2 min)
 
@@ -72,7 +72,7 @@ class Plan:
         return grouped
 
 
-# The default: medians of three in about 9 minutes on 2 cores (`make bench`
+# The default: medians of three in about 7 minutes on 2 cores (`make bench`
 # is meant to stay within 10). `--seconds 10` publishes for the issue's 10 s per fan-out run.
 FULL = Plan(
     memory_counts=[1000, 5000, 10000],
