@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,10 +119,35 @@ async def sql(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def beside_a_server(url: str, work: Callable[[asyncpg.Connection], Awaitable[None]]) -> None:
+    """``work`` in one transaction on the test database while servers run on it.
+
+    A TRUNCATE locks its tables one by one; a server's transaction that
+    touches two of them in the other order (retention, a publish, a
+    subscription) deadlocks with it, and Postgres fails one side. When that
+    side is ours, the transaction rolled back whole: run it again."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        for attempt in range(5):
+            try:
+                async with conn.transaction():
+                    await work(conn)
+                return
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
+    finally:
+        await conn.close()
+
+
 def truncate_all(url: str) -> None:
     """Empty every table. Identities are *not* restarted: event ids keep growing,
     as they do in production, so a running server's cursors stay meaningful."""
-    asyncio.run(sql(url, f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+
+    async def truncate(conn: asyncpg.Connection) -> None:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+
+    asyncio.run(beside_a_server(url, truncate))
 
 
 def make_admin(url: str, username: str = "admin", password: str = ADMIN_PASSWORD) -> None:
@@ -153,30 +178,25 @@ def reset_database(url: str) -> None:
     """``truncate_all`` and ``make_admin`` in one connection, with the password
     hashed once per run: every test starts this way, so it must be cheap."""
 
-    async def run() -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            async with conn.transaction():
-                await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
-                user_id = await conn.fetchval(
-                    "INSERT INTO users (username, password_hash, is_admin) "
-                    "VALUES ('admin', $1, true) RETURNING id",
-                    _admin_hash(),
-                )
-                await conn.execute(
-                    "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
-                    user_id,
-                )
-                # What the shared server wrote as it started: a test's own server
-                # with another SSEHUB_MAX_EVENT_BYTES may have replaced it.
-                await conn.execute(
-                    "INSERT INTO ssehub_config (name, value) VALUES ('max_event_bytes', '65536') "
-                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-                )
-        finally:
-            await conn.close()
+    async def reset(conn: asyncpg.Connection) -> None:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+        user_id = await conn.fetchval(
+            "INSERT INTO users (username, password_hash, is_admin) "
+            "VALUES ('admin', $1, true) RETURNING id",
+            _admin_hash(),
+        )
+        await conn.execute(
+            "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
+            user_id,
+        )
+        # What the shared server wrote as it started: a test's own server
+        # with another SSEHUB_MAX_EVENT_BYTES may have replaced it.
+        await conn.execute(
+            "INSERT INTO ssehub_config (name, value) VALUES ('max_event_bytes', '65536') "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        )
 
-    asyncio.run(run())
+    asyncio.run(beside_a_server(url, reset))
 
 
 @dataclass

@@ -42,8 +42,7 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from app.db import asyncpg_dsn
-from tests.support import ADMIN_PASSWORD, Api, Server, auth
+from tests.support import ADMIN_PASSWORD, Api, Server, auth, beside_a_server
 
 FUZZER = "fuzzer"
 FUZZER_PASSWORD = "fuzzer-password-1"
@@ -155,7 +154,7 @@ class Fuzzing:
             case.path_parameters = {**params, "username": "nobody"}
 
     def reset(self) -> None:
-        asyncio.run(self._forget_all_but_our_users())
+        asyncio.run(beside_a_server(self.database_url, self._forget_all_but_our_users))
         admin = self.tokens["admin"]
         for name, private in (("news", False), ("vip", True)):
             r = self.api.http.post(
@@ -171,15 +170,12 @@ class Fuzzing:
         r = self.api.http.put("/me/subscriptions/news", headers=self.tokens["user"])
         assert r.status_code == 201, r.text
 
-    async def _forget_all_but_our_users(self) -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        try:
-            await conn.execute(
-                "TRUNCATE idempotency_keys, events, subscriptions, channel_members, channels"
-            )
-            await conn.execute("DELETE FROM users WHERE username <> ALL($1)", PROTECTED_USERS)
-        finally:
-            await conn.close()
+    @staticmethod
+    async def _forget_all_but_our_users(conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "TRUNCATE idempotency_keys, events, subscriptions, channel_members, channels"
+        )
+        await conn.execute("DELETE FROM users WHERE username <> ALL($1)", PROTECTED_USERS)
 
     def run(self, case: Case, role: str) -> None:
         self.prepare(case)
