@@ -7,6 +7,7 @@ Playwright's own browser download does not work here: the tests launch
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,3 +131,11 @@ def wait_for_ids(page: Page, expected: list[int]) -> None:
     """Wait until the last expected id shows, then check the whole log: once each, in order."""
     page.wait_for_selector(f'#event-log li[data-id="{expected[-1]}"]')
     assert shown_ids(page) == expected
+
+
+def wait_for_streams(hub: Hub, count: int) -> None:
+    """Poll /metrics until the server counts ``count`` open streams."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while hub.streams_open() != count:
+        assert time.monotonic() < deadline, f"streams open: {hub.streams_open()}, not {count}"
+        time.sleep(0.05)

@@ -17,7 +17,6 @@ as the README tells developers to.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
@@ -35,6 +34,7 @@ from tests.e2e.browser import (
     clean_db,
     log_in_and_subscribe,
     wait_for_ids,
+    wait_for_streams,
 )
 from tests.support import Api, Server, auth
 
@@ -81,14 +81,6 @@ def assert_no_token_in_urls(sent: list[Sent]) -> None:
     assert streams(sent), "no stream was opened"
     assert all(r.authorized for r in streams(sent))
     assert [r.url for r in sent if "access_token" in r.url] == []
-
-
-def wait_for_streams(hub: Hub, count: int) -> None:
-    """Poll /metrics until the server counts ``count`` open streams."""
-    deadline = time.monotonic() + WAIT_MS / 1000
-    while hub.streams_open() != count:
-        assert time.monotonic() < deadline, f"streams open: {hub.streams_open()}, not {count}"
-        time.sleep(0.05)
 
 
 def test_published_event_appears_on_the_page(
