@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.e2e.browser import (
     TOKEN_KEY,
@@ -199,6 +200,32 @@ def test_a_hung_leader_is_replaced_and_catches_up_when_it_runs_again(
         wait_for_ids(tab, published)
     assert state(leader)[0] == "follower"
     print(f"takeover from a hung leader: {round(takeover)} ms")
+    assert takeover < TAKEOVER_LIMIT_MS
+    wait_for_streams(hub, 1)
+
+
+def test_a_crashed_leader_is_replaced(alice: tuple[Hub, BrowserContext]) -> None:
+    """``chrome://crash`` kills the leading tab's renderer: the browser releases its
+    lock, another tab resumes from its last id, nothing lost or repeated."""
+    hub, context = alice
+    tabs = open_tabs(context, hub.url, 3)
+    wait_for_streams(hub, 1)
+    (leader,) = [tab for tab in tabs if state(tab)[0] == "leader"]
+    others = [tab for tab in tabs if tab is not leader]
+    crashed: list[Page] = []
+    leader.on("crash", lambda tab: crashed.append(tab))
+    with publishing(hub, "news", every=0.1) as published:
+        while len(published) < 5:
+            time.sleep(0.05)
+        crashed_at = time.time() * 1000
+        with pytest.raises(PlaywrightError):
+            leader.goto("chrome://crash", timeout=2000)
+        takeover = wait_for_new_leader(others, crashed_at)
+        time.sleep(1)
+    assert crashed == [leader]
+    for tab in others:
+        wait_for_ids(tab, published)
+    print(f"takeover from a crashed leader: {round(takeover)} ms")
     assert takeover < TAKEOVER_LIMIT_MS
     wait_for_streams(hub, 1)
 
