@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -108,7 +109,7 @@ def create_app(settings: Settings) -> ASGIApp:
         # The page is what the router answers for paths no route knows. Mounted at
         # "/" it matched every path first: GET /auth/register was its 404, not the
         # route's 405, and DELETE /channels its 405 with "Allow: GET, HEAD".
-        app.router.default = StaticFiles(directory=STATIC_DIR, html=True)
+        app.router.default = StaticPage(directory=STATIC_DIR, html=True)
     served: ASGIApp = HotPaths(app, lambda inner: BodyLimit(inner, settings))
     if settings.cors_origin_list:
         served = CORSMiddleware(
@@ -126,6 +127,17 @@ def create_app(settings: Settings) -> ASGIApp:
         proxied = ProxyHeadersMiddleware(cast(Any, served), settings.trusted_proxy_list)
         served = cast(ASGIApp, proxied)
     return served
+
+
+class StaticPage(StaticFiles):
+    """``app/static``: the page, and ``/ssehub-client.js`` (the browser client's
+    build). ``no-cache``: a browser keeps the files but asks each time, getting
+    a 304 through the ETag, so after an upgrade no page runs an old client."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.support import Api, Server
+from tests.support import ROOT, Api, Server
 
 
 def test_health_and_readiness(api: Api) -> None:
@@ -120,3 +120,18 @@ def test_cors_covers_every_endpoint_the_hot_paths_included(start_server) -> None
         headers={**admin, "Origin": "https://evil.example"},
     )
     assert "access-control-allow-origin" not in foreign.headers
+
+
+def test_the_browser_client_is_served_as_a_module_a_browser_revalidates(api: Api) -> None:
+    """``/ssehub-client.js`` is the committed build of ``clients/js`` (``clients/js/ci.sh``
+    checks it against a fresh build), kept but revalidated (``no-cache`` + ETag)."""
+    r = api.http.get("/ssehub-client.js")
+    assert r.status_code == 200
+    assert r.headers["content-type"].split(";")[0] in {"text/javascript", "application/javascript"}
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.content == (ROOT / "app" / "static" / "ssehub-client.js").read_bytes()
+    assert "export {" in r.text and "SsehubClient" in r.text
+    again = api.http.get("/ssehub-client.js", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304
+    assert api.http.get("/").headers["cache-control"] == "no-cache"
+    assert api.http.get("/ssehub.js").status_code == 404  # one browser client

@@ -1,11 +1,13 @@
 // The ssehub page: log in, pick channels, watch the live stream, publish (admins).
 // Everything the server sends is rendered with textContent, never innerHTML.
-import { openStream } from './ssehub.js';
+// The stream comes through the browser client (clients/js, served at
+// /ssehub-client.js): one stream for all of a user's tabs of this page.
+import { SsehubClient } from './ssehub-client.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'ssehub.access_token'; // sessionStorage: gone with the tab, never in a URL
 
-const page = { token: sessionStorage.getItem(TOKEN_KEY), me: null, stream: null, subscribed: new Set() };
+const page = { token: sessionStorage.getItem(TOKEN_KEY), me: null, hub: null, subscribed: new Set() };
 
 class ApiError extends Error {
   constructor(status, detail) {
@@ -71,10 +73,8 @@ $('register').addEventListener('click', async () => {
 });
 
 function logout(message = '') {
-  page.stream?.close();
-  page.stream = null;
-  // The HttpOnly cookie is out of the page's reach: the server clears it.
-  fetch('/auth/stream-cookie', { method: 'DELETE' }).catch(() => {});
+  page.hub?.close();
+  page.hub = null;
   page.token = null;
   page.me = null;
   sessionStorage.removeItem(TOKEN_KEY);
@@ -102,9 +102,6 @@ async function loadChannels() {
   const chosen = select.value;
   select.replaceChildren(...channels.map((c) => new Option(c.name, c.name)));
   if (chosen) select.value = chosen;
-  // Ids are global and only grow, so the newest id of any channel is a complete
-  // starting cursor: the stream then misses nothing published from now on.
-  return channels.reduce((max, c) => Math.max(max, c.last_event_id ?? 0), 0);
 }
 
 function channelRow(channel) {
@@ -134,7 +131,7 @@ function channelRow(channel) {
   button.addEventListener('click', async () => {
     const on = page.subscribed.has(channel.name);
     try {
-      await api(on ? 'DELETE' : 'PUT', '/me/subscriptions/' + encodeURIComponent(channel.name));
+      if (on) await page.hub.unsubscribe(channel.name); else await page.hub.subscribe(channel.name);
       if (on) page.subscribed.delete(channel.name); else page.subscribed.add(channel.name);
       render();
       say('channels-message', '');
@@ -175,8 +172,6 @@ $('publish-form').addEventListener('submit', async (e) => {
   const type = $('publish-type').value.trim();
   const channel = $('publish-channel').value;
   try {
-    // EventSource only delivers the types it listens for: listen before publishing.
-    page.stream?.listen(type);
     const event = await api('POST', `/channels/${encodeURIComponent(channel)}/events`, { json: { type, data } });
     say('publish-message', `Published event ${event.id} to ${channel}.`, 'ok');
   } catch (err) {
@@ -213,24 +208,38 @@ function showEvent(event) {
   li.dataset.id = String(event.id);
 }
 
-function showNotice(type, data) {
+function showNotice({ type, data }) {
   if (type === 'ssehub.live') return; // shown as the connection state instead
-  const li = logEntry('notice', 'notice', [type], JSON.stringify(data));
+  // The stream was refused for the token: the login expired.
+  if (type === 'ssehub-client.error' && data.status === 401) return logout('Your session expired; please log in again.');
+  const body = typeof data.message === 'string' ? data.message : JSON.stringify(data);
+  const li = logEntry('notice', 'notice', [type], body);
   li.dataset.notice = type;
   // A removed channel (deleted, or access lost) should leave the list too.
   if (type === 'ssehub.channel_removed') loadChannels().catch(() => {});
 }
 
-function showState(state, detail) {
-  const el = $('stream-state');
-  el.dataset.state = state;
-  if (state === 'live' && detail.resumedFrom) el.textContent = `live · resumed from id ${detail.resumedFrom}`;
-  else el.textContent = state;
-}
+const ROLES = {
+  leader: 'This tab reads the stream for all your tabs of this page.',
+  follower: 'Another tab of yours reads the stream and hands every event to this one.',
+  alone: 'This tab reads a stream of its own.',
+};
 
-// The stream cookie (HttpOnly, a stream token) lets EventSource open /stream with
-// no token in its URL; openStream renews it before each open of its own.
-const renewStreamCookie = () => api('POST', '/auth/stream-cookie');
+// The state pill says how the stream is; data-role and data-since (ms since the
+// epoch of the last change) say which tab holds it and since when.
+function showState() {
+  const { hub } = page;
+  if (!hub) return;
+  const el = $('stream-state');
+  if (el.dataset.state !== hub.status) {
+    const resumed = el.dataset.state === 'reconnecting' && hub.status === 'live' && hub.lastEventId !== null;
+    el.textContent = resumed ? `live · resumed from id ${hub.lastEventId}` : hub.status;
+    el.dataset.state = hub.status;
+  }
+  el.dataset.role = hub.role;
+  el.dataset.since = String(Date.now());
+  $('stream-role').textContent = ROLES[hub.role] ?? '';
+}
 
 // --- start ----------------------------------------------------------------------
 
@@ -242,16 +251,16 @@ async function start() {
   $('login-panel').hidden = true;
   $('whoami').hidden = false;
   $('app-panel').hidden = false;
-  const position = await loadChannels();
-  page.stream?.close();
-  page.stream = openStream({
-    renewCookie: renewStreamCookie,
-    lastEventId: position || null,
-    types: ['message'],
-    onEvent: showEvent,
-    onNotice: showNotice,
-    onState: showState,
-  });
+  page.hub?.close();
+  // The access token goes in the stream's Authorization header: never in a URL.
+  const hub = new SsehubClient({ token: () => page.token });
+  page.hub = hub;
+  hub.on('event', showEvent);
+  hub.on('notice', showNotice);
+  hub.on('status', showState);
+  hub.on('role', showState);
+  showState();
+  await loadChannels();
 }
 
 if (page.token) start().catch(() => logout());

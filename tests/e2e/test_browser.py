@@ -1,79 +1,51 @@
 """The page at ``/`` in a real headless Chromium against real ``ssehub serve`` processes.
 
-These prove what a browser user relies on: the page's EventSource sees events
-published through the API, survives the server going away (the browser's own
-reconnect with ``Last-Event-ID``), and renews its stream cookie on
-``ssehub.expired``, each event shown exactly once and in order. The page
-streams with the ``ssehub_stream`` cookie: no request it makes has a token in
-its URL. ``ssehub.js`` does the same for a page on another origin listed in
-``SSEHUB_CORS_ORIGINS``.
+These prove what a browser user relies on: the page, through the browser
+client (``/ssehub-client.js``), sees events published through the API,
+survives the server going away (reconnecting with backoff from its last id),
+and says so when its login expires, each event shown exactly once and in
+order. Its access token goes in the stream's ``Authorization`` header: no
+request it makes has a token in its URL. The same client streams with the
+``ssehub_stream`` cookie for a page on another origin listed in
+``SSEHUB_CORS_ORIGINS``. Sharing one stream between tabs is
+``test_shared_stream.py``'s.
 
 The servers run on plain http://127.0.0.1 and so set ``SSEHUB_COOKIE_SECURE=false``,
-as the README tells developers to; the first test keeps the default (Secure)
-and shows that Chromium treats 127.0.0.1 as a secure origin.
+as the README tells developers to.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import NamedTuple
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page
 
-from tests.support import ADMIN_PASSWORD, Api, Server, auth, make_admin, truncate_all
+from tests.e2e.browser import (
+    PLAIN_HTTP,
+    USER_PASSWORD,
+    WAIT_MS,
+    Hub,
+    browser,
+    clean_db,
+    log_in_and_subscribe,
+    wait_for_ids,
+    wait_for_streams,
+)
+from tests.support import Api, Server, auth
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-WAIT_MS = 15_000
-USER_PASSWORD = "password-123"
-PLAIN_HTTP = {"SSEHUB_COOKIE_SECURE": "false"}  # development over http://, as the README says
-
-
-@pytest.fixture(autouse=True)
-def clean_db(database_url: str) -> None:
-    """conftest's clean_db, run on a worker thread: Playwright's sync API keeps an
-    event loop running on this one, and the helpers use ``asyncio.run``."""
-
-    def clean() -> None:
-        truncate_all(database_url)
-        make_admin(database_url)
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(clean).result()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser tests")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
+__all__ = ["browser", "clean_db"]  # fixtures
 
 
 class Sent(NamedTuple):
     method: str
     url: str
-    resource_type: str
+    authorized: bool  # an Authorization header
 
 
 @pytest.fixture
@@ -85,7 +57,10 @@ def sent() -> list[Sent]:
 def new_tab(context: BrowserContext, sent: list[Sent]) -> Page:
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
-    tab.on("request", lambda r: sent.append(Sent(r.method, r.url, r.resource_type)))
+    tab.on(
+        "request",
+        lambda r: sent.append(Sent(r.method, r.url, "authorization" in r.headers)),
+    )
     return tab
 
 
@@ -96,76 +71,22 @@ def page(browser: Browser, sent: list[Sent]) -> Iterator[Page]:
     context.close()
 
 
+def streams(sent: list[Sent]) -> list[Sent]:
+    return [r for r in sent if r.url.split("?")[0].endswith("/stream")]
+
+
 def assert_no_token_in_urls(sent: list[Sent]) -> None:
-    """The page streamed (EventSource requests were made) and no URL it requested
-    carries a token: the access token stays in sessionStorage, the stream token
-    in the HttpOnly cookie."""
-    assert [r for r in sent if r.resource_type == "eventsource"], "no EventSource was opened"
+    """The page streamed, and no URL it requested carries a token: the access token
+    stays in sessionStorage and goes in the stream's Authorization header."""
+    assert streams(sent), "no stream was opened"
+    assert all(r.authorized for r in streams(sent))
     assert [r.url for r in sent if "access_token" in r.url] == []
-
-
-def cookie_posts(sent: list[Sent]) -> int:
-    return sum(1 for r in sent if r.method == "POST" and r.url.endswith("/auth/stream-cookie"))
-
-
-class Hub:
-    """Admin calls against one server (its URL may change when it is restarted)."""
-
-    def __init__(self, server: Server) -> None:
-        self.url = server.url
-        self.admin = auth(Api(server.url).login("admin", ADMIN_PASSWORD))
-
-    def channel(self, name: str) -> None:
-        r = httpx.post(f"{self.url}/channels", json={"name": name}, headers=self.admin)
-        assert r.status_code == 201, r.text
-
-    def user(self, username: str) -> None:
-        r = httpx.post(
-            f"{self.url}/auth/register", json={"username": username, "password": USER_PASSWORD}
-        )
-        assert r.status_code == 201, r.text
-
-    def publish(self, channel: str, n: int) -> int:
-        r = httpx.post(
-            f"{self.url}/channels/{channel}/events",
-            json={"type": "message", "data": {"n": n}},
-            headers=self.admin,
-            timeout=30,
-        )
-        assert r.status_code == 201, r.text
-        event_id: int = r.json()["id"]
-        return event_id
-
-
-def log_in_and_subscribe(page: Page, url: str, username: str, channel: str) -> None:
-    page.goto(url)
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(USER_PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    page.get_by_role("button", name=f"Subscribe to {channel}").click()
-    page.wait_for_selector(f'button[data-channel="{channel}"][aria-pressed="true"]')
-    page.wait_for_selector('#stream-state[data-state="live"]')
-
-
-def shown_ids(page: Page) -> list[int]:
-    ids: list[str] = page.eval_on_selector_all(
-        "#event-log li[data-id]", "els => els.map(e => e.dataset.id)"
-    )
-    return [int(i) for i in ids]
-
-
-def wait_for_ids(page: Page, expected: list[int]) -> None:
-    """Wait until the last expected id shows, then check the whole log: once each, in order."""
-    page.wait_for_selector(f'#event-log li[data-id="{expected[-1]}"]')
-    assert shown_ids(page) == expected
 
 
 def test_published_event_appears_on_the_page(
     page: Page, sent: list[Sent], start_server: Callable[..., Server]
 ) -> None:
-    """Also: the cookie's round trip. The server keeps the default Secure cookie:
-    Chromium stores and sends it on http://127.0.0.1 all the same (a
-    "potentially trustworthy" origin); logging out clears it."""
+    """Also: logging out closes the page's stream."""
     hub = Hub(start_server())
     hub.channel("news")
     hub.user("alice")
@@ -173,17 +94,12 @@ def test_published_event_appears_on_the_page(
     first = hub.publish("news", 1)
     wait_for_ids(page, [first])
     assert '"n": 1' in page.locator(f'#event-log li[data-id="{first}"] pre').inner_text()
-    (cookie,) = page.context.cookies()
-    assert (cookie["name"], cookie["httpOnly"], cookie["secure"]) == ("ssehub_stream", True, True)
-    assert cookie_posts(sent) == 1
+    assert page.locator("#stream-state").get_attribute("data-role") == "leader"
     assert_no_token_in_urls(sent)
+    wait_for_streams(hub, 1)
 
-    with page.expect_response(
-        lambda r: r.request.method == "DELETE" and r.url.endswith("/auth/stream-cookie")
-    ) as cleared:
-        page.get_by_role("button", name="Log out").click()
-    assert cleared.value.status == 204
-    assert page.context.cookies() == []
+    page.get_by_role("button", name="Log out").click()
+    wait_for_streams(hub, 0)
 
 
 def test_events_published_while_the_server_was_down_arrive_once_each(
@@ -198,7 +114,7 @@ def test_events_published_while_the_server_was_down_arrive_once_each(
     before = hub.publish("news", 0)
     wait_for_ids(page, [before])
 
-    old.stop()  # cuts the page's stream; EventSource keeps retrying the same URL
+    old.stop()  # cuts the page's stream; the client retries with backoff
     page.wait_for_selector('#stream-state[data-state="reconnecting"]')
     new = Server(database_url, env=env, port=old.port).start()
     try:
@@ -206,31 +122,25 @@ def test_events_published_while_the_server_was_down_arrive_once_each(
         page.wait_for_selector('#stream-state[data-state="live"]')
         after = hub.publish("news", 4)
         wait_for_ids(page, [before, *missed, after])
-        # The browser's own reconnect (same URL, Last-Event-ID, the same cookie)
-        # did it: the cookie was set once, at login.
-        assert cookie_posts(sent) == 1
+        # It resumed from the last id it had shown.
+        assert f"last_event_id={before}" in streams(sent)[-1].url
         assert_no_token_in_urls(sent)
     finally:
         new.stop()
 
 
-def test_the_page_renews_its_stream_cookie_after_expiry(
-    page: Page, sent: list[Sent], start_server: Callable[..., Server]
+def test_the_page_logs_out_when_its_login_expires(
+    page: Page, start_server: Callable[..., Server]
 ) -> None:
-    hub = Hub(start_server(SSEHUB_STREAM_TOKEN_TTL_SECONDS="2", **PLAIN_HTTP))
+    """The server ends the stream with ``ssehub.expired``; the page's token is its
+    login's, refused from then on (401): it says so and shows the login form."""
+    hub = Hub(start_server(SSEHUB_ACCESS_TOKEN_TTL_SECONDS="3", **PLAIN_HTTP))
     hub.channel("news")
     hub.user("carol")
     log_in_and_subscribe(page, hub.url, "carol", "news")
-    first = hub.publish("news", 0)
-    wait_for_ids(page, [first])
-    page.wait_for_selector('#event-log li[data-notice="ssehub.expired"]')
-    after_expiry = [hub.publish("news", n) for n in range(1, 4)]
-    page.wait_for_selector('#stream-state[data-state="live"]')
-    later = hub.publish("news", 4)
-    wait_for_ids(page, [first, *after_expiry, later])
-    assert page.locator('#event-log li[data-notice="ssehub.expired"]').count() >= 1
-    assert cookie_posts(sent) >= 2  # at login, then renewed on expiry
-    assert_no_token_in_urls(sent)
+    page.wait_for_selector("#login-panel:not([hidden])")
+    assert "session expired" in page.locator("#login-message").inner_text()
+    wait_for_streams(hub, 0)
 
 
 def test_nothing_overflows_at_phone_width(
@@ -253,23 +163,24 @@ def test_nothing_overflows_at_phone_width(
     assert_no_token_in_urls(sent)
 
 
-# A page of another origin (same site: 127.0.0.1 on another port) that uses
-# ssehub.js as served by the hub, the way the README's recipe says.
+# A page of another origin (same site: 127.0.0.1 on another port) that imports the
+# client as served by the hub and streams with the stream cookie (no token).
 OTHER_ORIGIN_SCRIPT = """async ([hub, username, password]) => {
-  const { openStream } = await import(hub + '/ssehub.js');
+  const { SsehubClient } = await import(hub + '/ssehub-client.js');
   const login = await fetch(hub + '/auth/token', {
     method: 'POST', body: new URLSearchParams({ username, password }) });
   const { access_token } = await login.json();
+  const cookie = await fetch(hub + '/auth/stream-cookie', {
+    method: 'POST', credentials: 'include', headers: { Authorization: 'Bearer ' + access_token } });
+  if (cookie.status !== 204) throw new Error('stream cookie: ' + cookie.status);
   window.got = [];
-  window.stream = openStream({
-    path: hub + '/stream',
+  window.hub = new SsehubClient({
+    url: hub,
     lastEventId: 2 ** 50,  // above every issued id, as after a database restore
-    renewCookie: () => fetch(hub + '/auth/stream-cookie', {
-      method: 'POST', credentials: 'include', headers: { Authorization: 'Bearer ' + access_token } }),
-    onEvent: (event) => window.got.push([event.id, event.channel]),
-    onNotice: (type, data) => { if (type === 'ssehub.reset') window.reset = data; },
-    onState: (state) => { window.state = state; },
   });
+  window.hub.on('event', (event) => window.got.push([event.id, event.channel]));
+  window.hub.on('notice', ({ type, data }) => { if (type === 'ssehub.reset') window.reset = data; });
+  window.hub.on('status', (status) => { window.state = status; });
 }"""
 
 
@@ -300,10 +211,10 @@ def other_origin() -> Iterator[str]:
         httpd.server_close()
 
 
-def test_ssehub_js_streams_with_the_cookie_for_a_page_on_another_origin(
+def test_the_served_client_streams_with_the_cookie_for_a_page_on_another_origin(
     page: Page, sent: list[Sent], other_origin: str, start_server: Callable[..., Server]
 ) -> None:
-    """Also: starting above every issued id, ssehub.js follows ``ssehub.reset``
+    """Also: starting above every issued id, the client follows ``ssehub.reset``
     down to the server's position instead of dropping every later event as seen."""
     hub = Hub(start_server(SSEHUB_CORS_ORIGINS=other_origin, **PLAIN_HTTP))
     hub.channel("news")
@@ -320,7 +231,6 @@ def test_ssehub_js_streams_with_the_cookie_for_a_page_on_another_origin(
     page.wait_for_function("window.got.length >= 2")
     assert page.evaluate("window.got") == [[news, "news"], [personal, "@erin"]]
     assert page.evaluate("window.reset.last_event_id") < news
-    streams = [r.url for r in sent if r.resource_type == "eventsource"]
-    assert streams == [f"{hub.url}/stream?last_event_id={2**50}"]
-    assert cookie_posts(sent) == 1
-    assert_no_token_in_urls(sent)
+    assert [r.url for r in streams(sent)] == [f"{hub.url}/stream?last_event_id={2**50}"]
+    assert not any(r.authorized for r in streams(sent))  # the cookie, no token
+    assert [r.url for r in sent if "access_token" in r.url] == []
