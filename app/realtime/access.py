@@ -36,6 +36,7 @@ change applies to it.
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from typing import Any
 
 from app.channels.service import StreamAccess, stream_access
@@ -43,14 +44,20 @@ from app.db import raw_connection
 from app.notify import Hints
 
 CACHE_SIZE = 100_000
+Key = tuple[int, str | None]  # (user, channel name; None for ``/stream``)
 
 
 class StreamAccessCache:
     """``stream_access`` with memory, forgotten on hints (``app.realtime.control``)."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[int, str | None], StreamAccess] = {}
-        self._asking: dict[tuple[int, str | None], asyncio.Future[tuple[StreamAccess, int]]] = {}
+        self._known: dict[Key, StreamAccess] = {}
+        # The keys of ``_known`` by user and by channel carried, so that what a
+        # turn's hints name is found without reading every answer: a flood of
+        # hints costs what they name, not the cache's size per turn.
+        self._of_user: defaultdict[int, set[Key]] = defaultdict(set)
+        self._of_channel: defaultdict[int, set[Key]] = defaultdict(set)
+        self._asking: dict[Key, asyncio.Future[tuple[StreamAccess, int]]] = {}
         self.generation = 0  # moved by every ``forget``
 
     async def get(self, pool: Any, user_id: int, name: str | None) -> tuple[StreamAccess, int]:
@@ -68,27 +75,55 @@ class StreamAccessCache:
             asking.add_done_callback(lambda _: self._asking.pop(key, None))
         return await asyncio.shield(asking)
 
-    async def _ask(self, pool: Any, key: tuple[int, str | None]) -> tuple[StreamAccess, int]:
+    async def _ask(self, pool: Any, key: Key) -> tuple[StreamAccess, int]:
         user_id, name = key
         async with raw_connection(pool) as conn:
             generation = self.generation
             access = await stream_access(conn, user_id, name)
         if generation == self.generation:  # no hint while it was asked: it may be kept
-            if len(self._known) >= CACHE_SIZE:
-                self._known.clear()
-            self._known[key] = access
+            self._keep(key, access)
         return access, generation
 
     def forget(self, hints: Hints) -> None:
         """Move the generation; forget every answer ``hints`` may have made untrue."""
         self.generation += 1
         if hints.everything:
-            self._known.clear()
+            self._clear()
             return
-        users = hints.users | hints.subscribers
-        channels = hints.channels
-        if not users and not channels:
+        doomed: set[Key] = set()
+        for user_id in hints.users | hints.subscribers:
+            doomed |= self._of_user.get(user_id, set())
+        for channel_id in hints.channels:
+            doomed |= self._of_channel.get(channel_id, set())
+        for key in doomed:
+            self._drop(key)
+
+    def _keep(self, key: Key, access: StreamAccess) -> None:
+        if len(self._known) >= CACHE_SIZE:
+            self._clear()
+        self._drop(key)
+        self._known[key] = access
+        self._of_user[key[0]].add(key)
+        for channel_id in access.channels:
+            self._of_channel[channel_id].add(key)
+
+    def _drop(self, key: Key) -> None:
+        access = self._known.pop(key, None)
+        if access is None:
             return
-        for key, access in list(self._known.items()):
-            if key[0] in users or not channels.isdisjoint(access.channels):
-                del self._known[key]
+        _unindex(self._of_user, key[0], key)
+        for channel_id in access.channels:
+            _unindex(self._of_channel, channel_id, key)
+
+    def _clear(self) -> None:
+        self._known.clear()
+        self._of_user.clear()
+        self._of_channel.clear()
+
+
+def _unindex(index: dict[int, set[Key]], id_: int, key: Key) -> None:
+    keys = index.get(id_)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del index[id_]

@@ -16,11 +16,12 @@ merged into one bounded ``Hints``, which is applied through the instance's
 ``ControlHandler``s before each page the broker reads, so a revocation waits
 for at most one page, not for a whole backlog, and a flood of messages (forged
 ones included: anyone may ``NOTIFY``) costs one re-check per turn, not one per
-message. A message that is not one ssehub sends is dropped, and counted in one
-log line per turn, not one per message. If applying fails on the database, the
-connection is dropped, and whatever was pending is covered by what starts
-every (re)connection: ``Hints(everything=True)``, because messages sent while
-the listener was away are lost.
+message. A message that is not one ssehub sends is dropped without a turn,
+and counted in one log line every ``IGNORED_LOG_SECONDS`` at most. If
+applying fails on the database, the connection is dropped, and whatever was
+pending is covered by what starts every (re)connection:
+``Hints(everything=True)``, because messages sent while the listener was away
+are lost.
 
 **Everything is bounded in time**: the connection opens within 5 s, every
 query has a timeout, and ``alive_at`` records the loop's last turn, so
@@ -49,6 +50,7 @@ log = logging.getLogger("ssehub")
 
 HEALTH_CHECK_SECONDS = 2.0
 LISTENER_NAME = "ssehub-listener"
+IGNORED_LOG_SECONDS = 10.0  # one log line at most this often for messages ignored meanwhile
 
 
 class Listener:
@@ -66,7 +68,8 @@ class Listener:
         self._dirty = asyncio.Event()
         self._lost = asyncio.Event()
         self._hints = Hints()  # what the next turn applies
-        self._ignored = 0  # control messages ssehub does not send, since the last turn
+        self._ignored = 0  # control messages ssehub does not send, not logged yet
+        self._ignored_told_at = -IGNORED_LOG_SECONDS
         self._task: asyncio.Task[None] | None = None
         self.listening = False
         self.alive_at = time.monotonic()
@@ -157,17 +160,19 @@ class Listener:
             merged = self._hints.add(orjson.loads(payload))
         except orjson.JSONDecodeError:
             merged = False
-        if not merged:
+        if merged:
+            self._dirty.set()
+        else:  # nothing to do: not even a turn
             self._ignored += 1
-        self._dirty.set()
 
     async def _apply_control(self, conn: Any) -> None:
         """What the messages since the last turn hint at, through every handler.
         A database error propagates: the session ends, and the next one starts
         with everything."""
-        if self._ignored:
+        now = time.monotonic()
+        if self._ignored and now - self._ignored_told_at >= IGNORED_LOG_SECONDS:
             log.warning("listener: ignored %d control messages ssehub does not send", self._ignored)
-            self._ignored = 0
+            self._ignored, self._ignored_told_at = 0, now
         if not self._hints:
             return
         hints, self._hints = self._hints, Hints()

@@ -284,7 +284,7 @@ def test_flood_of_forged_notifications_does_not_stall_delivery(
 ) -> None:
     """20,000 distinct forged messages in one transaction, each naming the
     channel a stream carries (each one a re-check, if applied one by one), or
-    a user that has a stream: live delivery must go on within a second."""
+    a user that has a stream: live delivery must go on within two seconds."""
     hubs.channel("pub")
     bob = api.user("bob")
     s = hubs.open("/channels/pub/stream", hubs.stream_token(bob))
@@ -306,7 +306,7 @@ def test_flood_of_forged_notifications_does_not_stall_delivery(
     started = time.monotonic()
     first = hubs.publish("pub", "during the flood")
     s.wait_for(lambda st: first in st.ids(), timeout=30)
-    assert time.monotonic() - started < 1.0, "the flood held live delivery back"
+    assert time.monotonic() - started < 2.0, "the flood held live delivery back"
     assert httpx.get(f"{api.base_url}/readyz", timeout=5).status_code == 200
     assert not s.ended and not s.notices("ssehub.channel_removed")
 
@@ -364,6 +364,8 @@ async def test_answer_read_before_a_revocation_is_rechecked_once_registered(
         sub = Subscriber(bob_id, False, dict(access.channels), True)
         hub.register(sub)
         assert as_of != cache.generation, "a stale answer looks current at registration"
+        again, _ = await cache.get(pool, bob_id, None)
+        assert again.channels == {pub_id: "pub"}, "the remembered answer outlived the hint"
 
         recheck = Hints()
         recheck.recheck_streams_of(bob_id)
