@@ -11,9 +11,9 @@ they still let it carry, whatever a message claims. The hints of one
 listener turn are re-checked together, in one query.
 
 Why the tables are right at the end of every race: each change that affects
-a stream notifies in its own transaction, the notification is delivered after
-the commit is visible, and the re-check it causes reads a snapshot taken
-after that. So the last re-check of a stream reads every change committed
+a stream notifies in its own transaction, Postgres delivers a notification
+only once its transaction is visible to new snapshots, and the re-check it
+causes reads a snapshot taken after that. So the last re-check of a stream reads every change committed
 before it. A subscription that commits after a member's removal (its access
 checked before the removal) causes a re-check that sees both, and leaves the
 channel out.
