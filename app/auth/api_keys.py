@@ -14,7 +14,9 @@ characters; every other endpoint answers it 403.
 the process (so a publisher's every request costs no query), until the
 ``api_key_revoked`` control message, sent in the deleting transaction,
 reaches the instance (within a second); a reconnected listener forgets every
-key (``resync``), since such a message may have been lost.
+key (``Hints.everything``), since such a message may have been lost. A
+message is only a hint (anyone may send one): the key is forgotten, and its
+next use is looked up again.
 
 **last_used_at without a write per request.** Uses are noted in memory and
 written every ``USAGE_FLUSH_SECONDS`` by one statement for all the keys used.
@@ -40,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import raw_connection
 from app.errors import NotFound, Unauthorized
 from app.models import ApiKey
-from app.notify import notify_control
+from app.notify import Hints, notify_control
 
 log = logging.getLogger("ssehub")
 
@@ -153,17 +155,15 @@ class ApiKeys:
 
     # -- kept true by the control messages ------------------------------------
 
-    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
-        if message.get("op") == "api_key_revoked":
+    async def apply(self, _conn: Any, hints: Hints) -> None:
+        if hints.everything:
             self._revocations += 1
-            revoked = int(message["key_id"])
+            self._checked.clear()
+        elif hints.api_keys:
+            self._revocations += 1
             for key, grant in list(self._checked.items()):
-                if grant.id == revoked:
+                if grant.id in hints.api_keys:
                     del self._checked[key]
-
-    async def resync(self, _conn: Any) -> None:
-        self._revocations += 1
-        self._checked.clear()
 
     # -- last_used_at ---------------------------------------------------------
 

@@ -50,7 +50,7 @@ from app.auth.schemas import USERNAME_PATTERN
 from app.config import Settings
 from app.db import raw_connection
 from app.errors import Unauthorized, Unavailable
-from app.notify import notify_control_raw
+from app.notify import Hints, notify_control_raw
 
 LEEWAY_SECONDS = 30
 REFETCH_SECONDS = 30.0
@@ -239,9 +239,6 @@ class ExternalTokens:
 
     # -- kept true by the control messages ------------------------------------
 
-    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
-        if message.get("op") == "user_changed":
+    async def apply(self, _conn: Any, hints: Hints) -> None:
+        if hints.everything or hints.users:
             self._verified.clear()  # rare: simpler than finding the user's tokens
-
-    async def resync(self, _conn: Any) -> None:
-        self._verified.clear()

@@ -11,8 +11,8 @@ One verifier per kind of credential:
 
 A route learns a ``Caller`` (a user, or an API key's grant) and never which
 credential it was. ``Identity`` is also a ``ControlHandler`` (``app.notify``):
-what its verifiers remember is forgotten when a control message says it
-changed, and all of it after the listener reconnects.
+what its verifiers remember is forgotten when a control message hints that
+it changed, and all of it after the listener reconnects.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from app.auth.external import ExternalTokens
 from app.auth.tokens import Scope, decode_token
 from app.config import Settings
 from app.errors import Forbidden
+from app.notify import Hints
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +64,7 @@ class Identity:
     async def stop(self) -> None:
         await self.api_keys.stop()
 
-    async def apply(self, conn: Any, message: dict[str, Any]) -> None:
-        await self.api_keys.apply(conn, message)
+    async def apply(self, conn: Any, hints: Hints) -> None:
+        await self.api_keys.apply(conn, hints)
         if self.external is not None:
-            await self.external.apply(conn, message)
-
-    async def resync(self, conn: Any) -> None:
-        await self.api_keys.resync(conn)
-        if self.external is not None:
-            await self.external.resync(conn)
+            await self.external.apply(conn, hints)

@@ -10,13 +10,14 @@ An API key may publish where its patterns match (``ApiKeyGrant.allows``),
 else 403; the channel must exist (404).
 
 What is remembered, and why it stays true:
-- whether a user is an admin, per user id: forgotten on a ``user_changed``
-  control message (a promotion, a demotion, a deletion), sent in the
-  transaction that makes the change;
-- a channel's id by name, for channels that exist: forgotten on
-  ``channel_deleted``.
+- whether a user is an admin, per user id: forgotten on a hint that the user
+  changed (a ``user_changed`` control message: a promotion, a demotion, a
+  deletion), sent in the transaction that makes the change;
+- a channel's id by name, for channels that exist: forgotten on a hint about
+  the channel (``channel_deleted``).
 Everything is forgotten when the broker's listener reconnects, because
-control messages sent while it was away are lost (``ControlHandler.resync``).
+control messages sent while it was away are lost (``Hints.everything``).
+A forged hint only makes the next check ask the database again.
 A refusal for a channel that does not exist is never remembered: the channel
 may be created the next moment, on another instance.
 
@@ -33,6 +34,7 @@ from app.auth.identity import Caller
 from app.channels.service import READABLE, lookup_name
 from app.db import raw_connection
 from app.errors import Forbidden, NotFound, Unauthorized
+from app.notify import Hints
 
 CACHE_SIZE = 10_000  # entries per map; cleared whole when full (simple, and bounded)
 
@@ -79,16 +81,17 @@ class PublishRights:
 
     # -- kept true by the control messages (``app.realtime.listener``) -----------
 
-    async def apply(self, _conn: Any, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "user_changed":
-            self._admins.pop(int(message["user_id"]), None)
-        elif op == "channel_deleted":
-            self._channels.pop(str(message["channel"]), None)
-
-    async def resync(self, _conn: Any) -> None:
-        self._admins.clear()
-        self._channels.clear()
+    async def apply(self, _conn: Any, hints: Hints) -> None:
+        if hints.everything:
+            self._admins.clear()
+            self._channels.clear()
+            return
+        for user_id in hints.users:
+            self._admins.pop(user_id, None)
+        if hints.channels:
+            for name, channel_id in list(self._channels.items()):
+                if channel_id in hints.channels:
+                    del self._channels[name]
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:

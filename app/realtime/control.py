@@ -1,49 +1,72 @@
 """Control messages applied to the open streams (``app.notify`` lists them).
 
-Subscribing and unsubscribing change what a ``/stream`` carries at once, from
-the message alone. Everything that can take a channel away from a stream
-(a channel deleted, a member removed, a channel made private, a user demoted
-or deleted) is applied by one re-check: ask the database what the affected
-streams may carry now (``app.channels.service.streams_access``) and make them
-carry exactly that. After the broker's listener reconnects, the same re-check
-runs for every open stream, because messages sent while it was away are lost:
-a revocation survives a lost listener connection.
+Every message is a hint, whoever sent it: it only says which streams to look
+at again. Subscribing, unsubscribing, a channel deleted, a member removed, a
+channel made private, a user demoted or deleted: each is applied by one
+re-check, which asks the database what the affected streams may carry now
+(``app.channels.service.streams_access``) and makes them carry exactly that.
+So a stream never carries a channel the tables do not let its user read (and,
+for a ``/stream``, that the user is not subscribed to), and never drops one
+they still let it carry, whatever a message claims. The hints of one
+listener turn are re-checked together, in one query.
+
+Why the tables are right at the end of every race: each change that affects
+a stream notifies in its own transaction, Postgres delivers a notification
+only once its transaction is visible to new snapshots, and the re-check it
+causes reads a snapshot taken after that. So the last re-check of a stream reads every change committed
+before it. A subscription that commits after a member's removal (its access
+checked before the removal) causes a re-check that sees both, and leaves the
+channel out.
+
+**Streams that open while hints are applied.** A stream registers with the
+hub after its access was read (``app.realtime.access``). A re-check collects
+the streams it looks at when it starts: one registered later is not among
+them, and its answer may predate the change. ``apply`` therefore moves the
+cache's ``generation`` before it collects anything, with no wait in between;
+a stream whose answer was read before the current generation started has the
+listener re-check its user's streams on its next turn (``app.realtime.routes``),
+after it registered. The argument is in ``app.realtime.access``.
+
+After the broker's listener reconnects, the same re-check runs for every open
+stream, because messages sent while it was away are lost: a revocation
+survives a lost listener connection.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from app.channels.service import UserAccess, streams_access
+from app.notify import Hints
+from app.realtime.access import StreamAccessCache
 from app.realtime.hub import Hub
 from app.realtime.subscriber import Subscriber
 
-log = logging.getLogger("ssehub")
-
 
 class StreamControl:
-    """The ``ControlHandler`` (``app.notify``) of the open streams."""
+    """The ``ControlHandler`` (``app.notify``) of the open streams, and of what
+    opening streams remember (``StreamAccessCache``)."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, access: StreamAccessCache) -> None:
         self._hub = hub
+        self._access = access
 
-    async def apply(self, conn: Any, message: dict[str, Any]) -> None:
-        op = message.get("op")
+    async def apply(self, conn: Any, hints: Hints) -> None:
+        if hints.changed():
+            self._access.forget(hints)  # first, and with no wait before collecting
+        await self.recheck(conn, self._affected(hints))
+
+    def _affected(self, hints: Hints) -> list[Subscriber]:
+        """The open streams ``hints`` name: those of its users, those carrying its channels."""
         hub = self._hub
-        if op == "channel_deleted":
-            hub.revoke(hub.subscribers_of(int(message["channel_id"])), *_channel(message))
-        elif op == "access_changed":
-            await self.recheck(conn, hub.subscribers_of(int(message["channel_id"])))
-        elif op == "user_changed":
-            await self.recheck(conn, hub.streams_of(int(message["user_id"])))
-        elif op == "subscribed":
-            hub.add_channel(int(message["user_id"]), *_channel(message))
-        elif op == "unsubscribed":
-            hub.drop_channel(int(message["user_id"]), int(message["channel_id"]))
-
-    async def resync(self, conn: Any) -> None:
-        await self.recheck(conn, self._hub.all_streams())
+        if hints.everything:
+            return hub.all_streams()
+        streams: dict[int, Subscriber] = {}
+        for user_id in hints.users | hints.subscribers | hints.recheck:
+            streams.update((id(sub), sub) for sub in hub.streams_of(user_id))
+        for channel_id in hints.channels:
+            streams.update((id(sub), sub) for sub in hub.subscribers_of(channel_id))
+        return list(streams.values())
 
     async def recheck(self, conn: Any, streams: list[Subscriber]) -> None:
         """Make each stream carry exactly what its user may read now (and, for a
@@ -64,7 +87,7 @@ class StreamControl:
     def _narrow(self, sub: Subscriber, user: UserAccess) -> None:
         """Drop what ``sub`` may no longer carry (with ``ssehub.channel_removed``
         if it became unreadable, silently if only unsubscribed); a ``/stream``
-        also takes up subscriptions it missed."""
+        also takes up the subscriptions it does not carry yet."""
         for channel_id, name in list(sub.channels.items()):
             readable = user.readable.get(channel_id)
             if readable is None:
@@ -75,7 +98,3 @@ class StreamControl:
             for channel_id, (name, subscribed) in user.readable.items():
                 if subscribed:
                     self._hub.carry(sub, channel_id, name)
-
-
-def _channel(message: dict[str, Any]) -> tuple[int, str]:
-    return int(message["channel_id"]), str(message["channel"])

@@ -101,21 +101,11 @@ class Hub:
             if sub.position < gap.pruned_through:
                 sub.catch_up()
 
-    def add_channel(self, user_id: int, channel_id: int, name: str) -> None:
-        """A new stored subscription: every ``/stream`` of the user carries it from now on."""
-        for sub in self._by_user.get(user_id, ()):
-            if sub.follows_subscriptions:
-                self.carry(sub, channel_id, name)
-
-    def drop_channel(self, user_id: int, channel_id: int) -> None:
-        """A removed subscription: ``/stream`` stops carrying it, without a notice."""
-        for sub in list(self._by_user.get(user_id, ())):
-            if sub.follows_subscriptions:
-                self.uncarry(sub, channel_id)
-
     def carry(self, sub: Subscriber, channel_id: int, name: str) -> None:
-        """``sub`` carries the channel's live events from now on."""
-        if channel_id not in sub.channels:
+        """``sub`` carries the channel's live events from now on, if it is still
+        registered (a re-check may end after its stream did: routing it then would
+        keep it in the routes for good)."""
+        if channel_id not in sub.channels and sub in self._by_user.get(sub.user_id, ()):
             sub.channels[channel_id] = name
             self._route(sub, channel_id)
 

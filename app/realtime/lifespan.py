@@ -30,8 +30,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     app.state.stream_access = StreamAccessCache()
     app.state.replays = SharedPages(app.state.pool, hub)
     handlers = [
-        StreamControl(hub),
-        app.state.stream_access,
+        StreamControl(hub, app.state.stream_access),
         app.state.publish_rights,
         app.state.identity,
     ]

@@ -11,13 +11,17 @@ delivery never waits behind a reconnect storm's queries on the pool. The
 connection is ``SSEHUB_LISTEN_DATABASE_URL``'s when set (a direct connection
 where the others go through PgBouncer, whose transaction mode cannot LISTEN).
 
-**Control messages** are applied through the instance's ``ControlHandler``s,
-before each page the broker reads, so a revocation waits for at most one page,
-not for a whole backlog. A message is removed from the queue only once every
-handler has applied it; if applying fails on the database, the connection is
-dropped, and whatever was queued is covered by what follows every
-(re)connection: each handler ``resync``s from the database, because messages
-sent while the listener was away are lost.
+**Control messages** are hints (``app.notify``): as they arrive they are
+merged into one bounded ``Hints``, which is applied through the instance's
+``ControlHandler``s before each page the broker reads, so a revocation waits
+for at most one page, not for a whole backlog, and a flood of messages (forged
+ones included: anyone may ``NOTIFY``) costs one re-check per turn, not one per
+message. A message that is not one ssehub sends is dropped without a turn,
+and counted in one log line every ``IGNORED_LOG_SECONDS`` at most. If
+applying fails on the database, the connection is dropped, and whatever was
+pending is covered by what starts every (re)connection:
+``Hints(everything=True)``, because messages sent while the listener was away
+are lost.
 
 **Everything is bounded in time**: the connection opens within 5 s, every
 query has a timeout, and ``alive_at`` records the loop's last turn, so
@@ -30,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +41,7 @@ import asyncpg
 import orjson
 
 from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options
-from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler
+from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler, Hints
 
 if TYPE_CHECKING:
     from app.realtime.broker import Broker
@@ -47,6 +50,7 @@ log = logging.getLogger("ssehub")
 
 HEALTH_CHECK_SECONDS = 2.0
 LISTENER_NAME = "ssehub-listener"
+IGNORED_LOG_SECONDS = 10.0  # one log line at most this often for messages ignored meanwhile
 
 
 class Listener:
@@ -63,7 +67,9 @@ class Listener:
         self._on_inbox = on_inbox
         self._dirty = asyncio.Event()
         self._lost = asyncio.Event()
-        self._control: deque[dict[str, Any]] = deque()
+        self._hints = Hints()  # what the next turn applies
+        self._ignored = 0  # control messages ssehub does not send, not logged yet
+        self._ignored_told_at = -IGNORED_LOG_SECONDS
         self._task: asyncio.Task[None] | None = None
         self.listening = False
         self.alive_at = time.monotonic()
@@ -99,19 +105,18 @@ class Listener:
             backoff = min(backoff * 2, 2.0)
 
     async def _session(self) -> None:
-        """One connection's life: listen, resync, then turn until it is lost."""
+        """One connection's life: listen, read everything again, then turn until it is lost."""
         options = connection_options(LISTENER_NAME, QUERY_TIMEOUT_SECONDS, pgbouncer=False)
         conn = await asyncpg.connect(self._dsn, **options)
         self._lost.clear()
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
-            self._control.clear()  # what they said, the resync below reads afresh
+            self._hints = Hints(everything=True)  # what was lost: all of it, read afresh
             if self._broker.wants_notify:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_events)
             await conn.add_listener(CONTROL_CHANNEL, self._on_control)
             await conn.add_listener(INBOX_CHANNEL, self._on_inbox_notified)
-            for handler in self._handlers:
-                await handler.resync(conn)
+            await self._apply_control(conn)
             self.listening = True
             log.info("listener: listening")
             quiet = True  # the first turn, and every turn no notification started
@@ -145,24 +150,31 @@ class Listener:
     def _on_inbox_notified(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._on_inbox()
 
-    def _on_control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            log.error("listener: ignoring a control message that is not JSON: %r", payload[:200])
-            return
-        self._control.append(message)
+    def recheck_streams_of(self, user_id: int) -> None:
+        """Have the next turn read again what ``user_id``'s open streams may carry."""
+        self._hints.recheck_streams_of(user_id)
         self._dirty.set()
 
+    def _on_control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            merged = self._hints.add(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            merged = False
+        if merged:
+            self._dirty.set()
+        else:  # nothing to do: not even a turn
+            self._ignored += 1
+
     async def _apply_control(self, conn: Any) -> None:
-        """Each queued message through every handler, in order; removed only once
-        applied. A database error propagates (the session ends and resyncs); a
-        malformed message (only our own transactions send them) is dropped."""
-        while self._control:
-            message = self._control[0]
-            try:
-                for handler in self._handlers:
-                    await handler.apply(conn, message)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("listener: ignoring malformed control message %r (%s)", message, exc)
-            self._control.popleft()
+        """What the messages since the last turn hint at, through every handler.
+        A database error propagates: the session ends, and the next one starts
+        with everything."""
+        now = time.monotonic()
+        if self._ignored and now - self._ignored_told_at >= IGNORED_LOG_SECONDS:
+            log.warning("listener: ignored %d control messages ssehub does not send", self._ignored)
+            self._ignored, self._ignored_told_at = 0, now
+        if not self._hints:
+            return
+        hints, self._hints = self._hints, Hints()
+        for handler in self._handlers:
+            await handler.apply(conn, hints)

@@ -66,11 +66,16 @@ async def _open(
 ) -> EventStream:
     state = request.app.state
     user_id = caller.user()
-    access = await state.stream_access.get(state.pool, user_id, name)
+    access, as_of = await state.stream_access.get(state.pool, user_id, name)
+    # From here to the comparison below, no wait: see app.realtime.access.
     channels = dict(access.channels)  # the stream's own: it changes as it lives
     sub = Subscriber(user_id, access.is_admin, channels, name is None, caller.expires_at)
     sub.position = state.hub.position
     state.hub.register(sub)  # before any replay: see app.realtime.stream
+    if as_of != state.stream_access.generation:
+        # A hint was applied since the answer was read, and its re-check may
+        # have looked at the streams before this one registered.
+        state.listener.recheck_streams_of(user_id)
     return EventStream(state, sub, position)
 
 

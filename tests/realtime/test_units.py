@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 
 from app.events.log import StoredEvent
 from app.metrics import Metrics
+from app.notify import MAX_HINTS, Hints
 from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
 from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.stream import uvicorn_cycle
@@ -281,3 +282,37 @@ def test_uvicorn_cycle_is_found_and_takes_chunks_between_sends() -> None:
     assert found and found[0] is not None and found[0].chunked_encoding is True
     assert response.headers["transfer-encoding"] == "chunked"
     assert response.content == b"one\ntwo\nthree\n"
+
+
+def test_control_hints_take_only_what_ssehub_sends_within_a_bound() -> None:
+    """Anyone may NOTIFY: a message ssehub does not send merges nothing, and a
+    flood of distinct ids turns into one re-check of everything, not a set
+    that grows with the flood."""
+    hints = Hints()
+    for message in (
+        [],
+        "x",
+        {"op": "subscribed"},
+        {"op": "subscribed", "user_id": "1"},
+        {"op": "subscribed", "user_id": True},
+        {"op": "subscribed", "user_id": 1.0},
+        {"op": "subscribed", "user_id": 0},
+        {"op": "subscribed", "user_id": -5},
+        {"op": "subscribed", "user_id": 2**63},
+        {"op": "granted", "user_id": 1},
+        {"op": ["subscribed"], "user_id": 1},
+    ):
+        assert not hints.add(message), message
+    assert not hints
+    assert hints.add({"op": "unsubscribed", "user_id": 7, "channel_id": 3, "channel": "x"})
+    assert hints.add({"op": "channel_deleted", "channel_id": 3, "channel": "anything"})
+    assert hints.add({"op": "api_key_revoked", "key_id": 2})
+    assert (hints.subscribers, hints.channels, hints.api_keys) == ({7}, {3}, {2})
+    assert hints.changed() and not hints.everything
+    for n in range(1, MAX_HINTS + 1):
+        assert hints.add({"op": "user_changed", "user_id": n})
+    assert hints.everything
+    assert not (hints.users or hints.subscribers or hints.channels or hints.api_keys)
+    only_recheck = Hints()
+    only_recheck.recheck_streams_of(4)
+    assert only_recheck and not only_recheck.changed()
