@@ -579,3 +579,48 @@ def test_one_address_cannot_take_every_connection(start_server: Callable[..., Se
         finally:
             for sock in held:
                 sock.close()
+
+
+# Shared replay pages
+
+
+def resume_until_live(server: Server, path: str, position: int) -> int:
+    """Open a stream at ``position``, read its replay up to ``ssehub.live``, close it;
+    returns the bytes read."""
+    with connect(server, timeout=30) as sock:
+        sock.sendall(head(path, f"Last-Event-ID: {position}"))
+        seen, total = b"", 0
+        while b"event: ssehub.live" not in seen:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the stream ended before its replay did"
+            total += len(chunk)
+            seen = seen[-100:] + chunk
+        return total
+
+
+def test_150_resumes_from_distinct_positions_do_not_grow_the_process(
+    start_server: Callable[..., Server],
+) -> None:
+    """The shared replay pages are bounded in bytes and expire: resumes from
+    ever new positions (each a page nobody else asks for) cannot make the
+    process keep a page per position."""
+    srv = start_server(SSEHUB_MAX_STREAMS_PER_USER="1000")
+    api = Api(srv.url)
+    admin = api.admin()
+    assert api.http.post("/channels", json={"name": "log"}, headers=admin).status_code == 201
+    ids: list[int] = []
+    for _ in range(2):  # 1,200 events of 1 kB: a 1.2 MB channel
+        batch = {"events": [{"data": "z" * 1000} for _ in range(600)]}
+        r = api.http.post("/channels/log/events/batch", json=batch, headers=admin)
+        assert r.status_code == 201, r.text[:200]
+        ids += [e["id"] for e in r.json()["events"]]
+    token = api.http.post("/auth/stream-token", headers=admin).json()["stream_token"]
+    path = f"/channels/log/stream?access_token={token}"
+    positions = ids[:-1:7][:151]  # distinct, from the whole channel to its last ~150 kB
+    assert len(positions) == 151
+    resume_until_live(srv, path, positions.pop())  # warmed up
+    before = server_rss(srv)
+    replayed = sum(resume_until_live(srv, path, position) for position in positions)
+    grown = server_rss(srv) - before
+    assert replayed > 80 * MIB  # the resumes did read their replays
+    assert grown < 96 * MIB, f"the process grew by {grown / MIB:.0f} MiB"
