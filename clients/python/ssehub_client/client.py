@@ -68,7 +68,8 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A server notice: ``ssehub.live``, ``ssehub.truncated``, ``ssehub.expired``,
-    ``ssehub.channel_removed`` or ``ssehub.reset``. It never moves the position."""
+    ``ssehub.channel_removed`` or ``ssehub.reset``. Only ``ssehub.reset`` moves
+    the position (``_Position``)."""
 
     type: str
     data: dict[str, Any]
