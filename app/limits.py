@@ -211,6 +211,9 @@ class ConnectionLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        """Proxies read as uvicorn's ``ProxyHeadersMiddleware`` reads the same setting
+        (its matcher is private): addresses and CIDRs, ``*`` for every peer, any
+        other entry as a literal host."""
         networks, names = [], set()
         for entry in settings.trusted_proxy_list:
             try:
@@ -233,6 +236,8 @@ class ConnectionLimits:
         many clients (which ones, only the requests say, and a proxy reuses a
         connection for several), so capping it would cap all of them together.
         Limiting each client behind a proxy is the proxy's to do."""
+        if not self.proxies and not self.proxy_names:
+            return True
         if "*" in self.proxy_names or host in self.proxy_names:
             return False
         try:
@@ -587,7 +592,11 @@ def _sweep(loop: asyncio.AbstractEventLoop, server_state: ServerState) -> None:
     now = loop.time()
     for protocol in list(server_state.connections):
         if isinstance(protocol, LimitedProtocol):
-            protocol._enforce_deadlines(now)
+            conn = protocol._conn
+            # Most connections are open streams with no deadline running: skip
+            # them without a call.
+            if conn.deadline or conn.body_by or conn.write_paused_at:
+                protocol._enforce_deadlines(now)
 
 
 class _Pipeline(list[Any]):
