@@ -199,13 +199,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     assert settings.database_url and settings.secret_key
     os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
     os.environ["SSEHUB_SECRET_KEY"] = settings.secret_key
-    run_server(
-        host=host,
-        port=port,
-        workers=workers,
-        max_connections=settings.max_connections,
-        access_log=settings.access_log,
-    )
+    run_server(host=host, port=port, workers=workers, settings=settings)
 
 
 def _check_signing_key(settings: Settings) -> None:

@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     login_attempts_per_minute: PositiveInt = 10
     trusted_proxies: str = ""
     max_connections: PositiveInt = 15000
+    # Of those, at most this many from one client address (a trusted proxy's
+    # connections are not counted: app.limits.ConnectionLimits.counts).
+    max_connections_per_client: PositiveInt = 1000
+    # A request body must keep coming (a byte at least this often) and be whole
+    # this long after its head; a response whose writes stay backed up this long
+    # is dropped (streams: the hub lets their reader go).
+    body_idle_seconds: float = Field(default=10, gt=0)
+    body_total_seconds: float = Field(default=60, gt=0)
+    send_timeout_seconds: float = Field(default=30, gt=0)
     db_pool_size: int = Field(default=20, ge=2)
     # How live events reach the instances: Postgres LISTEN/NOTIFY and the log,
     # or NATS with interest routing (app.realtime.nats_broker).

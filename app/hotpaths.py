@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -113,5 +113,9 @@ async def _respond(endpoint: Endpoint, request: Request, name: str) -> Response:
         return render_error(exc)
     except HTTPException as exc:  # e.g. a body past its limit (app.limits), raised by receive
         return error_response(exc.status_code, exc.detail, exc.headers)
+    except ClientDisconnect:
+        # The body never came whole: the client left, or the server protocol
+        # answered 408 for it (``app.limits``). Nobody reads what is sent now.
+        return Response(status_code=400)
     except Exception as exc:
         return unexpected_error(exc, f"{request.method} {request.url.path}")

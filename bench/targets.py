@@ -195,6 +195,8 @@ def launch_ssehub(
         "SSEHUB_MAX_STREAMS_PER_USER": "1000000",
         # Streams of one repetition may not all be gone when the next opens its 10,000.
         "SSEHUB_MAX_CONNECTIONS": "100000",
+        # All of them come from one address, the load generator's.
+        "SSEHUB_MAX_CONNECTIONS_PER_CLIENT": "100000",
         # The others run without an access log too.
         "SSEHUB_ACCESS_LOG": "false",
         **(extra_env or {}),

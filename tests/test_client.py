@@ -540,3 +540,96 @@ def test_cli_publish_prints_the_event(server: Server) -> None:
     (_, err), code = done["refused"]
     assert code != 0 and "403" in err and "Traceback" not in err
     assert s.history("news") == sorted(events, key=lambda e: e["id"])
+
+
+# -- a position above the head, and names that are not names ------------------------------
+
+
+def _next_within(items: Iterator[Event | Notice], timeout: float) -> Event | Notice | None:
+    """``next(items)`` of a sync stream, or None if nothing came within ``timeout``
+    (the blocked reader is left to its daemon thread)."""
+    got: list[Event | Notice] = []
+    reader = threading.Thread(target=lambda: got.append(next(items)), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return got[0] if got else None
+
+
+async def test_after_a_reset_notice_new_lower_ids_are_delivered(server: Server) -> None:
+    """A position above every issued id (a restored database): the server says
+    ``ssehub.reset`` and goes on from its head. The client's position must follow
+    the notice, or every new event, whose id is lower, is skipped as seen."""
+    s = Setup(server, "news")
+    with Client(s.url, api_key=s.key) as hub:
+        head_id = hub.publish("news", {"n": 0})["id"]
+    above = head_id + 1000
+    async with AsyncClient(s.url, token=s.token) as ahub:
+        live = ahub.stream("news", last_event_id=above)
+        notices = [await asyncio.wait_for(anext(live), 10) for _ in range(2)]
+        assert [n.type for n in notices] == ["ssehub.reset", "ssehub.live"]
+        assert isinstance(notices[0], Notice) and notices[0].data["last_event_id"] < above
+        new = await ahub.publish("news", {"n": 1})
+        got = await asyncio.wait_for(anext(live), 10)
+        assert isinstance(got, Event) and as_dict(got) == new
+        await live.aclose()
+    with Client(s.url, token=s.token) as hub:
+        stream = hub.stream("news", last_event_id=above)
+        assert [_next_within(stream, 10).type for _ in range(2)] == [  # type: ignore[union-attr]
+            "ssehub.reset",
+            "ssehub.live",
+        ]
+        newer = hub.publish("news", {"n": 2})
+        got = _next_within(stream, 10)
+        assert isinstance(got, Event) and as_dict(got) == newer, got
+
+
+async def test_tail_from_above_the_head_prints_new_events(server: Server, processes) -> None:
+    s = Setup(server, "news")
+    with Client(s.url, api_key=s.key) as hub:
+        head_id = hub.publish("news", {"n": 0})["id"]
+    tail = processes(
+        [CLIENT_CLI, "tail", "news", "--from", str(head_id + 1000)],
+        _cli_env(s.url, SSEHUB_TOKEN=s.token),
+    )
+    deadline = time.monotonic() + 20
+    while not any("ssehub.live" in line for line in tail.stderr):
+        assert time.monotonic() < deadline, tail.stderr
+        await asyncio.sleep(0.05)
+    with Client(s.url, api_key=s.key) as hub:
+        new = hub.publish("news", {"n": 1})
+    assert await tail.wait(1) == [json.dumps(new, separators=(",", ":"))]
+
+
+async def test_a_name_with_slashes_cannot_reach_another_path(server: Server) -> None:
+    """Every path segment is quoted: ``../users/bob`` is a (bad) channel name,
+    not a way to publish to bob's personal channel, and a username cannot
+    climb back to a channel. (The server decodes ``%2F`` before routing, so a
+    name holding a slash matches no route: the page's fallback answers a POST
+    there 405; ``..`` reaches the channel ``..``, which the key may not
+    publish to: 403.)"""
+    s = Setup(server, "news")
+    s.api.register("bob")
+    climbs = ["../users/bob", "..", "x/../../users/bob", "news/../../users/bob"]
+    with Client(s.url, api_key=s.key) as hub:
+        for name in climbs:
+            with pytest.raises(SsehubError) as refused:
+                hub.publish(name, {"to": "bob?"})
+            assert refused.value.status in (403, 404, 405, 422), (name, refused.value)
+        with pytest.raises(SsehubError) as refused:
+            hub.publish_to_user("x/../../channels/news", {"to": "news?"})
+        assert refused.value.status in (403, 404, 405, 422)
+        with pytest.raises(SsehubError) as refused:
+            hub.publish_batch("../users/bob", [{"data": 1}])
+        assert refused.value.status in (403, 404, 405, 422)
+    async with AsyncClient(s.url, api_key=s.key) as ahub:
+        for name in climbs:
+            with pytest.raises(SsehubError) as refused:
+                await ahub.publish(name, {"to": "bob?"})
+            assert refused.value.status in (403, 404, 405, 422), (name, refused.value)
+        with pytest.raises(SsehubError) as refused:
+            await ahub.publish_to_user("x/../../channels/news", {"to": "news?"})
+        assert refused.value.status in (403, 404, 405, 422)
+    bob = Api(s.url).login("bob")
+    mine = httpx.get(f"{s.url}/me/events", headers={"Authorization": f"Bearer {bob}"}).json()
+    assert mine["events"] == []
+    assert s.history("news") == []

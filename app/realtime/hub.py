@@ -20,14 +20,20 @@ from app.metrics import Metrics
 from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.subscriber import Subscriber
 
-SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go
+SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go (default)
 
 
 class Hub:
-    def __init__(self, metrics: Metrics, max_streams_per_user: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_streams_per_user: int,
+        send_timeout: float = SEND_TIMEOUT_SECONDS,
+    ) -> None:
         self.position = 0
         self._metrics = metrics
         self._max_per_user = max_streams_per_user
+        self._send_timeout = send_timeout
         self._by_channel: defaultdict[int, set[Subscriber]] = defaultdict(set)
         self._by_user: defaultdict[int, set[Subscriber]] = defaultdict(set)
         # Told when a channel gains its first stream (True) or loses its last
@@ -148,14 +154,14 @@ class Hub:
 
     def tick(self, heartbeat: float, slack: float) -> None:
         """The one timer of all streams (see ``app.realtime.subscriber``): cancel
-        writes stuck for ``SEND_TIMEOUT_SECONDS``, end streams whose client left
-        (read on uvicorn's cycle, instead of a task per stream waiting for it) or
-        whose token has expired, and wake those due a heartbeat (``slack`` early,
-        so none is late)."""
+        writes stuck for the send timeout (``SSEHUB_SEND_TIMEOUT_SECONDS``), end
+        streams whose client left (read on uvicorn's cycle, instead of a task per
+        stream waiting for it) or whose token has expired, and wake those due a
+        heartbeat (``slack`` early, so none is late)."""
         mono, wall = time.monotonic(), time.time()
         for streams in self._by_user.values():
             for sub in streams:
-                if sub.sending_since and mono - sub.sending_since >= SEND_TIMEOUT_SECONDS:
+                if sub.sending_since and mono - sub.sending_since >= self._send_timeout:
                     if sub.closed != "stalled" and sub.writer is not None:
                         sub.closed = "stalled"
                         sub.writer.cancel()

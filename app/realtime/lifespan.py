@@ -26,7 +26,7 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
-    hub = Hub(app.state.metrics, settings.max_streams_per_user)
+    hub = Hub(app.state.metrics, settings.max_streams_per_user, settings.send_timeout_seconds)
     app.state.stream_access = StreamAccessCache()
     app.state.replays = SharedPages(app.state.pool, hub)
     handlers = [

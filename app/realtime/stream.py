@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.db import raw_connection
 from app.events.log import Gap, last_issued_id
+from app.limits import SELF_TIMED
 from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 from app.realtime.subscriber import Subscriber
 
@@ -82,6 +83,9 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self._sub
         sub.writer = asyncio.current_task()
+        # The hub times this stream's sends (and counts a reader it lets go):
+        # the server protocol's send deadline waits until the stream has ended.
+        scope[SELF_TIMED] = True
         watcher = None
         try:
             start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
@@ -116,8 +120,9 @@ class EventStream(Response):
         except asyncio.CancelledError:
             if sub.closed != "stalled":
                 raise
-            # The hub's ticker cancelled a send the reader took no bytes of for
-            # SEND_TIMEOUT_SECONDS: the connection is dropped and the client resumes.
+            # The hub's ticker cancelled a send the reader took no bytes of for the
+            # send timeout: the connection is dropped (by the server protocol, once
+            # the stream has ended: ``app.limits``) and the client resumes.
             if sub.writer is not None:
                 sub.writer.uncancel()
             self._state.metrics.slow_reader_disconnects.inc()
@@ -136,7 +141,7 @@ class EventStream(Response):
 
     async def _send(self, send: Send, message: dict[str, Any]) -> None:
         """One ``send``, timed for the hub's ticker, which cancels one that a
-        reader leaves stuck (``app.realtime.hub.SEND_TIMEOUT_SECONDS``)."""
+        reader leaves stuck (``Hub.tick``)."""
         sub = self._sub
         sub.sending_since = time.monotonic()
         await send(message)

@@ -10,11 +10,18 @@ retried only when the connection failed before anything was sent.
 **A stream resumes exactly.** ``stream`` yields ``Event``s and ``Notice``s;
 when the connection drops it reconnects with backoff and ``Last-Event-ID``,
 so the events go on with no gap and no duplicate (the server guarantees
-"everything after the last id I saw"). A refused stream (401, 403, 404) raises
-``SsehubError`` instead of retrying forever. One case it cannot cover: a
-stream opened without ``last_event_id`` that drops before its first event has
-no position yet, and goes on live from its reconnection; pass a position
-(``0``: all retained history) where that matters.
+"everything after the last id I saw"). After ``ssehub.reset`` (a position
+above every id the server has issued, as after a restore) the position is
+the notice's ``last_event_id``, so the newer events, with lower ids, come. A
+refused stream (401, 403, 404) raises ``SsehubError`` instead of retrying
+forever. One case it cannot cover: a stream opened without ``last_event_id``
+that drops before its first event has no position yet, and goes on live from
+its reconnection; pass a position (``0``: all retained history) where that
+matters.
+
+**Names are names.** Every channel name and username is quoted as one path
+segment: ``publish("../users/bob", ...)`` asks for a channel of that (bad)
+name, never for another path.
 
 Credentials: an API key (``ssehub_...``: publishing and history) or a token
 (an access token, for everything a user may do, streams included). ``token``
@@ -35,6 +42,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
@@ -60,7 +68,8 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A server notice: ``ssehub.live``, ``ssehub.truncated``, ``ssehub.expired``,
-    ``ssehub.channel_removed`` or ``ssehub.reset``. It never moves the position."""
+    ``ssehub.channel_removed`` or ``ssehub.reset``. Only ``ssehub.reset`` moves
+    the position (``_Position``)."""
 
     type: str
     data: dict[str, Any]
@@ -84,14 +93,26 @@ def username_for(subject: str) -> str:
     return f"{_NOT_USERNAME.sub('_', subject)[:55]}-{digest}"
 
 
+def api_path(*segments: str) -> str:
+    """A path of the API from its segments, each quoted whole: a ``/``, ``?`` or
+    ``#`` in a name stays in the name, and a name that is only dots (which URL
+    handling would resolve as ``.`` or ``..``) is sent with its dots escaped."""
+    return "".join("/" + _segment(segment) for segment in segments)
+
+
+def _segment(name: str) -> str:
+    quoted = quote(name, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
 def stream_path(channels: str | Sequence[str] | None) -> str:
     """``None`` or ``"/stream"``: the caller's subscriptions; a channel name: that channel."""
     if channels is None or channels == "/stream":
         return "/stream"
     if isinstance(channels, str):
-        return f"/channels/{channels}/stream"
+        return api_path("channels", channels, "stream")
     if len(channels) == 1:
-        return f"/channels/{channels[0]}/stream"
+        return api_path("channels", channels[0], "stream")
     raise ValueError("one channel per stream here; AsyncClient.stream merges several")
 
 
@@ -143,10 +164,43 @@ def _item(sse: ServerSentEvent) -> Event | Notice | None:
 
 
 def _publish_request(
-    channel: str, data: Any, type: str, key: str | None
-) -> tuple[str, dict[str, Any], dict[str, str]]:
-    headers = {"Idempotency-Key": key or uuid.uuid4().hex}
-    return f"/channels/{channel}/events", {"type": type, "data": data}, headers
+    data: Any, type: str, key: str | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The body and headers of one publish (a new random key unless one is given)."""
+    return {"type": type, "data": data}, {"Idempotency-Key": key or uuid.uuid4().hex}
+
+
+class _Position:
+    """Where a stream stands, and what of it to yield: both clients follow it.
+
+    The position is the id of the last event yielded; an event at or below it
+    was yielded already (a reconnection's replay) and is skipped. A
+    ``ssehub.reset`` notice moves it to the notice's ``last_event_id``: the
+    server went on from there, and a position left above it would skip every
+    newer event as seen."""
+
+    __slots__ = ("last_event_id",)
+
+    def __init__(self, last_event_id: int | None) -> None:
+        self.last_event_id = last_event_id
+
+    def headers(self) -> dict[str, str]:
+        """``Last-Event-ID`` for the next connection, if there is a position."""
+        position = self.last_event_id
+        return {} if position is None else {"Last-Event-ID": str(position)}
+
+    def take(self, sse: ServerSentEvent) -> Event | Notice | None:
+        """The item this frame yields, if any, with the position moved past it."""
+        item = _item(sse)
+        if isinstance(item, Event):
+            if self.last_event_id is not None and item.id <= self.last_event_id:
+                return None
+            self.last_event_id = item.id
+        elif isinstance(item, Notice) and item.type == "ssehub.reset":
+            reset_to = item.data.get("last_event_id")
+            if isinstance(reset_to, int):
+                self.last_event_id = reset_to
+        return item
 
 
 class _Base:
@@ -194,28 +248,30 @@ class Client(_Base):
         self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Publish one event; returns it (the first one, if the key was used before)."""
-        path, body, headers = _publish_request(channel, data, type, idempotency_key)
+        body, headers = _publish_request(data, type, idempotency_key)
+        path = api_path("channels", channel, "events")
         return self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
 
     def publish_to_user(
         self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Push one event to a user's personal channel (``@USERNAME``)."""
-        _, body, headers = _publish_request("", data, type, idempotency_key)
-        return self._retrying(  # type: ignore[no-any-return]
-            "POST", f"/users/{username}/events", body, headers, safe=True
-        )
+        body, headers = _publish_request(data, type, idempotency_key)
+        path = api_path("users", username, "events")
+        return self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
 
     def publish_batch(self, channel: str, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
         body = {"events": list(events)}
-        result = self._retrying("POST", f"/channels/{channel}/events/batch", body, {}, safe=False)
+        path = api_path("channels", channel, "events", "batch")
+        result = self._retrying("POST", path, body, {}, safe=False)
         return result["events"]  # type: ignore[no-any-return]
 
     def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
         """One page of a channel's history: ``{"events", "next_after"}``."""
         params = {"after": after, "limit": limit}
-        response = self.http.get(f"/channels/{channel}/events", params=params, headers=self._auth())
+        path = api_path("channels", channel, "events")
+        response = self.http.get(path, params=params, headers=self._auth())
         return _checked(response)  # type: ignore[no-any-return]
 
     def _retrying(
@@ -241,11 +297,9 @@ class Client(_Base):
         """Events (and notices) of a channel, or of the caller's subscriptions and
         personal channel (``None``), resuming after ``last_event_id``; reconnects
         by itself and goes on from the last event it yielded."""
-        path, position, attempt = stream_path(channels), last_event_id, 0
+        path, position, attempt = stream_path(channels), _Position(last_event_id), 0
         while True:
-            headers = self._auth()
-            if position is not None:
-                headers["Last-Event-ID"] = str(position)
+            headers = {**self._auth(), **position.headers()}
             try:
                 with connect_sse(self.http, "GET", path, headers=headers, timeout=None) as source:
                     if source.response.status_code != 200:
@@ -255,11 +309,7 @@ class Client(_Base):
                         raise httpx.TransportError("server unavailable")
                     attempt = 0
                     for sse in source.iter_sse():
-                        item = _item(sse)
-                        if isinstance(item, Event):
-                            if position is not None and item.id <= position:
-                                continue
-                            position = item.id
+                        item = position.take(sse)
                         if item is not None:
                             yield item
             except httpx.TransportError:
@@ -304,15 +354,16 @@ class AsyncClient(_Base):
         self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Publish one event; returns it (the first one, if the key was used before)."""
-        path, body, headers = _publish_request(channel, data, type, idempotency_key)
+        body, headers = _publish_request(data, type, idempotency_key)
+        path = api_path("channels", channel, "events")
         return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
 
     async def publish_to_user(
         self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Push one event to a user's personal channel (``@USERNAME``)."""
-        _, body, headers = _publish_request("", data, type, idempotency_key)
-        path = f"/users/{username}/events"
+        body, headers = _publish_request(data, type, idempotency_key)
+        path = api_path("users", username, "events")
         return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
 
     async def publish_batch(
@@ -320,7 +371,7 @@ class AsyncClient(_Base):
     ) -> list[dict[str, Any]]:
         """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
         body = {"events": list(events)}
-        path = f"/channels/{channel}/events/batch"
+        path = api_path("channels", channel, "events", "batch")
         result = await self._retrying("POST", path, body, {}, safe=False)
         return result["events"]  # type: ignore[no-any-return]
 
@@ -328,9 +379,8 @@ class AsyncClient(_Base):
         """One page of a channel's history: ``{"events", "next_after"}``."""
         params = {"after": after, "limit": limit}
         headers = await self._auth()
-        response = await self.http.get(
-            f"/channels/{channel}/events", params=params, headers=headers
-        )
+        path = api_path("channels", channel, "events")
+        response = await self.http.get(path, params=params, headers=headers)
         return _checked(response)  # type: ignore[no-any-return]
 
     async def _retrying(
@@ -381,12 +431,10 @@ class AsyncClient(_Base):
             for task in tasks:
                 task.cancel()
 
-    async def _stream(self, path: str, position: int | None) -> AsyncIterator[Event | Notice]:
-        attempt = 0
+    async def _stream(self, path: str, last_event_id: int | None) -> AsyncIterator[Event | Notice]:
+        position, attempt = _Position(last_event_id), 0
         while True:
-            headers = await self._auth()
-            if position is not None:
-                headers["Last-Event-ID"] = str(position)
+            headers = {**await self._auth(), **position.headers()}
             try:
                 async with aconnect_sse(
                     self.http, "GET", path, headers=headers, timeout=None
@@ -398,11 +446,7 @@ class AsyncClient(_Base):
                         raise httpx.TransportError("server unavailable")
                     attempt = 0
                     async for sse in source.aiter_sse():
-                        item = _item(sse)
-                        if isinstance(item, Event):
-                            if position is not None and item.id <= position:
-                                continue
-                            position = item.id
+                        item = position.take(sse)
                         if item is not None:
                             yield item
             except httpx.TransportError:
