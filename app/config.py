@@ -100,6 +100,19 @@ class Settings(BaseSettings):
             raise ValueError(f"SSEHUB_SECRET_KEY {problem}")
         return key
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, origins: str) -> str:
+        """Stream endpoints allow credentials (the stream cookie) for the listed
+        origins: with ``*`` every site a user visits could read their streams."""
+        if "*" in _comma_list(origins):
+            raise ValueError(
+                "SSEHUB_CORS_ORIGINS must list the origins of your pages "
+                "(https://app.example.com,...): '*' would let every site read streams "
+                "with the user's cookie"
+            )
+        return origins
+
     @model_validator(mode="after")
     def _one_external_key(self) -> Settings:
         """External tokens need exactly one way to verify them, and a shared secret
