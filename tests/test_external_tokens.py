@@ -96,6 +96,8 @@ class Idp:
         self.extra: list[dict[str, Any]] = []  # JWKs published as they are
         self.hits = 0
         self.status = 200  # what the JWKS endpoint answers; not 200: an error page
+        self.delay = 0.0  # seconds before it answers
+        self.drip = 0.0  # when set, the body is sent one byte per this many seconds
         self._lock = threading.Lock()
         idp = self
 
@@ -103,13 +105,21 @@ class Idp:
             def do_GET(self) -> None:
                 with idp._lock:
                     idp.hits += 1
-                    status = idp.status
+                    status, delay, drip = idp.status, idp.delay, idp.drip
                     body = json.dumps(idp.jwks()).encode() if status == 200 else b"<h1>down</h1>"
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                sent = 0
+                while drip and sent < len(body):  # until the test turns the drip off
+                    self.wfile.write(body[sent : sent + 1])
+                    self.wfile.flush()
+                    sent += 1
+                    time.sleep(drip)
+                    drip = idp.drip
+                self.wfile.write(body[sent:])
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -206,6 +216,25 @@ def rotating(database_url: str) -> Iterator[Rotating]:
         provider.stop()
 
 
+@pytest.fixture(scope="module")
+def souring(database_url: str) -> Iterator[Rotating]:
+    """A provider whose JWKS is fetched once here and fails later: like ``rotating``,
+    made by the first test and used by one near the end, 30 s later."""
+    provider = Idp()
+    provider.add("rsa", kid="known")
+    srv = Server(database_url, env=jwks_env(provider.url)).start()
+    try:
+        api = Api(srv.url)
+        assert me(api, provider.token("known", sub="souring-user")).status_code == 200
+        yield Rotating(provider, api, time.monotonic())
+        api.http.close()
+    finally:
+        provider.status = 200
+        provider.delay = 0.0
+        srv.stop()
+        provider.stop()
+
+
 @pytest.fixture
 def client(hub: Server) -> Iterator[Api]:
     c = Api(hub.url)
@@ -225,9 +254,13 @@ def assert_401(r: httpx.Response) -> None:
 # -- the JWKS: fetched once, refetched for an unknown kid at most every 30 s ------
 
 
-def test_unknown_kids_do_not_refetch_the_jwks_within_30_s(rotating: Rotating) -> None:
-    """First in the module: see ``rotating``, and the last test for the rotation."""
+def test_unknown_kids_do_not_refetch_the_jwks_within_30_s(
+    rotating: Rotating, souring: Rotating
+) -> None:
+    """First in the module: see ``rotating`` (and ``souring``), and the last test
+    for the rotation."""
     idp, api = rotating.idp, rotating.api
+    assert souring.idp.hits == 1
     assert idp.hits == 1
     stranger = idp.add("ec", publish=False)
     for _ in range(5):
@@ -514,16 +547,86 @@ def test_jwks_unreachable_is_503_and_ssehubs_own_tokens_still_work(
         back.keys, back.published = signer.keys, signer.published
         # An error page (a proxy in front of a provider that is down) is the same 503.
         back.status = 502
-        r = me(api, token)
-        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        # The failure above is remembered for 5 s: 503 without a fetch until then.
+        assert _eventually(lambda: _refused_after_a_fetch(api, token, back), within=8)
         assert back.hits == 1
-        # Once the provider answers, its tokens work: a failed fetch starts no cooldown.
+        # Once the provider answers, its tokens work: a failed fetch starts no
+        # cooldown, only the 5 s in which the failure is remembered.
         back.status = 200
-        assert me(api, token).status_code == 200
+        assert _eventually(lambda: me(api, token).status_code == 200, within=8)
         assert back.hits == 2
     finally:
         back.stop()
     assert "Traceback" not in srv.log()
+
+
+def _refused_after_a_fetch(api: Api, token: str, idp: Idp) -> bool:
+    """Whether ``token`` is refused with 503 once ``idp`` has been asked for its keys."""
+    r = me(api, token)
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+    return idp.hits > 0
+
+
+def _timed_me(api: Api, token: str) -> tuple[int, float]:
+    """The status of ``GET /users/me`` with ``token``, and how long it took."""
+    own = Api(api.base_url)
+    started = time.monotonic()
+    try:
+        status = me(own, token).status_code
+    finally:
+        own.http.close()
+    return status, time.monotonic() - started
+
+
+def test_a_failing_jwks_is_fetched_once_for_nine_waiting_requests(
+    start_server: Callable[..., Server],
+) -> None:
+    """A provider that answers 503 after 3 s: one fetch serves every request that
+    waits for it, and its failure is remembered for 5 s (503 without a fetch)."""
+    idp = Idp()
+    try:
+        kid = idp.add("rsa")
+        idp.status, idp.delay = 503, 3.0
+        api = Api(start_server(**jwks_env(idp.url)).url)
+        tokens = [idp.token(kid, sub=f"waiting-{i}") for i in range(9)]
+        started = time.monotonic()
+        with cf.ThreadPoolExecutor(9) as pool:
+            answers = list(pool.map(lambda t: _timed_me(api, t), tokens))
+        took = time.monotonic() - started
+        assert [status for status, _ in answers] == [503] * 9, answers
+        assert took < 6.5, f"nine requests took {took:.1f} s"
+        assert idp.hits == 1, f"{idp.hits} fetches for nine requests"
+        # Within 5 s of that failure: 503 at once, and no fetch.
+        for token in tokens[:3]:
+            status, waited = _timed_me(api, token)
+            assert status == 503 and waited < 1.0, (status, waited)
+        assert idp.hits == 1, "a remembered failure fetched again"
+    finally:
+        idp.stop()
+
+
+def test_no_request_waits_more_than_6_s_for_a_jwks_that_trickles(
+    start_server: Callable[..., Server],
+) -> None:
+    """A provider that sends its key set a byte at a time: each request gives up
+    after 6 s, however long the one fetch goes on."""
+    idp = Idp()
+    try:
+        kid = idp.add("rsa")
+        idp.drip = 0.2  # a key set of several hundred bytes: minutes
+        api = Api(start_server(**jwks_env(idp.url)).url)
+        with cf.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda t: _timed_me(api, t), [idp.token(kid)] * 3))
+        for status, waited in answers:
+            assert status == 503 and waited < 7.0, answers
+        assert idp.hits == 1, idp.hits
+        # The fetch ends (the drip stops): the keys it brought verify.
+        idp.drip = 0.0
+        assert _eventually(lambda: me(api, idp.token(kid)).status_code == 200, within=15)
+        assert idp.hits == 1, idp.hits
+    finally:
+        idp.drip = 0.0
+        idp.stop()
 
 
 # -- one PEM key, or a shared secret ------------------------------------------------
@@ -657,6 +760,34 @@ def _eventually(check: Callable[[], bool], within: float = 2.0) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rotating) -> None:
+    """Near the end of the module, once the 30 s after the first fetch are over: an
+    unknown kid refetches, the provider answers 503 after 3 s, and meanwhile (and
+    after) the last good key set verifies its keys at once."""
+    idp, api = souring.idp, souring.api
+    idp.add("rsa", kid="unknown", publish=False)
+    while time.monotonic() < souring.fetched + 31:
+        time.sleep(0.25)
+    idp.status, idp.delay = 503, 3.0
+    with cf.ThreadPoolExecutor(6) as pool:
+        unknown = [pool.submit(_timed_me, api, idp.token("unknown")) for _ in range(3)]
+        time.sleep(0.5)  # the refetch is under way
+        known = [pool.submit(_timed_me, api, idp.token("known", sub="souring-user"))]
+        known += [pool.submit(_timed_me, api, idp.token("known", sub=f"k{i}")) for i in range(2)]
+        unknown_answers = [f.result() for f in unknown]
+        known_answers = [f.result() for f in known]
+    assert [status for status, _ in unknown_answers] == [503] * 3, unknown_answers
+    for status, waited in known_answers:
+        assert status == 200 and waited < 1.5, known_answers
+    assert idp.hits == 2, f"{idp.hits - 1} refetches for three requests"
+    # After the failed refetch: the known keys still verify, the unknown kid is a
+    # 503 from memory (no fetch within 5 s).
+    status, waited = _timed_me(api, idp.token("known", sub="after"))
+    assert status == 200 and waited < 1.5, (status, waited)
+    assert me(api, idp.token("unknown")).status_code == 503
+    assert idp.hits == 2
 
 
 def test_a_rotated_key_is_accepted_once_the_cooldown_ends(rotating: Rotating) -> None:
