@@ -285,20 +285,22 @@ def test_rs256_es256_and_eddsa_tokens_make_a_user_without_a_password(
     r = me(client, idp.token(kind, sub=sub))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["username"] == sub and body["is_admin"] is False
+    assert body["username"] == username_for(sub) and body["is_admin"] is False
     # The same user on the next token, not a second one.
     assert me(client, idp.token(kind, sub=sub)).json()["id"] == body["id"]
     rows = asyncio.run(
         sql(
             database_url,
             "SELECT password_hash, external_subject FROM users WHERE username = $1",
-            sub,
+            username_for(sub),
         )
     )
     assert [tuple(r) for r in rows] == [(None, sub)]
     # No password: no password logs them in, not even an empty one.
     for password in ("", "password-123", "None"):
-        login = client.http.post("/auth/token", data={"username": sub, "password": password})
+        login = client.http.post(
+            "/auth/token", data={"username": username_for(sub), "password": password}
+        )
         assert login.status_code in (401, 422), login.text
 
 
@@ -432,23 +434,59 @@ def test_subjects_that_are_not_usernames_get_a_stable_distinct_username(
         assert me(client, idp.token("ed25519", sub=sub)).json()["username"] == names[sub]
     assert len(set(names.values())) == len(subjects), names
     assert re.fullmatch(r"auth0_123-[0-9a-f]{8}", names["auth0|123"])
-    assert names["auth0_123"] == "auth0_123"  # a valid username is kept as it is
+    # A subject that is a valid username gets the suffix too: no one can register it.
+    assert re.fullmatch(r"auth0_123-[0-9a-f]{8}", names["auth0_123"])
+    assert names["auth0_123"] != names["auth0|123"]
 
 
-def test_a_subject_never_takes_over_a_registered_users_account(client: Api, idp: Idp) -> None:
+def test_a_subject_never_takes_over_a_registered_users_account(
+    client: Api, idp: Idp, database_url: str
+) -> None:
     local = client.user("carol")
-    carol_id = client.http.get("/users/me", headers=local).json()["id"]
-    assert_401(me(client, idp.token("rsa", sub="carol")))
-    # Nor one whose name is what a derived username would be.
+    carol = client.http.get("/users/me", headers=local).json()
+    # The subject "carol" is another user, with a name of its own.
+    r = me(client, idp.token("rsa", sub="carol", roles=[ADMIN_ROLE]))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] != carol["id"] and r.json()["username"] == username_for("carol")
+    # A local account that holds a derived name (one registered before registration
+    # refused them) is refused to the subject, never shared.
     taken = username_for("auth0|999")
-    client.register(taken)
-    assert_401(me(client, idp.token("rsa", sub="auth0|999")))
-    # The local users are untouched and still log in.
-    assert client.http.get("/users/me", headers=local).json()["id"] == carol_id
-    assert client.login(taken)
-    # Not even as an admin.
-    assert_401(me(client, idp.token("rsa", sub="carol", roles=[ADMIN_ROLE])))
-    assert client.http.get("/users/me", headers=local).json()["is_admin"] is False
+    asyncio.run(sql(database_url, "INSERT INTO users (username) VALUES ($1)", taken))
+    assert_401(me(client, idp.token("rsa", sub="auth0|999", roles=[ADMIN_ROLE])))
+    # The local user is untouched and still logs in, no admin.
+    assert client.http.get("/users/me", headers=local).json() == carol
+    assert client.login("carol")
+
+
+def test_registering_an_external_users_name_first_is_refused(client: Api, idp: Idp) -> None:
+    """The squatter knows the subject ("dave", "auth0|dave") and registers the
+    name it maps to before dave's first token: refused, so dave is not locked out."""
+    for sub in ("dave", "auth0|dave"):
+        name = username_for(sub)
+        r = client.register(name)
+        assert r.status_code == 422, (sub, r.status_code, r.text)
+        assert "identity provider" in r.text, r.text
+        r = me(client, idp.token("rsa", sub=sub))
+        assert r.status_code == 200, (sub, r.text)
+        assert r.json()["username"] == name
+    # Upper-case hex is the same form: refused too. Names merely like it register.
+    assert client.register(username_for("dave").upper()).status_code == 422
+    for fine in ("dave-1234567", "dave-12345678x", "dave_12345678", "dave-1234567g"):
+        assert client.register(fine).status_code == 201, fine
+
+
+def test_unstorable_or_overlong_subjects_are_401_not_500(
+    client: Api, idp: Idp, database_url: str
+) -> None:
+    for sub in ("\ud800", "a\udfffb", "nul\x00sub", "x" * 256, "y" * 3000):
+        r = me(client, idp.token("rsa", sub=sub))
+        assert r.status_code == 401, (sub[:20], r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE external_subject IS NOT NULL"))
+    assert rows == [], "an unstorable subject made a user"
+    # 255 characters is still a subject.
+    r = me(client, idp.token("rsa", sub="z" * 255))
+    assert r.status_code == 200, r.text
 
 
 def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
@@ -464,10 +502,11 @@ def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
     deleted_at = time.time()
     assert_401(me(client, used))
     assert_401(me(client, unused))
-    # A token issued after the deletion makes the user anew (iat has whole seconds).
+    # A token issued after the deletion makes the user anew: more than the 30 s of
+    # leeway after it (iat has whole seconds; iat up to 30 s ahead is accepted).
     while int(time.time()) <= deleted_at:
         time.sleep(0.05)
-    fresh = idp.token("rsa", sub=sub)
+    fresh = idp.token("rsa", sub=sub, iat=int(time.time()) + 30)
     r = me(client, fresh)
     assert r.status_code == 200, r.text
     assert r.json()["username"] == name and r.json()["id"] != first
@@ -475,6 +514,45 @@ def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
     assert_401(me(client, used))
     assert_401(me(client, unused))
     assert me(client, fresh).status_code == 200
+
+
+def test_a_deleted_users_old_tokens_do_not_come_back_with_the_idps_clock_ahead(
+    client: Api, idp: Idp
+) -> None:
+    """The identity provider's clock runs 10 s ahead (within the 30 s of leeway): a
+    token it issued just before the deletion says it was issued after it."""
+    sub = "auth0|skewed"
+    assert me(client, idp.token("rsa", sub=sub)).status_code == 200
+    r = client.http.delete(f"/users/{username_for(sub)}", headers=client.admin())
+    assert r.status_code == 204
+    deleted_at = time.time()
+    for ahead in (2, 10, 29):
+        issued_before = idp.token("rsa", sub=sub, iat=int(deleted_at) + ahead)
+        assert_401(me(client, issued_before))
+
+
+def test_a_stream_token_from_an_external_token_ends_with_it(
+    client: Api, idp: Idp, hub: Server
+) -> None:
+    """A token with 4 s left obtains a stream token and a cookie: both end with it."""
+    expires = int(time.time()) + 4
+    token = idp.token("rsa", sub="short-lived", exp=expires)
+    r = client.http.post("/auth/stream-token", headers=auth(token))
+    assert r.status_code == 200, r.text
+    assert r.json()["expires_in"] <= 4, r.json()
+    stream_token = r.json()["stream_token"]
+    assert jwt.decode(stream_token, options={"verify_signature": False})["exp"] <= expires
+    r = client.http.post("/auth/stream-cookie", headers=auth(token))
+    assert r.status_code == 204, r.text
+    cookie = r.cookies["ssehub_stream"]
+    assert jwt.decode(cookie, options={"verify_signature": False})["exp"] <= expires
+    assert int(re.search(r"Max-Age=(\d+)", r.headers["set-cookie"])[1]) <= 4  # type: ignore[index]
+    while time.time() < expires + 1:
+        time.sleep(0.1)
+    r = client.http.get("/stream", params={"access_token": stream_token})
+    assert_401(r)
+    r = client.http.get("/stream", headers={"Cookie": f"ssehub_stream={cookie}"})
+    assert_401(r)
 
 
 # -- what an external user can do ------------------------------------------------
@@ -641,7 +719,7 @@ def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path)
     )
     api = Api(srv.url)
     good = jwt.encode(claims(sub="pem-user"), key, algorithm="ES256")
-    assert me(api, good).json()["username"] == "pem-user"
+    assert me(api, good).json()["username"] == username_for("pem-user")
     assert_401(me(api, jwt.encode(claims(), new_key("ec"), algorithm="ES256")))
     assert_401(me(api, jwt.encode(claims(), new_key("rsa"), algorithm="RS256")))
     # The PEM as an HMAC secret: the classic confusion against a configured key.
@@ -655,17 +733,19 @@ def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path)
 def test_a_shared_hs256_secret(start_server: Callable[..., Server]) -> None:
     shared = secrets.token_urlsafe(48)
     srv = start_server(
-        SSEHUB_JWT_ISSUER=ISSUER, SSEHUB_JWT_SHARED_SECRET=shared, SSEHUB_JWT_ADMIN_CLAIM=""
+        SSEHUB_JWT_ISSUER=ISSUER,
+        SSEHUB_JWT_AUDIENCE=AUDIENCE,
+        SSEHUB_JWT_SHARED_SECRET=shared,
+        SSEHUB_JWT_ADMIN_CLAIM="",
     )
     api = Api(srv.url)
-    good = jwt.encode(
-        claims(sub="hs-user", aud=None, roles=[ADMIN_ROLE]), shared, algorithm="HS256"
-    )
+    good = jwt.encode(claims(sub="hs-user", roles=[ADMIN_ROLE]), shared, algorithm="HS256")
     r = me(api, good)
     assert r.status_code == 200, r.text
     user = r.json()
     # No admin claim configured: no external admins, whatever the token says.
-    assert user["username"] == "hs-user" and user["is_admin"] is False
+    assert user["username"] == username_for("hs-user") and user["is_admin"] is False
+    assert_401(me(api, jwt.encode(claims(aud=None), shared, algorithm="HS256")))
     assert_401(me(api, jwt.encode(claims(), secrets.token_urlsafe(48), algorithm="HS256")))
     # The issuer's secret cannot sign ssehub's own tokens, nor ssehub's key the issuer's.
     now = int(time.time())
@@ -704,6 +784,7 @@ def test_a_weak_or_reused_shared_secret_is_refused_at_start(database_url: str) -
                 "SSEHUB_DATABASE_URL": database_url,
                 "SSEHUB_SECRET_KEY": TEST_SECRET,
                 "SSEHUB_JWT_ISSUER": ISSUER,
+                "SSEHUB_JWT_AUDIENCE": AUDIENCE,
                 "SSEHUB_JWT_SHARED_SECRET": secret,
             }
         )
@@ -727,6 +808,7 @@ def test_the_generated_key_cannot_be_the_shared_secret_either(
             "SSEHUB_DATABASE_URL": database_url,
             "SSEHUB_DATA_DIR": str(tmp_path),
             "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_AUDIENCE": AUDIENCE,
             "SSEHUB_JWT_SHARED_SECRET": TEST_SECRET,
         },
         drop=("SSEHUB_SECRET_KEY",),
@@ -736,8 +818,28 @@ def test_the_generated_key_cannot_be_the_shared_secret_either(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_an_issuer_without_an_audience_is_refused_at_start(database_url: str) -> None:
+    """Without an audience, a token the provider minted for any other of its
+    applications would be accepted: serve refuses to start, and says why."""
+    done = _serve_exit(
+        {
+            "SSEHUB_DATABASE_URL": database_url,
+            "SSEHUB_SECRET_KEY": TEST_SECRET,
+            "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_JWKS_URL": "http://127.0.0.1:9/jwks",
+        },
+        drop=("SSEHUB_JWT_AUDIENCE",),
+    )
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "SSEHUB_JWT_AUDIENCE" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_an_issuer_needs_exactly_one_source_of_keys(database_url: str, tmp_path: Path) -> None:
-    common = {"SSEHUB_DATABASE_URL": database_url, "SSEHUB_SECRET_KEY": TEST_SECRET}
+    common = {
+        "SSEHUB_DATABASE_URL": database_url,
+        "SSEHUB_SECRET_KEY": TEST_SECRET,
+        "SSEHUB_JWT_AUDIENCE": AUDIENCE,
+    }
     none = _serve_exit({**common, "SSEHUB_JWT_ISSUER": ISSUER})
     both = _serve_exit(
         {
