@@ -109,10 +109,25 @@ class Settings(BaseSettings):
             raise ValueError(f"SSEHUB_SECRET_KEY {problem}")
         return key
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, origins: str) -> str:
+        """Stream endpoints allow credentials (the stream cookie) for the listed
+        origins: with ``*`` every site a user visits could read their streams."""
+        if "*" in _comma_list(origins):
+            raise ValueError(
+                "SSEHUB_CORS_ORIGINS must list the origins of your pages "
+                "(https://app.example.com,...): '*' would let every site read streams "
+                "with the user's cookie"
+            )
+        return origins
+
     @model_validator(mode="after")
     def _one_external_key(self) -> Settings:
-        """External tokens need exactly one way to verify them, and a shared secret
-        that is ssehub's own key would let the issuer sign ssehub's tokens."""
+        """External tokens need exactly one way to verify them and an audience, and a
+        shared secret that is ssehub's own key would let the issuer sign ssehub's
+        tokens. Without an audience, a token the provider minted for any other of
+        its applications (they share its issuer) would be accepted here."""
         if not self.jwt_issuer:
             return self
         sources = [self.jwt_jwks_url, self.jwt_public_key_file, self.jwt_shared_secret]
@@ -127,6 +142,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"SSEHUB_JWT_SHARED_SECRET {problem}")
             if self.jwt_shared_secret == self.secret_key:
                 raise ValueError("SSEHUB_JWT_SHARED_SECRET must not be SSEHUB_SECRET_KEY")
+        if not self.jwt_audience:
+            raise ValueError(
+                "SSEHUB_JWT_ISSUER needs SSEHUB_JWT_AUDIENCE: the aud that tokens meant "
+                "for ssehub carry (an identity provider's other applications share its issuer)"
+            )
         return self
 
     @property

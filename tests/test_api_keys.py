@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -16,18 +17,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from app.auth.api_keys import ApiKeyGrant
 from tests.support import ROOT, TABLES, TEST_SECRET, Api, Server, auth, sql
 
 KEY = re.compile(r"ssehub_([a-z0-9]{12})_([A-Za-z0-9_-]{43})")
 EVENT = {"type": "order.paid", "data": {"id": 42}}
 
 
-def new_key(api: Api, publish: list[str], name: str = "orders-service") -> dict[str, object]:
-    r = api.http.post("/api-keys", json={"name": name, "publish": publish}, headers=api.admin())
+def new_key(
+    api: Api, publish: list[str], name: str = "orders-service", admin: dict[str, str] | None = None
+) -> dict[str, object]:
+    admin = admin or api.admin()
+    r = api.http.post("/api-keys", json={"name": name, "publish": publish}, headers=admin)
     assert r.status_code == 201, r.text
     body: dict[str, object] = r.json()
     return body
@@ -223,6 +229,74 @@ def test_a_key_publishes_and_reads_only_where_its_patterns_match(api: Api, serve
     assert key not in log and secret_of(key) not in log
 
 
+def test_a_star_key_reaches_no_personal_channel_an_at_star_key_does(api: Api) -> None:
+    """``*`` was any channel, personal ones included: a key for "every channel"
+    pushed to every user and read their personal history."""
+    channel(api, "news")
+    bob = api.user("bob")
+    admin = api.admin()
+    api.http.post("/users/bob/events", json={"type": "dm", "data": "secret"}, headers=admin)
+
+    def key(patterns: list[str]) -> dict[str, str]:
+        return auth(str(new_key(api, patterns, name="k", admin=admin)["key"]))
+
+    star = key(["*"])
+    assert api.http.post("/channels/news/events", json=EVENT, headers=star).status_code == 201
+    assert api.http.get("/channels/news/events", headers=star).status_code == 200
+    for pattern in (["*"], ["*bob"], ["*b*"], ["news", "*"]):
+        headers = key(pattern)
+        r = api.http.post("/users/bob/events", json={"type": "dm", "data": "x"}, headers=headers)
+        assert r.status_code == 403, (pattern, r.status_code, r.text)
+        r = api.http.get("/channels/@bob/events", headers=headers)
+        assert r.status_code == 403, (pattern, r.status_code, r.text)
+    mine = api.http.get("/me/events", headers=bob).json()["events"]
+    assert [e["data"] for e in mine] == ["secret"], "a refused key published"
+    # A pattern that begins with "@" matches personal channels, and only those.
+    people = key(["@*"])
+    r = api.http.post("/users/bob/events", json={"type": "dm", "data": "hi"}, headers=people)
+    assert r.status_code == 201, r.text
+    r = api.http.get("/channels/@bob/events", headers=people)
+    assert r.status_code == 200 and len(r.json()["events"]) == 2, r.text
+    assert api.http.post("/channels/news/events", json=EVENT, headers=people).status_code == 403
+    one = key(["@b*b"])
+    r = api.http.post("/users/bob/events", json={"type": "dm", "data": "hi"}, headers=one)
+    assert r.status_code == 201, r.text
+
+
+def test_a_pattern_of_nine_stars_does_not_block_the_event_loop(
+    start_server: Callable[..., Server],
+) -> None:
+    """``a*a*a*a*a*a*a*a*a*b`` against a 64-character name: a backtracking regex
+    takes minutes and holds the event loop, so /healthz went unanswered."""
+    srv = start_server()
+    api = Api(srv.url)
+    key = auth(str(new_key(api, ["a*a*a*a*a*a*a*a*a*b"], name="stars")["key"]))
+    name = "a" * 64
+
+    def publish() -> tuple[int, float]:
+        started = time.monotonic()
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            status = http.post(f"/channels/{name}/events", json=EVENT, headers=key).status_code
+        return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        publishes = [pool.submit(publish) for _ in range(3)]
+        time.sleep(0.2)
+        for _ in range(10):  # about 2 s of health checks while they are matched
+            started = time.monotonic()
+            r = httpx.get(f"{srv.url}/healthz", timeout=5)
+            waited = time.monotonic() - started
+            assert r.status_code == 200 and waited < 1.0, f"/healthz took {waited:.1f} s"
+            time.sleep(0.2)
+        for status, took in (f.result() for f in publishes):
+            assert status == 403 and took < 2.0, (status, took)
+    # The matcher still matches what it should.
+    assert api.http.post(f"/channels/{name}/events", json=EVENT, headers=key).status_code == 403
+    good = auth(str(new_key(api, ["a*a*a*a*a*a*a*a*a*a"], name="stars-ok")["key"]))
+    r = api.http.post(f"/channels/{name}/events", json=EVENT, headers=good)
+    assert r.status_code == 404, r.text  # allowed; no such channel
+
+
 def test_malformed_or_unknown_keys_are_401(api: Api) -> None:
     channel(api, "orders.eu")
     body = new_key(api, ["orders.*"])
@@ -357,3 +431,20 @@ def _stream_status(url: str, headers: dict[str, str] | None = None) -> int:
     """The status a stream endpoint answers, without waiting on a stream that opened."""
     with httpx.stream("GET", url, headers=headers or {}, timeout=10) as r:
         return r.status_code
+
+
+def test_the_pattern_matcher_agrees_with_the_glob_it_stands_for() -> None:
+    """The linear matcher against the regular expression it replaces, on every
+    pattern and name over a small alphabet (short enough for the regex)."""
+    patterns = ["".join(p) for n in range(6) for p in itertools.product("ab*", repeat=n)]
+    names = ["".join(p) for n in range(7) for p in itertools.product("ab", repeat=n)]
+    for pattern in patterns:
+        grant = ApiKeyGrant(1, (pattern,))
+        glob = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+        for name in names:
+            assert grant.allows(name) == bool(glob.fullmatch(name)), (pattern, name)
+            if pattern.startswith("*"):  # "*..." never reaches a personal channel
+                assert not grant.allows("@" + name), (pattern, name)
+            assert ApiKeyGrant(1, ("@" + pattern,)).allows("@" + name) == bool(
+                glob.fullmatch(name)
+            ), (pattern, name)

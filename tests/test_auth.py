@@ -315,3 +315,33 @@ def test_token_lifetimes_follow_the_settings(start_server) -> None:  # type: ign
     assert stream["expires_in"] == 30
     claims = jwt.decode(stream["stream_token"], TEST_SECRET, algorithms=["HS256"])
     assert claims["exp"] - claims["iat"] == 30 and claims["scope"] == "stream"
+
+
+def test_a_stream_token_or_cookie_never_outlives_the_token_that_obtained_it(api: Api) -> None:
+    """An access token with 4 s left must not buy a stream token (or cookie) for
+    an hour: both end when it does, and are refused from then on."""
+    user_id = _user_id(api)
+    expires = int(time.time()) + 4
+    short = _token(_claims(user_id, exp=expires))
+    r = api.http.post("/auth/stream-token", headers=auth(short))
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["expires_in"] <= 4, r.json()
+    stream_token = r.json()["stream_token"]
+    claims = jwt.decode(stream_token, TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] <= expires, (claims, expires)
+    r = api.http.post("/auth/stream-cookie", headers=auth(short))
+    assert r.status_code == 204, r.text
+    cookie = r.cookies["ssehub_stream"]
+    assert jwt.decode(cookie, TEST_SECRET, algorithms=["HS256"])["exp"] <= expires
+    max_age = int(r.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
+    assert 0 <= max_age <= 4, r.headers["set-cookie"]
+    while time.time() < expires + 1:
+        time.sleep(0.1)
+    for r in (
+        api.http.get("/stream", params={"access_token": stream_token}),
+        api.http.get("/stream", headers={"Cookie": f"ssehub_stream={cookie}"}),
+    ):
+        assert r.status_code == 401, (r.status_code, r.text)
+    # A token with its full lifetime ahead still gets the configured one.
+    r = api.http.post("/auth/stream-token", headers=auth(api.login("alice")))
+    assert 3590 <= r.json()["expires_in"] <= 3600, r.json()

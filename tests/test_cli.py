@@ -68,6 +68,11 @@ def test_create_admin_refuses_a_weak_password(database_url: str) -> None:
     assert rows == []
 
 
+def _serve_refused(**env: str) -> subprocess.CompletedProcess[str]:
+    """``ssehub serve`` with ``env``, expected to refuse to start (60 s if it serves)."""
+    return _cli("serve", "--port", str(free_port()), timeout=60, **env)
+
+
 def _gone(pid: int, within: float = 5) -> bool:
     """Whether process ``pid`` has exited (it removes its pid file just before)."""
     deadline = time.monotonic() + within
@@ -241,11 +246,7 @@ def test_serve_refuses_an_admin_that_could_not_register(
     database_url: str, username: str, password: str
 ) -> None:
     """A bootstrap admin outside the registration rules could never log in: refuse to start."""
-    done = _cli(
-        "serve",
-        "--port",
-        str(free_port()),
-        timeout=60,
+    done = _serve_refused(
         SSEHUB_DATABASE_URL=database_url,
         SSEHUB_ADMIN_USERNAME=username,
         SSEHUB_ADMIN_PASSWORD=password,
@@ -265,3 +266,13 @@ def test_database_urls_in_other_spellings(database_url: str) -> None:
         done = _cli("migrate", SSEHUB_DATABASE_URL=url)
         assert done.returncode != 0
         assert "SSEHUB_DATABASE_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("origins", ["*", "https://app.example, *"])
+def test_cors_origins_star_is_refused_at_start(database_url: str, origins: str) -> None:
+    """Streams allow credentials for the configured origins: ``*`` would let every
+    site read a user's streams with their cookie."""
+    done = _serve_refused(SSEHUB_DATABASE_URL=database_url, SSEHUB_CORS_ORIGINS=origins)
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "SSEHUB_CORS_ORIGINS" in done.stderr and "*" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -96,6 +96,8 @@ class Idp:
         self.extra: list[dict[str, Any]] = []  # JWKs published as they are
         self.hits = 0
         self.status = 200  # what the JWKS endpoint answers; not 200: an error page
+        self.delay = 0.0  # seconds before it answers
+        self.drip = 0.0  # when set, the body is sent one byte per this many seconds
         self._lock = threading.Lock()
         idp = self
 
@@ -103,13 +105,21 @@ class Idp:
             def do_GET(self) -> None:
                 with idp._lock:
                     idp.hits += 1
-                    status = idp.status
+                    status, delay, drip = idp.status, idp.delay, idp.drip
                     body = json.dumps(idp.jwks()).encode() if status == 200 else b"<h1>down</h1>"
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                sent = 0
+                while drip and sent < len(body):  # until the test turns the drip off
+                    self.wfile.write(body[sent : sent + 1])
+                    self.wfile.flush()
+                    sent += 1
+                    time.sleep(drip)
+                    drip = idp.drip
+                self.wfile.write(body[sent:])
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -206,6 +216,25 @@ def rotating(database_url: str) -> Iterator[Rotating]:
         provider.stop()
 
 
+@pytest.fixture(scope="module")
+def souring(database_url: str) -> Iterator[Rotating]:
+    """A provider whose JWKS is fetched once here and fails later: like ``rotating``,
+    made by the first test and used by one near the end, 30 s later."""
+    provider = Idp()
+    provider.add("rsa", kid="known")
+    srv = Server(database_url, env=jwks_env(provider.url)).start()
+    try:
+        api = Api(srv.url)
+        assert me(api, provider.token("known", sub="souring-user")).status_code == 200
+        yield Rotating(provider, api, time.monotonic())
+        api.http.close()
+    finally:
+        provider.status = 200
+        provider.delay = 0.0
+        srv.stop()
+        provider.stop()
+
+
 @pytest.fixture
 def client(hub: Server) -> Iterator[Api]:
     c = Api(hub.url)
@@ -225,9 +254,13 @@ def assert_401(r: httpx.Response) -> None:
 # -- the JWKS: fetched once, refetched for an unknown kid at most every 30 s ------
 
 
-def test_unknown_kids_do_not_refetch_the_jwks_within_30_s(rotating: Rotating) -> None:
-    """First in the module: see ``rotating``, and the last test for the rotation."""
+def test_unknown_kids_do_not_refetch_the_jwks_within_30_s(
+    rotating: Rotating, souring: Rotating
+) -> None:
+    """First in the module: see ``rotating`` (and ``souring``), and the last test
+    for the rotation."""
     idp, api = rotating.idp, rotating.api
+    assert souring.idp.hits == 1
     assert idp.hits == 1
     stranger = idp.add("ec", publish=False)
     for _ in range(5):
@@ -252,20 +285,22 @@ def test_rs256_es256_and_eddsa_tokens_make_a_user_without_a_password(
     r = me(client, idp.token(kind, sub=sub))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["username"] == sub and body["is_admin"] is False
+    assert body["username"] == username_for(sub) and body["is_admin"] is False
     # The same user on the next token, not a second one.
     assert me(client, idp.token(kind, sub=sub)).json()["id"] == body["id"]
     rows = asyncio.run(
         sql(
             database_url,
             "SELECT password_hash, external_subject FROM users WHERE username = $1",
-            sub,
+            username_for(sub),
         )
     )
     assert [tuple(r) for r in rows] == [(None, sub)]
     # No password: no password logs them in, not even an empty one.
     for password in ("", "password-123", "None"):
-        login = client.http.post("/auth/token", data={"username": sub, "password": password})
+        login = client.http.post(
+            "/auth/token", data={"username": username_for(sub), "password": password}
+        )
         assert login.status_code in (401, 422), login.text
 
 
@@ -399,23 +434,59 @@ def test_subjects_that_are_not_usernames_get_a_stable_distinct_username(
         assert me(client, idp.token("ed25519", sub=sub)).json()["username"] == names[sub]
     assert len(set(names.values())) == len(subjects), names
     assert re.fullmatch(r"auth0_123-[0-9a-f]{8}", names["auth0|123"])
-    assert names["auth0_123"] == "auth0_123"  # a valid username is kept as it is
+    # A subject that is a valid username gets the suffix too: no one can register it.
+    assert re.fullmatch(r"auth0_123-[0-9a-f]{8}", names["auth0_123"])
+    assert names["auth0_123"] != names["auth0|123"]
 
 
-def test_a_subject_never_takes_over_a_registered_users_account(client: Api, idp: Idp) -> None:
+def test_a_subject_never_takes_over_a_registered_users_account(
+    client: Api, idp: Idp, database_url: str
+) -> None:
     local = client.user("carol")
-    carol_id = client.http.get("/users/me", headers=local).json()["id"]
-    assert_401(me(client, idp.token("rsa", sub="carol")))
-    # Nor one whose name is what a derived username would be.
+    carol = client.http.get("/users/me", headers=local).json()
+    # The subject "carol" is another user, with a name of its own.
+    r = me(client, idp.token("rsa", sub="carol", roles=[ADMIN_ROLE]))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] != carol["id"] and r.json()["username"] == username_for("carol")
+    # A local account that holds a derived name (one registered before registration
+    # refused them) is refused to the subject, never shared.
     taken = username_for("auth0|999")
-    client.register(taken)
-    assert_401(me(client, idp.token("rsa", sub="auth0|999")))
-    # The local users are untouched and still log in.
-    assert client.http.get("/users/me", headers=local).json()["id"] == carol_id
-    assert client.login(taken)
-    # Not even as an admin.
-    assert_401(me(client, idp.token("rsa", sub="carol", roles=[ADMIN_ROLE])))
-    assert client.http.get("/users/me", headers=local).json()["is_admin"] is False
+    asyncio.run(sql(database_url, "INSERT INTO users (username) VALUES ($1)", taken))
+    assert_401(me(client, idp.token("rsa", sub="auth0|999", roles=[ADMIN_ROLE])))
+    # The local user is untouched and still logs in, no admin.
+    assert client.http.get("/users/me", headers=local).json() == carol
+    assert client.login("carol")
+
+
+def test_registering_an_external_users_name_first_is_refused(client: Api, idp: Idp) -> None:
+    """The squatter knows the subject ("dave", "auth0|dave") and registers the
+    name it maps to before dave's first token: refused, so dave is not locked out."""
+    for sub in ("dave", "auth0|dave"):
+        name = username_for(sub)
+        r = client.register(name)
+        assert r.status_code == 422, (sub, r.status_code, r.text)
+        assert "identity provider" in r.text, r.text
+        r = me(client, idp.token("rsa", sub=sub))
+        assert r.status_code == 200, (sub, r.text)
+        assert r.json()["username"] == name
+    # Upper-case hex is the same form: refused too. Names merely like it register.
+    assert client.register(username_for("dave").upper()).status_code == 422
+    for fine in ("dave-1234567", "dave-12345678x", "dave_12345678", "dave-1234567g"):
+        assert client.register(fine).status_code == 201, fine
+
+
+def test_unstorable_or_overlong_subjects_are_401_not_500(
+    client: Api, idp: Idp, database_url: str
+) -> None:
+    for sub in ("\ud800", "a\udfffb", "nul\x00sub", "x" * 256, "y" * 3000):
+        r = me(client, idp.token("rsa", sub=sub))
+        assert r.status_code == 401, (sub[:20], r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    rows = asyncio.run(sql(database_url, "SELECT 1 FROM users WHERE external_subject IS NOT NULL"))
+    assert rows == [], "an unstorable subject made a user"
+    # 255 characters is still a subject.
+    r = me(client, idp.token("rsa", sub="z" * 255))
+    assert r.status_code == 200, r.text
 
 
 def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
@@ -431,10 +502,11 @@ def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
     deleted_at = time.time()
     assert_401(me(client, used))
     assert_401(me(client, unused))
-    # A token issued after the deletion makes the user anew (iat has whole seconds).
+    # A token issued after the deletion makes the user anew: more than the 30 s of
+    # leeway after it (iat has whole seconds; iat up to 30 s ahead is accepted).
     while int(time.time()) <= deleted_at:
         time.sleep(0.05)
-    fresh = idp.token("rsa", sub=sub)
+    fresh = idp.token("rsa", sub=sub, iat=int(time.time()) + 30)
     r = me(client, fresh)
     assert r.status_code == 200, r.text
     assert r.json()["username"] == name and r.json()["id"] != first
@@ -442,6 +514,45 @@ def test_a_deleted_external_user_stays_deleted_for_tokens_issued_before(
     assert_401(me(client, used))
     assert_401(me(client, unused))
     assert me(client, fresh).status_code == 200
+
+
+def test_a_deleted_users_old_tokens_do_not_come_back_with_the_idps_clock_ahead(
+    client: Api, idp: Idp
+) -> None:
+    """The identity provider's clock runs 10 s ahead (within the 30 s of leeway): a
+    token it issued just before the deletion says it was issued after it."""
+    sub = "auth0|skewed"
+    assert me(client, idp.token("rsa", sub=sub)).status_code == 200
+    r = client.http.delete(f"/users/{username_for(sub)}", headers=client.admin())
+    assert r.status_code == 204
+    deleted_at = time.time()
+    for ahead in (2, 10, 29):
+        issued_before = idp.token("rsa", sub=sub, iat=int(deleted_at) + ahead)
+        assert_401(me(client, issued_before))
+
+
+def test_a_stream_token_from_an_external_token_ends_with_it(
+    client: Api, idp: Idp, hub: Server
+) -> None:
+    """A token with 4 s left obtains a stream token and a cookie: both end with it."""
+    expires = int(time.time()) + 4
+    token = idp.token("rsa", sub="short-lived", exp=expires)
+    r = client.http.post("/auth/stream-token", headers=auth(token))
+    assert r.status_code == 200, r.text
+    assert r.json()["expires_in"] <= 4, r.json()
+    stream_token = r.json()["stream_token"]
+    assert jwt.decode(stream_token, options={"verify_signature": False})["exp"] <= expires
+    r = client.http.post("/auth/stream-cookie", headers=auth(token))
+    assert r.status_code == 204, r.text
+    cookie = r.cookies["ssehub_stream"]
+    assert jwt.decode(cookie, options={"verify_signature": False})["exp"] <= expires
+    assert int(re.search(r"Max-Age=(\d+)", r.headers["set-cookie"])[1]) <= 4  # type: ignore[index]
+    while time.time() < expires + 1:
+        time.sleep(0.1)
+    r = client.http.get("/stream", params={"access_token": stream_token})
+    assert_401(r)
+    r = client.http.get("/stream", headers={"Cookie": f"ssehub_stream={cookie}"})
+    assert_401(r)
 
 
 # -- what an external user can do ------------------------------------------------
@@ -514,16 +625,86 @@ def test_jwks_unreachable_is_503_and_ssehubs_own_tokens_still_work(
         back.keys, back.published = signer.keys, signer.published
         # An error page (a proxy in front of a provider that is down) is the same 503.
         back.status = 502
-        r = me(api, token)
-        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        # The failure above is remembered for 5 s: 503 without a fetch until then.
+        assert _eventually(lambda: _refused_after_a_fetch(api, token, back), within=8)
         assert back.hits == 1
-        # Once the provider answers, its tokens work: a failed fetch starts no cooldown.
+        # Once the provider answers, its tokens work: a failed fetch starts no
+        # cooldown, only the 5 s in which the failure is remembered.
         back.status = 200
-        assert me(api, token).status_code == 200
+        assert _eventually(lambda: me(api, token).status_code == 200, within=8)
         assert back.hits == 2
     finally:
         back.stop()
     assert "Traceback" not in srv.log()
+
+
+def _refused_after_a_fetch(api: Api, token: str, idp: Idp) -> bool:
+    """Whether ``token`` is refused with 503 once ``idp`` has been asked for its keys."""
+    r = me(api, token)
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+    return idp.hits > 0
+
+
+def _timed_me(api: Api, token: str) -> tuple[int, float]:
+    """The status of ``GET /users/me`` with ``token``, and how long it took."""
+    own = Api(api.base_url)
+    started = time.monotonic()
+    try:
+        status = me(own, token).status_code
+    finally:
+        own.http.close()
+    return status, time.monotonic() - started
+
+
+def test_a_failing_jwks_is_fetched_once_for_nine_waiting_requests(
+    start_server: Callable[..., Server],
+) -> None:
+    """A provider that answers 503 after 3 s: one fetch serves every request that
+    waits for it, and its failure is remembered for 5 s (503 without a fetch)."""
+    idp = Idp()
+    try:
+        kid = idp.add("rsa")
+        idp.status, idp.delay = 503, 3.0
+        api = Api(start_server(**jwks_env(idp.url)).url)
+        tokens = [idp.token(kid, sub=f"waiting-{i}") for i in range(9)]
+        started = time.monotonic()
+        with cf.ThreadPoolExecutor(9) as pool:
+            answers = list(pool.map(lambda t: _timed_me(api, t), tokens))
+        took = time.monotonic() - started
+        assert [status for status, _ in answers] == [503] * 9, answers
+        assert took < 6.5, f"nine requests took {took:.1f} s"
+        assert idp.hits == 1, f"{idp.hits} fetches for nine requests"
+        # Within 5 s of that failure: 503 at once, and no fetch.
+        for token in tokens[:3]:
+            status, waited = _timed_me(api, token)
+            assert status == 503 and waited < 1.0, (status, waited)
+        assert idp.hits == 1, "a remembered failure fetched again"
+    finally:
+        idp.stop()
+
+
+def test_no_request_waits_more_than_6_s_for_a_jwks_that_trickles(
+    start_server: Callable[..., Server],
+) -> None:
+    """A provider that sends its key set a byte at a time: each request gives up
+    after 6 s, however long the one fetch goes on."""
+    idp = Idp()
+    try:
+        kid = idp.add("rsa")
+        idp.drip = 0.2  # a key set of several hundred bytes: minutes
+        api = Api(start_server(**jwks_env(idp.url)).url)
+        with cf.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda t: _timed_me(api, t), [idp.token(kid)] * 3))
+        for status, waited in answers:
+            assert status == 503 and waited < 7.0, answers
+        assert idp.hits == 1, idp.hits
+        # The fetch ends (the drip stops): the keys it brought verify.
+        idp.drip = 0.0
+        assert _eventually(lambda: me(api, idp.token(kid)).status_code == 200, within=15)
+        assert idp.hits == 1, idp.hits
+    finally:
+        idp.drip = 0.0
+        idp.stop()
 
 
 # -- one PEM key, or a shared secret ------------------------------------------------
@@ -538,7 +719,7 @@ def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path)
     )
     api = Api(srv.url)
     good = jwt.encode(claims(sub="pem-user"), key, algorithm="ES256")
-    assert me(api, good).json()["username"] == "pem-user"
+    assert me(api, good).json()["username"] == username_for("pem-user")
     assert_401(me(api, jwt.encode(claims(), new_key("ec"), algorithm="ES256")))
     assert_401(me(api, jwt.encode(claims(), new_key("rsa"), algorithm="RS256")))
     # The PEM as an HMAC secret: the classic confusion against a configured key.
@@ -552,17 +733,19 @@ def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path)
 def test_a_shared_hs256_secret(start_server: Callable[..., Server]) -> None:
     shared = secrets.token_urlsafe(48)
     srv = start_server(
-        SSEHUB_JWT_ISSUER=ISSUER, SSEHUB_JWT_SHARED_SECRET=shared, SSEHUB_JWT_ADMIN_CLAIM=""
+        SSEHUB_JWT_ISSUER=ISSUER,
+        SSEHUB_JWT_AUDIENCE=AUDIENCE,
+        SSEHUB_JWT_SHARED_SECRET=shared,
+        SSEHUB_JWT_ADMIN_CLAIM="",
     )
     api = Api(srv.url)
-    good = jwt.encode(
-        claims(sub="hs-user", aud=None, roles=[ADMIN_ROLE]), shared, algorithm="HS256"
-    )
+    good = jwt.encode(claims(sub="hs-user", roles=[ADMIN_ROLE]), shared, algorithm="HS256")
     r = me(api, good)
     assert r.status_code == 200, r.text
     user = r.json()
     # No admin claim configured: no external admins, whatever the token says.
-    assert user["username"] == "hs-user" and user["is_admin"] is False
+    assert user["username"] == username_for("hs-user") and user["is_admin"] is False
+    assert_401(me(api, jwt.encode(claims(aud=None), shared, algorithm="HS256")))
     assert_401(me(api, jwt.encode(claims(), secrets.token_urlsafe(48), algorithm="HS256")))
     # The issuer's secret cannot sign ssehub's own tokens, nor ssehub's key the issuer's.
     now = int(time.time())
@@ -601,6 +784,7 @@ def test_a_weak_or_reused_shared_secret_is_refused_at_start(database_url: str) -
                 "SSEHUB_DATABASE_URL": database_url,
                 "SSEHUB_SECRET_KEY": TEST_SECRET,
                 "SSEHUB_JWT_ISSUER": ISSUER,
+                "SSEHUB_JWT_AUDIENCE": AUDIENCE,
                 "SSEHUB_JWT_SHARED_SECRET": secret,
             }
         )
@@ -624,6 +808,7 @@ def test_the_generated_key_cannot_be_the_shared_secret_either(
             "SSEHUB_DATABASE_URL": database_url,
             "SSEHUB_DATA_DIR": str(tmp_path),
             "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_AUDIENCE": AUDIENCE,
             "SSEHUB_JWT_SHARED_SECRET": TEST_SECRET,
         },
         drop=("SSEHUB_SECRET_KEY",),
@@ -633,8 +818,28 @@ def test_the_generated_key_cannot_be_the_shared_secret_either(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_an_issuer_without_an_audience_is_refused_at_start(database_url: str) -> None:
+    """Without an audience, a token the provider minted for any other of its
+    applications would be accepted: serve refuses to start, and says why."""
+    done = _serve_exit(
+        {
+            "SSEHUB_DATABASE_URL": database_url,
+            "SSEHUB_SECRET_KEY": TEST_SECRET,
+            "SSEHUB_JWT_ISSUER": ISSUER,
+            "SSEHUB_JWT_JWKS_URL": "http://127.0.0.1:9/jwks",
+        },
+        drop=("SSEHUB_JWT_AUDIENCE",),
+    )
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "SSEHUB_JWT_AUDIENCE" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_an_issuer_needs_exactly_one_source_of_keys(database_url: str, tmp_path: Path) -> None:
-    common = {"SSEHUB_DATABASE_URL": database_url, "SSEHUB_SECRET_KEY": TEST_SECRET}
+    common = {
+        "SSEHUB_DATABASE_URL": database_url,
+        "SSEHUB_SECRET_KEY": TEST_SECRET,
+        "SSEHUB_JWT_AUDIENCE": AUDIENCE,
+    }
     none = _serve_exit({**common, "SSEHUB_JWT_ISSUER": ISSUER})
     both = _serve_exit(
         {
@@ -657,6 +862,34 @@ def _eventually(check: Callable[[], bool], within: float = 2.0) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rotating) -> None:
+    """Near the end of the module, once the 30 s after the first fetch are over: an
+    unknown kid refetches, the provider answers 503 after 3 s, and meanwhile (and
+    after) the last good key set verifies its keys at once."""
+    idp, api = souring.idp, souring.api
+    idp.add("rsa", kid="unknown", publish=False)
+    while time.monotonic() < souring.fetched + 31:
+        time.sleep(0.25)
+    idp.status, idp.delay = 503, 3.0
+    with cf.ThreadPoolExecutor(6) as pool:
+        unknown = [pool.submit(_timed_me, api, idp.token("unknown")) for _ in range(3)]
+        time.sleep(0.5)  # the refetch is under way
+        known = [pool.submit(_timed_me, api, idp.token("known", sub="souring-user"))]
+        known += [pool.submit(_timed_me, api, idp.token("known", sub=f"k{i}")) for i in range(2)]
+        unknown_answers = [f.result() for f in unknown]
+        known_answers = [f.result() for f in known]
+    assert [status for status, _ in unknown_answers] == [503] * 3, unknown_answers
+    for status, waited in known_answers:
+        assert status == 200 and waited < 1.5, known_answers
+    assert idp.hits == 2, f"{idp.hits - 1} refetches for three requests"
+    # After the failed refetch: the known keys still verify, the unknown kid is a
+    # 503 from memory (no fetch within 5 s).
+    status, waited = _timed_me(api, idp.token("known", sub="after"))
+    assert status == 200 and waited < 1.5, (status, waited)
+    assert me(api, idp.token("unknown")).status_code == 503
+    assert idp.hits == 2
 
 
 def test_a_rotated_key_is_accepted_once_the_cooldown_ends(rotating: Rotating) -> None:

@@ -3,11 +3,11 @@
 A token whose ``iss`` is ``SSEHUB_JWT_ISSUER`` is verified here instead of as
 one of ssehub's own. The verifying key comes from one of:
 
-- a JWKS URL, read with PyJWT's ``PyJWKClient``: fetched on first use, cached
-  for five minutes, fetched again for an unknown ``kid`` at most once per
-  ``REFETCH_SECONDS`` (the client's cooldown); fetching runs in a thread, so
-  a slow identity provider never blocks the event loop, and one that cannot
-  be reached is a 503;
+- a JWKS URL (``app.auth.jwks``): fetched on first use, one fetch at a time,
+  refreshed after five minutes and for an unknown ``kid`` at most every 30 s;
+  a failure is remembered for 5 s (503 without a fetch), the last good key
+  set keeps verifying while the provider fails, and no request waits more
+  than 6 s for keys;
 - one PEM public key (``SSEHUB_JWT_PUBLIC_KEY_FILE``), loaded by ``cryptography``;
 - an HS256 secret shared with the issuer (``SSEHUB_JWT_SHARED_SECRET``).
 
@@ -15,27 +15,33 @@ one of ssehub's own. The verifying key comes from one of:
 RS256, a P-256 key only ES256, an Ed25519 key only EdDSA, the shared secret
 only HS256. The token's own ``alg`` header chooses nothing, so an HS256 token
 "signed" with an RSA public key as its secret, or ``alg: none``, is refused.
-``iss`` and ``exp`` are required, ``aud`` too when ``SSEHUB_JWT_AUDIENCE`` is
-set; ``nbf`` and ``iat`` are honoured with ``LEEWAY_SECONDS`` of leeway.
+``iss``, ``aud`` (``SSEHUB_JWT_AUDIENCE``, required with an issuer: the
+provider's other applications share its issuer) and ``exp`` are required;
+``nbf`` and ``iat`` are honoured with ``LEEWAY_SECONDS`` of leeway.
 
 **Users.** The user claim (``SSEHUB_JWT_USER_CLAIM``, default ``sub``) names
 the user, who is created on first use with no password
-(``users.external_subject``). Its username is the claim itself when it is a
-valid username, else ``username_for`` makes one: the characters a username
-cannot hold become ``_``, and ``-`` plus 8 hex digits of the claim's SHA-256
-follow, so ``auth0|123`` is ``auth0_123-`` + 8 hex digits; distinct claims
-never share a name. A username already held by another account (a registered
-user, say) is refused (401) rather than shared. With ``SSEHUB_JWT_ADMIN_CLAIM``
-set, the token says whether the user is an admin, and the account follows it.
-An external user an admin deleted stays deleted for the tokens issued before
-the deletion (``external_tombstones``); one issued after creates them anew.
+(``users.external_subject``). A claim Postgres cannot store (a NUL, a lone
+surrogate) or longer than ``MAX_SUBJECT_LENGTH`` names no user (401). The
+username is ``username_for(claim)``: the characters a username cannot hold
+become ``_``, and ``-`` plus 8 hex digits of the claim's SHA-256 follow, so
+``auth0|123`` is ``auth0_123-`` + 8 hex digits and ``alice`` is ``alice-`` + 8
+hex digits; distinct claims never share a name. **Registration refuses every
+name of that form** (``reserved_for_external``), so nobody can take an
+external user's name before their first token and lock them out; a name of
+that form held by another account anyway (registered before the rule, or by
+the operator) is refused to the subject (401) rather than shared. With
+``SSEHUB_JWT_ADMIN_CLAIM`` set, the token says whether the user is an admin,
+and the account follows it. An external user an admin deleted stays deleted
+for the tokens issued before the deletion (``external_tombstones``): only a
+token whose ``iat`` is more than ``LEEWAY_SECONDS`` after the deletion creates
+them anew, since a provider whose clock runs ahead within the leeway stamps
+a token issued before the deletion with a later ``iat``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -46,18 +52,20 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from app.auth.schemas import USERNAME_PATTERN
+from app.auth.jwks import KeySet
 from app.config import Settings
 from app.db import raw_connection
-from app.errors import Unauthorized, Unavailable
+from app.errors import Unauthorized
 from app.notify import Hints, notify_control_raw
+from app.text import storable
 
 LEEWAY_SECONDS = 30
-REFETCH_SECONDS = 30.0
-JWKS_TIMEOUT_SECONDS = 5.0
 CACHE_SIZE = 10_000
-_USERNAME = re.compile(USERNAME_PATTERN)
+MAX_SUBJECT_LENGTH = 255
 _NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
+# What username_for appends, and so what registration refuses (hex of either case:
+# names are told apart by case, and a look-alike of another's name helps nobody).
+_EXTERNAL_SUFFIX = re.compile(r"-[0-9a-fA-F]{8}\Z")
 
 # The subject's user (NULLs if none) and when an admin last deleted it (NULL if never).
 _FIND = """
@@ -77,11 +85,16 @@ _SET_ADMIN = "UPDATE users SET is_admin = $2 WHERE id = $1"
 
 
 def username_for(subject: str) -> str:
-    """The username of the external user ``subject`` (see the module docstring)."""
-    if _USERNAME.fullmatch(subject):
-        return subject
+    """The username of the external user ``subject`` (see the module docstring):
+    always with the suffix that registration refuses."""
     digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
     return f"{_NOT_USERNAME.sub('_', subject)[:55]}-{digest}"
+
+
+def reserved_for_external(username: str) -> bool:
+    """Whether ``username`` has the form of ``username_for``'s names, which only
+    the identity provider's users get: registration refuses it."""
+    return _EXTERNAL_SUFFIX.search(username) is not None
 
 
 def algorithm_for(key: Any) -> str:
@@ -96,12 +109,14 @@ def algorithm_for(key: Any) -> str:
 
 
 def _refuse_if_issued_before(claims: dict[str, Any], deleted_at: Any) -> None:
-    """401 unless the token was issued (``iat``) after the subject's user was
-    last deleted; a token without ``iat`` cannot show that it was."""
+    """401 unless the token was issued (``iat``) more than the leeway after the
+    subject's user was last deleted; a token without ``iat`` cannot show that it was."""
     if deleted_at is None:
         return
     issued_at = claims.get("iat")
-    if not (isinstance(issued_at, int | float) and issued_at > deleted_at):
+    # The leeway on the safe side: a provider whose clock runs up to LEEWAY_SECONDS
+    # ahead stamps a token issued just before the deletion with a later iat.
+    if not (isinstance(issued_at, int | float) and issued_at > deleted_at + LEEWAY_SECONDS):
         raise Unauthorized("User no longer exists")
 
 
@@ -118,14 +133,10 @@ class ExternalTokens:
         assert settings.jwt_issuer
         self._settings = settings
         self._pool = pool
-        self._jwks: jwt.PyJWKClient | None = None
+        self._jwks: KeySet | None = None
         self._static: tuple[Any, str] | None = None
         if settings.jwt_jwks_url:
-            self._jwks = jwt.PyJWKClient(
-                settings.jwt_jwks_url,
-                timeout=JWKS_TIMEOUT_SECONDS,
-                cooldown_duration=REFETCH_SECONDS,
-            )
+            self._jwks = KeySet(settings.jwt_jwks_url)
         elif settings.jwt_public_key_file:
             key = load_pem_public_key(Path(settings.jwt_public_key_file).read_bytes())
             self._static = (key, algorithm_for(key))
@@ -157,7 +168,7 @@ class ExternalTokens:
     async def _verify(self, token: str) -> dict[str, Any]:
         key, algorithm = await self._key(token)
         settings = self._settings
-        required = ["iss", "exp"] + (["aud"] if settings.jwt_audience else [])
+        assert settings.jwt_audience  # required with an issuer (app.config)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -166,7 +177,7 @@ class ExternalTokens:
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
                 leeway=LEEWAY_SECONDS,
-                options={"require": required, "verify_aud": bool(settings.jwt_audience)},
+                options={"require": ["iss", "aud", "exp"]},
             )
         except jwt.PyJWTError as exc:
             raise Unauthorized("Invalid or expired token") from exc
@@ -177,12 +188,12 @@ class ExternalTokens:
             return self._static
         assert self._jwks is not None
         try:
-            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
-        except (jwt.PyJWKClientConnectionError, json.JSONDecodeError) as exc:
-            # Unreachable, or answering something that is not a key set at all.
-            raise Unavailable("The identity provider's keys cannot be fetched") from exc
-        except (jwt.PyJWTError, ValueError) as exc:  # no kid, unknown kid, a bad key set
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
             raise Unauthorized("Invalid or expired token") from exc
+        if not isinstance(kid, str):
+            raise Unauthorized("Invalid or expired token")
+        signing_key = await self._jwks.key(kid)
         try:
             return signing_key.key, algorithm_for(signing_key.key)
         except ValueError as exc:
@@ -190,11 +201,7 @@ class ExternalTokens:
 
     async def _user(self, claims: dict[str, Any]) -> ExternalUser:
         """The user the claims name: found, or created on first use."""
-        subject = claims.get(self._settings.jwt_user_claim)
-        if isinstance(subject, int) and not isinstance(subject, bool):
-            subject = str(subject)
-        if not isinstance(subject, str) or not subject or "\x00" in subject:
-            raise Unauthorized("The token names no user")
+        subject = self._subject(claims)
         admin = self._is_admin(claims)
         async with raw_connection(self._pool) as conn:
             row = await conn.fetchrow(_FIND, subject)
@@ -208,6 +215,23 @@ class ExternalTokens:
                 if admin is not None and admin != row[1]:
                     await self._set_admin(conn, user_id, admin)
         return ExternalUser(user_id, float(claims["exp"]))
+
+    def _subject(self, claims: dict[str, Any]) -> str:
+        """The user claim as a subject Postgres can store and index; else 401.
+
+        The provider signed it, but nothing bounds what it signs: a lone
+        surrogate or a NUL cannot reach a query, and a subject kilobytes long
+        outgrows the unique index's row; either was a 500.
+        """
+        subject = claims.get(self._settings.jwt_user_claim)
+        if isinstance(subject, int) and not isinstance(subject, bool):
+            subject = str(subject)
+        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
+            raise Unauthorized("The token names no user")
+        try:
+            return storable(subject)
+        except ValueError as exc:
+            raise Unauthorized("The token names no user") from exc
 
     def _is_admin(self, claims: dict[str, Any]) -> bool | None:
         """What the token says of admin rights, or None when no claim is configured."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.auth import service
-from app.auth.deps import STREAM_COOKIE, CurrentUser, SettingsDep
+from app.auth.deps import STREAM_COOKIE, CurrentUser, SettingsDep, UserCaller
 from app.auth.passwords import hash_password
 from app.auth.schemas import RegisterIn, StreamTokenOut, TokenOut, UserOut
 from app.auth.throttle import LoginThrottle, client_address
@@ -65,18 +65,22 @@ async def token(
 
 
 @router.post("/auth/stream-token", response_model=StreamTokenOut)
-async def stream_token(user: CurrentUser, settings: SettingsDep) -> StreamTokenOut:
-    """A token only the stream endpoints accept, safe(r) to put in an EventSource URL."""
-    token_, ttl = issue_token(settings, user.id, "stream")
+async def stream_token(
+    user: CurrentUser, caller: UserCaller, settings: SettingsDep
+) -> StreamTokenOut:
+    """A token only the stream endpoints accept, safe(r) to put in an EventSource
+    URL; it expires with the token that asked for it, if that is sooner."""
+    token_, ttl = issue_token(settings, user.id, "stream", not_after=caller.expires_at)
     return StreamTokenOut(stream_token=token_, expires_in=ttl)
 
 
 @router.post("/auth/stream-cookie", status_code=204)
-async def stream_cookie(user: CurrentUser, settings: SettingsDep) -> Response:
+async def stream_cookie(user: CurrentUser, caller: UserCaller, settings: SettingsDep) -> Response:
     """Set the ``ssehub_stream`` cookie (HttpOnly) holding a stream token: both
     stream endpoints accept it, so a page needs no token in any URL. REST
-    endpoints never accept it."""
-    token_, ttl = issue_token(settings, user.id, "stream")
+    endpoints never accept it. It expires with the token that asked for it, if
+    that is sooner."""
+    token_, ttl = issue_token(settings, user.id, "stream", not_after=caller.expires_at)
     response = Response(status_code=204)
     response.set_cookie(
         STREAM_COOKIE,

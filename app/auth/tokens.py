@@ -2,11 +2,14 @@
 
 An access token opens every endpoint; a stream token (``scope=stream``) opens
 only the two stream endpoints, so a token that ends up in a URL or a browser
-history cannot be used to publish or administer.
+history cannot be used to publish or administer. A stream token never outlives
+the token that obtained it (``issue_token``'s ``not_after``): a token about to
+expire must not buy an hour more.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -27,14 +30,18 @@ class TokenClaims:
     expires_at: float
 
 
-def issue_token(settings: Settings, user_id: int, scope: Scope) -> tuple[str, int]:
-    """Sign a token for ``user_id``; returns it with its lifetime in seconds."""
+def issue_token(
+    settings: Settings, user_id: int, scope: Scope, not_after: float = math.inf
+) -> tuple[str, int]:
+    """Sign a token for ``user_id`` that expires by ``not_after`` (wall clock) at
+    the latest; returns it with its lifetime in seconds (0: already expired)."""
     ttl = (
         settings.access_token_ttl_seconds
         if scope == "access"
         else settings.stream_token_ttl_seconds
     )
     now = int(time.time())
+    ttl = max(0, int(min(ttl, not_after - now)))  # whole seconds, rounded down
     claims = {"sub": str(user_id), "iat": now, "exp": now + ttl, "scope": scope}
     assert settings.secret_key, "ensure_secret_key() runs before the app is built"
     return jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM), ttl

@@ -50,7 +50,6 @@ from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 DEFAULT_RETRIES = 5
 BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 RETRY_STATUSES = frozenset({502, 503, 504})
-_USERNAME = re.compile(r"[A-Za-z0-9_.\-]{3,64}")
 _NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
 T = TypeVar("T")
 Token = str | Callable[[], str] | Callable[[], Awaitable[str]] | None
@@ -84,11 +83,10 @@ class SsehubError(Exception):
 
 def username_for(subject: str) -> str:
     """The ssehub username of your identity provider's user ``subject`` (its
-    ``sub``): itself when it is a valid username, else the characters a username
-    cannot hold become ``_`` and ``-`` plus 8 hex digits of its SHA-256 follow.
-    What ``POST /users/{username}/events`` needs to push to that user."""
-    if _USERNAME.fullmatch(subject):
-        return subject
+    ``sub``): the characters a username cannot hold become ``_`` (the first 55
+    kept), and ``-`` plus 8 hex digits of its SHA-256 follow, so ``alice`` is
+    ``alice-`` + 8 hex digits; registration refuses names of that form. What
+    ``POST /users/{username}/events`` needs to push to that user."""
     digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
     return f"{_NOT_USERNAME.sub('_', subject)[:55]}-{digest}"
 
