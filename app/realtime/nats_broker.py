@@ -93,10 +93,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -111,6 +111,7 @@ from app.events.log import (
     read_page,
 )
 from app.metrics import Metrics
+from app.realtime import nats_client
 from app.realtime.broker import BetweenPages
 from app.realtime.hub import Hub
 from app.realtime.seal import ReplayGuard, Sealer, Unsealable
@@ -169,8 +170,12 @@ class NatsBroker:
         metrics: Metrics,
         secret_key: str,
         pending_limit: int = 512 * 1024,
+        creds: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self._url = url
+        self._creds = creds
+        self._ca_file = ca_file
         self._key = secret_key
         self._sealer: Sealer | None = None  # set in start: the namespace depends on the database
         self._replays = ReplayGuard()
@@ -211,8 +216,10 @@ class NatsBroker:
         self._tx_subject = f"ssehub.{namespace}.tx"
         self._events_subject = f"ssehub.{namespace}.ev."
         self._hub.position = self.position
-        self._nc = await nats.connect(
+        self._nc = await nats_client.connect(
             self._url,
+            self._creds,
+            self._ca_file,
             name="ssehub",
             allow_reconnect=True,
             max_reconnect_attempts=-1,

@@ -78,7 +78,11 @@ class RawNatsClient:
         self._lock = threading.Lock()
         self._messages: list[tuple[str, bytes]] = []
         opts = {"allow_reconnect": False, "connect_timeout": 5, **options}
-        self._nc: Any = self._run(nats.connect(url, **opts))
+        try:
+            self._nc: Any = self._run(nats.connect(url, **opts))
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(15)
@@ -109,6 +113,9 @@ class RawNatsClient:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._run(self._nc.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
