@@ -9,7 +9,8 @@ Postgres stays the source of truth and the ordering authority; NATS only
 carries copies, and anything NATS loses is noticed and read from the log.
 
 **Subjects.** Per committed transaction, in this order on the committer's one
-connection (``<ns>`` is the deployment's namespace, ``subject_namespace``):
+connection (``<ns>`` is the deployment's namespace, ``subject_namespace``),
+each message sealed (below):
 
 - ``ssehub.<ns>.ev.<channel_id>``, for each channel it wrote: ``{"tx": max,
   "e": [[id, channel, type, data, published_at], ...]}``;
