@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, FilePath, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("ssehub")
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     # Messages one NATS subscription may hold unprocessed; past it the client
     # drops them as a slow consumer's, and the log fills the gap (nats-py's default).
     nats_pending_limit: PositiveInt = 512 * 1024
+    # NATS credentials beside those SSEHUB_NATS_URL may carry (user:password@ or
+    # token@): a .creds file (a user JWT and its NKey seed), and a CA bundle
+    # trusted for NATS's TLS in addition to the system's (app.realtime.nats_client).
+    nats_creds: FilePath | None = None
+    nats_tls_ca_file: FilePath | None = None
     # Your application's own tokens (app.auth.external); unset issuer: off.
     jwt_issuer: str | None = None
     jwt_audience: str | None = None

@@ -89,3 +89,13 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.nats_dropped = Counter(
+            "ssehub_nats_dropped",
+            "Messages on ssehub's NATS subjects that the NATS broker dropped, by reason: "
+            "unsealed (not sealed with this deployment's key for that subject: forged, "
+            "altered, or another deployment's), replayed (a copy of one received before), "
+            "malformed (sealed, but not a message ssehub sends), beyond_head (names an id "
+            "the database never issued)",
+            ["reason"],
+            registry=r,
+        )

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -299,13 +300,19 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def broker_events(base: str) -> dict[str, float]:
-    """``ssehub_broker_events_total`` of one instance, by source (``app.metrics``)."""
-    counts = {"nats": 0.0, "log": 0.0, "commit": 0.0}
-    for source, value in re.findall(
-        r'^ssehub_broker_events_total\{source="(\w+)"\} (\S+)$',
+def counter_by_label(base: str, name: str, label: str) -> defaultdict[str, float]:
+    """A counter of one instance's ``/metrics`` with one label, by the label's
+    value (0 for a value it does not show)."""
+    counts: defaultdict[str, float] = defaultdict(float)
+    for value, count in re.findall(
+        rf'^{name}\{{{label}="(\w+)"\}} (\S+)$',
         httpx.get(f"{base}/metrics", timeout=10).text,
         re.MULTILINE,
     ):
-        counts[source] = float(value)
+        counts[value] = float(count)
     return counts
+
+
+def broker_events(base: str) -> dict[str, float]:
+    """``ssehub_broker_events_total`` of one instance, by source (``app.metrics``)."""
+    return counter_by_label(base, "ssehub_broker_events_total", "source")

@@ -63,7 +63,14 @@ def _broker(app: FastAPI, hub: Hub) -> Broker:
         key = settings.secret_key
         assert key, "ensure_secret_key() runs before the app is built"
         return NatsBroker(
-            settings.nats_url, hub, app.state.pool, metrics, key, settings.nats_pending_limit
+            settings.nats_url,
+            hub,
+            app.state.pool,
+            metrics,
+            key,
+            settings.nats_pending_limit,
+            creds=settings.nats_creds,
+            ca_file=settings.nats_tls_ca_file,
         )
     return PostgresBroker(hub, metrics)
 

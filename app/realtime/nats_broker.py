@@ -9,7 +9,8 @@ Postgres stays the source of truth and the ordering authority; NATS only
 carries copies, and anything NATS loses is noticed and read from the log.
 
 **Subjects.** Per committed transaction, in this order on the committer's one
-connection (``<ns>`` is the deployment's namespace, ``subject_namespace``):
+connection (``<ns>`` is the deployment's namespace, ``subject_namespace``),
+each message sealed (below):
 
 - ``ssehub.<ns>.ev.<channel_id>``, for each channel it wrote: ``{"tx": max,
   "e": [[id, channel, type, data, published_at], ...]}``;
@@ -52,6 +53,28 @@ log is read only for carried channels: interest routing holds on the gap
 path too. The chain of ``ssehub.tx`` reaches every instance (one small message
 per transaction), which is what lets an instance know what it missed.
 
+**What NATS's other clients can do: nothing.** A NATS server may be shared,
+and any of its clients can read and publish ssehub's subjects. Every message
+is sealed (``app.realtime.seal``): a client without ``SSEHUB_SECRET_KEY``
+reads nothing of it, and what such a client publishes is dropped before the
+chain sees it, counted in ``ssehub_nats_dropped_total`` by reason:
+
+- ``unsealed``: invented, altered, moved from another subject, or another
+  deployment's (the seal binds the key, the namespace and the subject);
+- ``replayed``: a copy of a genuine message (``ReplayGuard``). A copy that
+  outlives its record is older than ``position`` and ignored there: it
+  never names a transaction the chain has not passed, since a genuine one
+  is published only after it committed;
+- ``malformed``: sealed, so from a holder of the key, but not a message of
+  the shape ssehub sends (each field checked, ``data`` one line of JSON);
+- ``beyond_head``: a transaction naming an id above the last one the
+  database issued (its sequence, asked once whenever a transaction names an
+  id above the last answer): position never jumps past real ids, so a
+  holder of the key gone wrong cannot stop delivery either.
+
+Frames are built by ``app.realtime.sse`` from the checked events, never
+from the message's bytes.
+
 **Why core NATS rather than JetStream.** JetStream's ordered consumers keep
 order per stream, not across the subjects of one ``/stream``, and they would
 not remove the need for the chain: a committer that dies between its commit
@@ -71,36 +94,49 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from app.db import raw_connection
-from app.events.log import StoredEvent, format_timestamp, last_event_id, read_page
+from app.events.log import (
+    StoredEvent,
+    format_timestamp,
+    last_event_id,
+    last_issued_id,
+    read_page,
+)
 from app.metrics import Metrics
+from app.realtime import nats_client
 from app.realtime.broker import BetweenPages
 from app.realtime.hub import Hub
+from app.realtime.seal import ReplayGuard, Sealer, Unsealable
 
 log = logging.getLogger("ssehub")
 
 REORDER_SECONDS = 0.2
+DROP_REASONS = ("unsealed", "replayed", "malformed", "beyond_head")
+# Drops are logged at most this often per reason (a flood must not flood the log).
+DROP_LOG_SECONDS = 10.0
 
 
 def subject_namespace(key: str, cluster: str, database: str) -> str:
-    """The part of every subject that keeps deployments sharing one NATS apart.
+    """The part of every subject that sets deployments sharing one NATS apart.
 
-    Two deployments on one NATS must never see each other's messages: channel
-    ids repeat across databases, and another database's ``tx`` chain would
-    move this instance's position past its own events. The instances of one
-    deployment share their database and (``app.auth.signing_key`` enforces it)
-    their signing key; another deployment differs in the Postgres cluster (its
-    system identifier), the database's name or the key. An HMAC keyed with the
-    signing key, so a subject reveals none of them."""
+    Channel ids repeat across databases, so two deployments must not share
+    subjects: each would receive, and have to drop, the other's messages. The
+    instances of one deployment share their database and
+    (``app.auth.signing_key`` enforces it) their signing key; another
+    deployment differs in the Postgres cluster (its system identifier), the
+    database's name or the key. An HMAC keyed with the signing key, so a
+    subject reveals none of them. Subjects only route: what keeps a
+    deployment's messages its own is the seal, which binds this namespace
+    (``app.realtime.seal``)."""
     label = f"ssehub nats subjects v1|{cluster}|{database}".encode()
     return hmac.new(key.encode(), label, hashlib.sha256).hexdigest()[:16]
 
@@ -135,9 +171,15 @@ class NatsBroker:
         metrics: Metrics,
         secret_key: str,
         pending_limit: int = 512 * 1024,
+        creds: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self._url = url
+        self._creds = creds
+        self._ca_file = ca_file
         self._key = secret_key
+        self._sealer: Sealer | None = None  # set in start: the namespace depends on the database
+        self._replays = ReplayGuard()
         self._tx_subject = ""  # set in start: they depend on the database
         self._events_subject = ""
         # Past this many unprocessed messages a subscription drops the next ones
@@ -158,17 +200,27 @@ class NatsBroker:
         self._moving = asyncio.Lock()
         self._following = asyncio.Lock()
         self._head_seen = (0, 0)  # (position, log head) at the listener's last turn
+        # The highest id the database is known to have issued: a transaction
+        # naming more is checked with the database before it is applied.
+        self._issued = 0
+        self._drops_logged: dict[str, float] = {}
+        for reason in DROP_REASONS:
+            metrics.nats_dropped.labels(reason)
         self.position = 0
 
     async def start(self, pool: Any) -> None:
         async with raw_connection(pool) as conn:
             self.position = await last_event_id(conn)
+            self._issued = await last_issued_id(conn)
             namespace = subject_namespace(self._key, *await _database_identity(conn))
+        self._sealer = Sealer(self._key, namespace)
         self._tx_subject = f"ssehub.{namespace}.tx"
         self._events_subject = f"ssehub.{namespace}.ev."
         self._hub.position = self.position
-        self._nc = await nats.connect(
+        self._nc = await nats_client.connect(
             self._url,
+            self._creds,
+            self._ca_file,
             name="ssehub",
             allow_reconnect=True,
             max_reconnect_attempts=-1,
@@ -212,6 +264,7 @@ class NatsBroker:
         for event in events:
             by_channel[event.channel_id].append(event)
         top = events[-1].id
+        self._issued = max(self._issued, top)
         for channel_id, mine in by_channel.items():
             rows = [
                 [e.id, e.channel, e.type, e.data, format_timestamp(e.published_at)] for e in mine
@@ -228,8 +281,8 @@ class NatsBroker:
         while True:
             subject, payload = await self._outbox.get()
             try:
-                assert self._nc is not None
-                await self._nc.publish(subject, orjson.dumps(payload))
+                assert self._nc is not None and self._sealer is not None
+                await self._nc.publish(subject, self._sealer.seal(subject, orjson.dumps(payload)))
             except Exception as exc:  # the others notice the hole and read the log
                 log.warning("nats: publishing %s failed (%s)", subject, exc)
 
@@ -253,31 +306,60 @@ class NatsBroker:
                     )
                 elif not carried and channel_id in self._subs:
                     await self._subs.pop(channel_id).unsubscribe()
+                    self._replays.forget(self._subject(channel_id))
             except Exception as exc:  # a message not received is read from the log
                 log.warning("nats: following channel %s failed (%s)", channel_id, exc)
 
-    async def _on_tx(self, msg: Msg) -> None:
+    def _open(self, msg: Msg) -> bytes | None:
+        """The message's payload if it is a fresh one of this deployment's, else
+        None (dropped and counted). No await: the replay check and its record
+        happen in the order the subscription delivers (``app.realtime.seal``)."""
+        assert self._sealer is not None
         try:
-            data = orjson.loads(msg.data)
-            tx = _Tx(int(data["max"]), int(data["prev"]), tuple(data["ch"]), time.monotonic())
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.error("nats: ignoring a malformed transaction message")
+            opened = self._sealer.open(msg.subject, msg.data)
+        except Unsealable:
+            self._drop("unsealed", msg.subject)
+            return None
+        if not self._replays.fresh(msg.subject, opened):
+            self._drop("replayed", msg.subject)
+            return None
+        return opened.payload
+
+    def _drop(self, reason: str, subject: str) -> None:
+        self._metrics.nats_dropped.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._drops_logged.get(reason, -DROP_LOG_SECONDS) >= DROP_LOG_SECONDS:
+            self._drops_logged[reason] = now
+            log.warning(
+                "nats: dropped a message on %s (%s); further drops for that reason "
+                "are only counted for %.0f s (ssehub_nats_dropped_total)",
+                subject,
+                reason,
+                DROP_LOG_SECONDS,
+            )
+
+    async def _on_tx(self, msg: Msg) -> None:
+        payload = self._open(msg)
+        if payload is None:
+            return
+        try:
+            tx = _transaction(payload)
+        except _MALFORMED:
+            self._drop("malformed", msg.subject)
             return
         if tx.max > self.position:
             self._txs[tx.max] = tx
             self._wake.set()
 
     async def _on_events(self, msg: Msg) -> None:
+        payload = self._open(msg)
+        if payload is None:
+            return
         try:
-            data = orjson.loads(msg.data)
             channel_id = int(msg.subject.rsplit(".", 1)[1])
-            events = [
-                StoredEvent(row[0], channel_id, row[1], row[2], row[3], _timestamp(row[4]))
-                for row in data["e"]
-            ]
-            top = int(data["tx"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-            log.error("nats: ignoring a malformed events message")
+            top, events = _channel_events(payload, channel_id)
+        except _MALFORMED:
+            self._drop("malformed", msg.subject)
             return
         if top > self.position:
             self._events[(top, channel_id)] = events
@@ -306,6 +388,12 @@ class NatsBroker:
             if tx.max <= self.position:
                 del self._txs[tx.max]
                 continue
+            if tx.max > self._issued and not await self._issued_up_to(tx.max):
+                del self._txs[tx.max]
+                self._drop("beyond_head", self._tx_subject)
+                for key in [key for key in self._events if key[0] > self._issued]:
+                    del self._events[key]
+                continue
             if tx.prev > self.position:
                 if time.monotonic() - tx.arrived < REORDER_SECONDS:
                     return  # a transaction before it may still come
@@ -313,6 +401,17 @@ class NatsBroker:
                 continue
             del self._txs[tx.max]
             await self._apply(tx)
+
+    async def _issued_up_to(self, up_to: int) -> bool:
+        """Whether the database has issued ``up_to`` (its sequence, asked now).
+
+        A genuine transaction message is sent after its commit, so the sequence
+        has passed its ``max`` by the time it arrives: only a message that no
+        instance of this database sent names more. One question covers every
+        transaction waiting up to the answer."""
+        async with raw_connection(self._pool) as conn:
+            self._issued = max(self._issued, await last_issued_id(conn))
+        return up_to <= self._issued
 
     async def _apply(self, tx: _Tx) -> None:
         """The transaction's events of every channel carried when it is handed over.
@@ -400,5 +499,70 @@ class NatsBroker:
         self._wake.set()
 
 
-def _timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+# What a sealed message that is not of the shape ssehub sends raises in the checks
+# (orjson's JSONDecodeError is a ValueError).
+_MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"not an id: {value!r}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError(f"not a string: {value!r}")
+    return value
+
+
+def _transaction(payload: bytes) -> _Tx:
+    """``{"max", "prev", "ch"}``, checked: ``prev < max``, channel ids."""
+    data = orjson.loads(payload)
+    tx = _Tx(
+        _int(data["max"]),
+        _int(data["prev"]),
+        tuple(_int(c) for c in data["ch"]),
+        time.monotonic(),
+    )
+    if tx.prev >= tx.max:
+        raise ValueError("a transaction ends after the one before it")
+    return tx
+
+
+def _channel_events(payload: bytes, channel_id: int) -> tuple[int, list[StoredEvent]]:
+    """``{"tx", "e": [[id, channel, type, data, published_at], ...]}``, checked:
+    ids increasing up to ``tx``, strings where strings go, ``data`` one line
+    of valid JSON, a timestamp with its zone."""
+    data = orjson.loads(payload)
+    top = _int(data["tx"])
+    events: list[StoredEvent] = []
+    for row in data["e"]:
+        event_id, channel, type_, text, published = row
+        event = StoredEvent(
+            _int(event_id),
+            channel_id,
+            _text(channel),
+            _text(type_),
+            _json_line(text),
+            _timestamp(published),
+        )
+        if event.id > top or (events and event.id <= events[-1].id):
+            raise ValueError("event ids out of order")
+        events.append(event)
+    return top, events
+
+
+def _json_line(value: Any) -> str:
+    text = _text(value)
+    if "\n" in text or "\r" in text:
+        raise ValueError("data is not one line")
+    orjson.loads(text)
+    return text
+
+
+def _timestamp(value: Any) -> datetime:
+    at = datetime.fromisoformat(_text(value))
+    if at.tzinfo is None:
+        raise ValueError("a timestamp without its zone")
+    return at

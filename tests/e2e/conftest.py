@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from app.db import asyncpg_dsn
+from tests.e2e.nats_server import NatsServer
 from tests.e2e.sse_client import SseStream
 from tests.support import ADMIN_PASSWORD, Api
 
@@ -33,6 +34,16 @@ class Db:
     def close(self) -> None:
         self._runner.run(self.conn.close())
         self._runner.close()
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    """A nats-server of the test module's own (``tests.e2e.nats_server``)."""
+    server = NatsServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import shutil
 import socket
 import struct
-import subprocess
 import termios
 import threading
 import time
@@ -33,62 +31,21 @@ import pytest
 
 from tests.e2e.chaos import run_chaos
 from tests.e2e.conftest import Db, Hubs
+from tests.e2e.nats_server import NATS_SERVER, NatsServer, wait_until
 from tests.e2e.sse_client import SseStream
 from tests.support import (
-    ROOT,
     Api,
     Server,
     broker_events,
-    free_port,
     migrated_database,
     sql,
 )
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SLOW_PENDING_LIMIT = 50
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
 )
-
-
-class NatsServer:
-    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
-
-    def __init__(self) -> None:
-        self.port, self.monitor_port = free_port(), free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
-            ):
-                if s.recv(4096).startswith(b"INFO"):
-                    return self
-            time.sleep(0.02)
-        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def subscriptions(self) -> list[list[str]]:
-        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
-        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
-        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
 
 
 class TcpProxy:
@@ -232,15 +189,6 @@ def _grown(before: list[dict[str, float]], after: list[dict[str, float]], source
 
 
 @pytest.fixture(scope="module")
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(nats_server: NatsServer, database_url: str) -> Iterator[Cluster]:
     c = Cluster(nats_server, database_url)
     try:
@@ -312,7 +260,9 @@ def test_nats_server_restarted_mid_run(cluster: Cluster, hubs: Hubs) -> None:
         cluster.nats.start()
 
     _nats, log = _chaos(cluster, hubs, _readers(hubs), "restart", during=restart)
-    _wait(lambda: all(_reconnects(s) > n for s, n in zip(cluster.servers, reconnects, strict=True)))
+    wait_until(
+        lambda: all(_reconnects(s) > n for s, n in zip(cluster.servers, reconnects, strict=True))
+    )
     assert all(log), f"an instance filled nothing from the log ({log})"
 
 
@@ -323,7 +273,7 @@ def test_one_instance_cut_from_nats_mid_run(cluster: Cluster, hubs: Hubs) -> Non
     _nats, log = _chaos(
         cluster, hubs, _readers(hubs), "cut", during=lambda: cluster.proxy_b.cut(refuse_for=1.0)
     )
-    _wait(lambda: _reconnects(cluster.b) > reconnects)
+    wait_until(lambda: _reconnects(cluster.b) > reconnects)
     assert cluster.proxy_b.connections > connections
     assert log[1] > 0, "B did not fill its gap from the log"
 
@@ -356,7 +306,7 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
     ids = {r["name"]: r["id"] for r in _channel_ids(database_url)}
     on_a = hubs.open("/channels/a/stream", hubs.stream_token(hubs.admin), base=cluster.a.url)
     on_a.wait_for(lambda s: bool(s.notices("ssehub.live")))
-    _wait(lambda: _subscribed(cluster.nats, ids["a"]))
+    wait_until(lambda: _subscribed(cluster.nats, ids["a"]))
 
     before = cluster.counts()
     b_ids = [hubs.publish("b", i, base=cluster.bases[1 + i % 2]) for i in range(20)]
@@ -398,28 +348,28 @@ def test_a_stream_opened_during_a_log_read_gets_what_the_read_passes(
     # B answers x's access once; the second open below then needs no query.
     first = hubs.open("/channels/x/stream", token, base=cluster.b.url)
     first.wait_for(lambda s: bool(s.notices("ssehub.live")))
-    _wait(lambda: _subscribed(cluster.nats, x))
+    wait_until(lambda: _subscribed(cluster.nats, x))
     first.close()
-    _wait(lambda: not _subscribed(cluster.nats, x))  # nothing on B carries x now
+    wait_until(lambda: not _subscribed(cluster.nats, x))  # nothing on B carries x now
     before = hubs.publish("w", "before", base=cluster.a.url)
     assert on_w.wait_ids(1) == [before]  # B's position
 
     reconnects = _reconnects(cluster.b)
     cluster.proxy_b.cut(refuse_for=6.0)
-    _wait(lambda: "nats: disconnected" in cluster.b.log())
+    wait_until(lambda: "nats: disconnected" in cluster.b.log())
     w_event = hubs.publish("w", "w", base=cluster.a.url)
     x_event = hubs.publish("x", "x", base=cluster.a.url)
     db.execute("BEGIN")
     db.execute("LOCK TABLE channels IN ACCESS EXCLUSIVE MODE")
     try:
-        _wait(lambda: _waiting_log_reads(database_url) > 0, timeout=15)
+        wait_until(lambda: _waiting_log_reads(database_url) > 0, timeout=15)
         second = hubs.open(f"/channels/x/stream?last_event_id={before}", token, base=cluster.b.url)
         second.wait_for(lambda s: bool(s.notices("ssehub.live")))
     finally:
         db.execute("ROLLBACK")
     assert on_w.wait_ids(2) == [before, w_event]
     assert second.wait_ids(1) == [x_event], "the event of x that B's read passed was lost"
-    _wait(lambda: _reconnects(cluster.b) > reconnects, timeout=20)
+    wait_until(lambda: _reconnects(cluster.b) > reconnects, timeout=20)
 
 
 def _waiting_log_reads(database_url: str) -> int:
@@ -492,13 +442,6 @@ def _channel_ids(database_url: str) -> list[Any]:
     return asyncio.run(sql(database_url, "SELECT name, id FROM channels"))
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 # -- ssehub serve --workers N ---------------------------------------------------
 
 
@@ -555,7 +498,7 @@ def test_workers_fan_out_and_stop_together(
     hubs = Hubs(Api(srv.url))
     hubs.channel("news")
     token = hubs.stream_token(hubs.admin)
-    _wait(lambda: len(_workers(parent)) == 3)
+    wait_until(lambda: len(_workers(parent)) == 3)
     workers = _workers(parent)
 
     # One user opens streams until every worker holds its limit: each connection

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 import uvicorn
 from prometheus_client import generate_latest
 
@@ -46,6 +47,18 @@ def test_frame_fields_cannot_be_injected() -> None:
         notice_frame("ssehub.live", {"replayed": 3})
         == b'event: ssehub.live\ndata: {"replayed":3}\n\n'
     )
+
+
+def test_raw_newlines_in_data_cannot_inject_a_frame() -> None:
+    """``data`` that is not the compact JSON the log holds (a NATS message's, say)
+    still makes one frame of one ``data:`` line, with the same JSON value."""
+    data = '{"a":\n1,\r\n"b":"x"}\n\nid: 999\nevent: injected\ndata: {}'
+    frame = event_frame(_event(7, data=data))
+    assert frame.count(b"\n\n") == 1 and frame.endswith(b"\n\n")
+    assert frame.count(b"\nid:") == 0 and b"\nevent: injected" not in frame
+    valid = event_frame(_event(8, data='{"a":\n1,\r\n"b":"x"}'))
+    body = valid.split(b"data: ", 1)[1]
+    assert orjson.loads(body)["data"] == {"a": 1, "b": "x"}
 
 
 def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
