@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -25,7 +22,7 @@ import pytest
 
 from app.db import asyncpg_dsn
 from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, TEST_SECRET, Api, Server, sql
+from tests.support import Api, Server, as_role, run_cli, sql
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 
@@ -209,11 +206,8 @@ async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
 async def test_bad_calls_fail_the_callers_transaction(server: Server, database_url: str) -> None:
     hub = Hub(server)
     hub.channel("orders")
-    limit_rows = await sql(
-        database_url, "SELECT value FROM ssehub_config WHERE name = 'max_event_bytes'"
-    )
-    limit = int(limit_rows[0][0])
-    assert limit == 65536  # written by the server as it started: SSEHUB_MAX_EVENT_BYTES
+    limit = (await sql(database_url, "SELECT ssehub_max_event_bytes()"))[0][0]
+    assert limit == 65536  # declared by the server: its SSEHUB_MAX_EVENT_BYTES
     bad: list[tuple[str, str, str, Any, str | None]] = [
         ("P0002", "nope", "message", 1, None),
         ("P0002", "@nobody", "message", 1, None),
@@ -225,6 +219,7 @@ async def test_bad_calls_fail_the_callers_transaction(server: Server, database_u
         ("22023", "orders", "message", "é" * (limit // 2), None),  # bytes, not characters
         ("22023", "orders", "message", 1, ""),
         ("22023", "orders", "message", 1, "   "),
+        ("22023", "orders", "message", 1, "\t\n \u3000\u2028"),  # blank as HTTP sees it
         ("22023", "orders", "message", 1, "k" * 201),
     ]
     conn = await connect(database_url)
@@ -591,23 +586,6 @@ async def test_concurrent_enqueues_and_publishes_on_two_instances_survive_a_sigk
 # -- grant-publisher --------------------------------------------------------------------
 
 
-def _cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, "SSEHUB_SECRET_KEY": TEST_SECRET, "SSEHUB_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _as_role(database_url: str, role: str) -> str:
-    scheme, rest = asyncpg_dsn(database_url).split("://", 1)
-    return f"{scheme}://{role}@{rest.split('@', 1)[1]}"
-
-
 async def test_grant_publisher_grants_enqueue_and_nothing_else(
     server: Server, database_url: str
 ) -> None:
@@ -616,13 +594,13 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
     role = f"ssehub_pub_{uuid.uuid4().hex[:8]}"
     await sql(database_url, f"CREATE ROLE {role} LOGIN")
     try:
-        app = await asyncpg.connect(_as_role(database_url, role))
+        app = await asyncpg.connect(asyncpg_dsn(as_role(database_url, role)))
         try:
             assert await app.fetchval("SELECT current_user") == role
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await enqueue(app, "orders", {"u": "too-early"})
 
-            done = _cli("grant-publisher", role, database_url=database_url)
+            done = run_cli("grant-publisher", role, database_url=database_url)
             assert done.returncode == 0, done.stderr
             assert role in done.stdout
 
@@ -638,7 +616,9 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
                 )
             ]
             assert {"events", "users", "channels", "ssehub_inbox", "api_keys"} <= set(tables)
-            assert "idempotency_keys" in tables and "ssehub_config" in tables
+            assert {"idempotency_keys", "ssehub_inbox_stalled", "ssehub_instance_limits"} <= set(
+                tables
+            )
             for table in tables:
                 column = await sql(
                     database_url,
@@ -658,11 +638,12 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await app.execute(statement)
             for call in (
-                "SELECT ssehub_move_inbox(1000)",
+                "SELECT ssehub_move_inbox(1000, 1000)",
                 "SELECT * FROM ssehub_publish_as(ARRAY[1]::bigint[], ARRAY[NULL]::bigint[], "
-                "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL])",
+                "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL], ARRAY[1], 1000)",
                 "SELECT * FROM ssehub_append(ARRAY[1]::bigint[], ARRAY['message'], "
-                "ARRAY['1'], ARRAY[NULL])",
+                "ARRAY['1'], ARRAY[NULL], ARRAY[1])",
+                "SELECT ssehub_publish_lock(1000)",
                 "SELECT nextval(pg_get_serial_sequence('events', 'id'))",
             ):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -671,7 +652,7 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
             await app.close()
         assert [e["data"] for e in hub.history("orders")] == [{"u": "granted"}]
 
-        unknown = _cli("grant-publisher", f"{role}_missing", database_url=database_url)
+        unknown = run_cli("grant-publisher", f"{role}_missing", database_url=database_url)
         assert unknown.returncode != 0
         assert f"no database role '{role}_missing'" in unknown.stderr
         assert "Traceback" not in unknown.stderr
