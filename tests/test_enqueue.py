@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from app.db import asyncpg_dsn
+from app.events.inbox import MOVE_ROWS
 from tests.e2e.sse_client import SseStream
 from tests.support import Api, Server, as_role, run_cli, sql
 
@@ -581,6 +582,168 @@ async def test_concurrent_enqueues_and_publishes_on_two_instances_survive_a_sigk
         f"{len(rolled_back)} enqueues rolled back, {len(published)} API publishes, "
         f"instance killed after 240 transactions; {took:.1f} s"
     )
+
+
+# -- a backfill, a transaction that cannot move, instances with other limits -----------
+
+BACKFILL_ROWS = 20_000  # one statement moving them all held the publish lock for seconds
+_BACKFILL = (
+    "SELECT count(ssehub_enqueue('bulk', 'message', jsonb_build_object('u', 'b' || g))) "
+    "FROM generate_series(1, $1) AS g"
+)
+
+
+async def _writer_statements(database_url: str, older_than: float) -> list[Any]:
+    """The writer's statements running for longer than ``older_than`` seconds."""
+    return await sql(
+        database_url,
+        "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+        "WHERE application_name = 'ssehub-writer' AND datname = current_database() "
+        "AND state <> 'idle' AND clock_timestamp() - query_start > make_interval(secs => $1)",
+        older_than,
+    )
+
+
+async def test_attack_backfill_transaction_stalls_no_publisher(
+    server: Server, database_url: str
+) -> None:
+    """One transaction enqueues 20,000 events. Every event reaches the log and the
+    stream exactly once and in call order, adjacent in runs of ``MOVE_ROWS``,
+    while API publishes keep answering within 2 s; afterwards no statement of the
+    writer is left running."""
+    hub = Hub(server)
+    hub.channel("bulk")
+    hub.channel("live")
+    stream = hub.open("/channels/bulk/stream")
+    conn = await connect(database_url)
+    latencies: list[float] = []
+    during = 0
+    try:
+        async with conn.transaction():
+            assert await conn.fetchval(_BACKFILL, BACKFILL_ROWS) == BACKFILL_ROWS
+        async with conn.transaction():  # committed after it: published after all of it
+            await enqueue(conn, "bulk", {"u": "after"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            waiting = (await sql(database_url, "SELECT count(*) FROM ssehub_inbox"))[0][0]
+            if waiting == 0:
+                break
+            started = time.monotonic()
+            r = await asyncio.to_thread(hub.publish, "live", {"u": f"p{len(latencies)}"})
+            latencies.append(time.monotonic() - started)
+            assert r.status_code == 201, r.text
+            during += 1
+        await inbox_drained(database_url, timeout=5)
+    finally:
+        await conn.close()
+    print(
+        f"\nbackfill of {BACKFILL_ROWS}: {during} API publishes meanwhile, "
+        f"slowest {ms(max(latencies))}, p99 {ms(p99(latencies))}"
+    )
+    assert max(latencies) < 2.0
+    assert during >= 5, "the backfill moved before any publish could be timed"
+    history = hub.history("bulk")
+    assert [e["data"]["u"] for e in history] == [
+        *(f"b{g}" for g in range(1, BACKFILL_ROWS + 1)),
+        "after",
+    ]
+    ids = [e["id"] for e in history]
+    for start in range(0, BACKFILL_ROWS, MOVE_ROWS):
+        run = ids[start : start + MOVE_ROWS]
+        assert run == list(range(run[0], run[0] + len(run))), f"rows {start}.. not adjacent"
+    assert stream.wait_ids(len(ids), timeout=60) == ids
+    assert await _writer_statements(database_url, 1.0) == []
+
+
+async def test_attack_poisoned_transaction_is_set_aside_not_retried_ahead_forever(
+    server: Server, database_url: str
+) -> None:
+    """A transaction whose events the log refuses (here a trigger refuses one of
+    them) is set aside: a transaction committed after it is published meanwhile;
+    once the log accepts it, it is published too, whole and in order."""
+    hub = Hub(server)
+    hub.channel("orders")
+    poison = (
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW "
+        "WHEN (NEW.data LIKE '%poison%') EXECUTE FUNCTION refuse_poison()",
+    )
+    cure = (
+        "DROP TRIGGER IF EXISTS refuse_poison ON events",
+        "DROP FUNCTION IF EXISTS refuse_poison()",
+    )
+    for statement in poison:
+        await sql(database_url, statement)
+    conn = await connect(database_url)
+    try:
+        async with conn.transaction():
+            await enqueue(conn, "orders", {"u": "t1-a"})
+            await enqueue(conn, "orders", {"u": "poison"})
+        async with conn.transaction():
+            await enqueue(conn, "orders", {"u": "t2"})
+
+        async def marks() -> list[str]:
+            rows = await sql(
+                database_url,
+                "SELECT e.data FROM events e JOIN channels c ON c.id = e.channel_id "
+                "WHERE c.name = 'orders' ORDER BY e.id",
+            )
+            return [json.loads(row[0])["u"] for row in rows]
+
+        deadline = time.monotonic() + 15
+        while await marks() != ["t2"]:
+            assert time.monotonic() < deadline, f"t2 waits behind the poisoned one: {await marks()}"
+            await asyncio.sleep(0.05)
+        stalled = await sql(database_url, "SELECT error FROM ssehub_inbox_stalled")
+        assert [row[0] for row in stalled] == ["refused by a trigger"]
+        for statement in cure:
+            await sql(database_url, statement)
+        await inbox_drained(database_url, timeout=60)
+    finally:
+        await conn.close()
+        for statement in cure:
+            await sql(database_url, statement)
+    history = hub.history("orders")
+    assert [e["data"]["u"] for e in history] == ["t2", "t1-a", "poison"]
+    assert history[2]["id"] == history[1]["id"] + 1
+    assert await sql(database_url, "SELECT * FROM ssehub_inbox_stalled") == []
+
+
+async def _enqueue_refused(conn: asyncpg.Connection, size: int) -> str | None:
+    """The error of enqueueing data of ``size`` bytes of compact JSON, or None."""
+    try:
+        async with conn.transaction():
+            await enqueue(conn, "sized", "x" * (size - 2))
+    except asyncpg.PostgresError as exc:
+        assert exc.sqlstate == "22023", exc
+        return str(exc)
+    return None
+
+
+async def test_instances_with_different_limits_enqueue_takes_the_smallest_whichever_started_last(
+    start_server, database_url: str
+) -> None:
+    """Each instance declares its SSEHUB_MAX_EVENT_BYTES; ``ssehub_enqueue`` takes
+    the smallest of those running, not the last one started's."""
+    small = start_server(SSEHUB_MAX_EVENT_BYTES="100")
+    large = start_server(SSEHUB_MAX_EVENT_BYTES="200")  # started last
+    hub = Hub(large)
+    hub.channel("sized")
+    conn = await connect(database_url)
+    try:
+        assert await _enqueue_refused(conn, 100) is None
+        refused = await _enqueue_refused(conn, 101)
+        assert refused and "the limit is 100" in refused
+        small.stop()  # withdrawn as it stops
+        assert await _enqueue_refused(conn, 200) is None
+        assert "the limit is 200" in (await _enqueue_refused(conn, 201) or "")
+        start_server(SSEHUB_MAX_EVENT_BYTES="150")
+        assert "the limit is 150" in (await _enqueue_refused(conn, 151) or "")
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    assert [len(json.dumps(e["data"])) for e in hub.history("sized")] == [100, 200]
 
 
 # -- grant-publisher --------------------------------------------------------------------
