@@ -209,14 +209,19 @@ class Publisher:
             self._wake.clear()
             # One move of the inbox, then one transaction of the API's publishes:
             # a backfill moved in many moves delays a publish by one move at most.
-            while self._pending or self._inbox_due:
-                if self._inbox_due:
+            # Stopping, only the requests waiting here are finished: the inbox
+            # waits for any writer, on any instance.
+            while self._pending or self._inbox_wanted():
+                if self._inbox_wanted():
                     self._inbox_due = False
                     await self._move_inbox()
                 if self._pending:
                     await self._write(self._take())
             if self._closed:
                 return
+
+    def _inbox_wanted(self) -> bool:
+        return self._inbox_due and not self._closed
 
     async def _move_inbox(self) -> None:
         """One move of the inbox's committed rows into the log; another is due
