@@ -6,7 +6,9 @@ byte (tests/test_sql_source.py). The files are the functions at the head of
 the migrations: a migration that adds or changes one calls ``apply`` (after
 dropping a function whose arguments or result change), and so does every
 later one, so a database migrated from empty and one migrated step by step
-end with the same functions.
+end with the same functions. Its downgrade restores the definitions it
+replaced from a copy of its own, as 0005's restores 0004's: the files only
+ever hold the head's.
 
 **Why the functions are safe to run as their owner.** Every one fixes
 ``search_path`` to ``pg_catalog, pg_temp`` and names ssehub's own objects
