@@ -270,18 +270,21 @@ class Publisher:
                 for request in requests:
                     await self._write([request])
                 return
-            error = await self._error(requests[0], exc)
+            error = self._error(requests[0], exc)
             for request in requests:
                 _settle(request, error)
             if not isinstance(exc, Exception):
+                self._drop_connection()
                 raise  # cancelled: the requests are answered, the task ends
+            if not _rolled_back(exc):
+                await self._after_unknown_outcome()  # once they are answered
             return
         finally:
             self.busy_since = 0.0
         for request, result in zip(requests, results, strict=True):
             _settle(request, result)
 
-    async def _error(self, request: _Request, exc: BaseException) -> Exception:
+    def _error(self, request: _Request, exc: BaseException) -> Exception:
         """What a failed transaction answers: 404 for a channel deleted under it,
         503 when the publish lock stayed taken or the outcome is unknown, else
         the error itself (a 500, logged)."""
@@ -297,10 +300,6 @@ class Publisher:
             assert isinstance(exc, Exception)
             return exc
         log.warning("publish outcome unknown (%s: %s); answering 503", type(exc).__name__, exc)
-        if isinstance(exc, Exception):
-            await self._after_unknown_outcome()
-        else:
-            self._drop_connection()  # cancelled: no waiting now
         return Unavailable("The database did not confirm the publish; retry it")
 
     async def _after_unknown_outcome(self) -> None:
