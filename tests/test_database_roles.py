@@ -222,13 +222,14 @@ async def _migrate_grant_and_serve(url: str, owner: str, app_role: str) -> None:
                 await app.execute(ENQUEUE, "orders", "order.paid", json.dumps({"id": 1}), None)
         finally:
             await app.close()
+
+        async def moved() -> bool:
+            return history(server.url, admin, "orders") == [{"id": 1}]
+
+        await eventually(moved)
         r = api.http.post("/channels/orders/events", json={"data": {"id": 2}}, headers=admin)
         assert r.status_code == 201, r.text
-
-        async def both() -> bool:
-            return history(server.url, admin, "orders") == [{"id": 1}, {"id": 2}]
-
-        await eventually(both)
+        assert history(server.url, admin, "orders") == [{"id": 1}, {"id": 2}]
         token = api.login("admin", ADMIN_PASSWORD)
         assert api.http.get("/users/me", headers=auth(token)).status_code == 200
     finally:
