@@ -78,14 +78,15 @@ def migrate(settings: Settings) -> None:
 
 GRANT_PUBLISHER = (
     "GRANT USAGE ON SCHEMA public TO {role}",
-    "GRANT EXECUTE ON FUNCTION ssehub_enqueue(text, text, jsonb, text) TO {role}",
+    "GRANT EXECUTE ON FUNCTION public.ssehub_enqueue(text, text, jsonb, text) TO {role}",
 )
 
 
 def grant_publisher(settings: Settings, role: str) -> None:
-    """Let database role ``role`` call ``ssehub_enqueue`` and nothing else of ssehub's:
-    the function runs with its owner's rights (SECURITY DEFINER), so the role
-    needs no right on any table."""
+    """Let database role ``role`` call ``ssehub_enqueue`` and no other function or
+    table of ssehub's: the function runs with its owner's rights (SECURITY
+    DEFINER), so the role needs no right on any table, and it runs none of the
+    role's own code (``app.events.functions``)."""
     from app.db import asyncpg_dsn
 
     migrate(settings)

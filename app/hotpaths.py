@@ -46,7 +46,8 @@ async def _publish(request: Request, name: str) -> Response:
 
 async def _publish_batch(request: Request, name: str) -> Response:
     caller = await publisher_caller(request)
-    return await events.publish_batch(name, request, request.app.state.settings, caller)
+    key = request.headers.get("idempotency-key")
+    return await events.publish_batch(name, request, request.app.state.settings, caller, key)
 
 
 async def _stream_channel(request: Request, name: str) -> Response:

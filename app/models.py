@@ -6,6 +6,7 @@ can be built by splicing strings, without decoding and re-encoding.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    Uuid,
     func,
     text,
 )
@@ -117,10 +119,12 @@ class Event(Base):
 
 
 class IdempotencyKey(Base):
-    """A used ``Idempotency-Key`` and a copy of the event it answers with.
+    """A used ``Idempotency-Key`` and a copy of the events it answers with: one
+    for a single publish or an enqueue, a batch's all (their ids follow
+    ``event_id``, the first's).
 
-    Kept apart from the event so that it lives its 24 hours even when retention
-    deletes the event sooner (``app.events.retention``)."""
+    Kept apart from the events so that it lives its 24 hours even when retention
+    deletes them sooner (``app.events.retention``)."""
 
     __tablename__ = "idempotency_keys"
 
@@ -129,8 +133,8 @@ class IdempotencyKey(Base):
     )
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     event_id: Mapped[int] = mapped_column(BigInteger)
-    type: Mapped[str] = mapped_column(String(64))
-    data: Mapped[str] = mapped_column(Text)
+    types: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    datas: Mapped[list[str]] = mapped_column(ARRAY(Text))
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
@@ -173,9 +177,11 @@ class InboxRow(Base):
     key: a transaction kept open must not block deleting the channel."""
 
     __tablename__ = "ssehub_inbox"
+    # A transaction's rows in call order: a move takes a chunk of them.
+    __table_args__ = (Index("ix_ssehub_inbox_txid_id", "txid", "id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    txid: Mapped[int] = mapped_column(XID8, server_default=text("pg_current_xact_id()"), index=True)
+    txid: Mapped[int] = mapped_column(XID8, server_default=text("pg_current_xact_id()"))
     channel_id: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[str] = mapped_column(Text)  # compact JSON text
@@ -185,11 +191,24 @@ class InboxRow(Base):
     )
 
 
-class ConfigValue(Base):
-    """Settings the database functions need (``max_event_bytes`` for ``ssehub_enqueue``),
-    written by every instance as it starts."""
+class StalledTransaction(Base):
+    """An enqueueing transaction whose rows failed to move: set aside until
+    ``retry_at``, so the transactions behind it move meanwhile (``app.events.inbox``)."""
 
-    __tablename__ = "ssehub_config"
+    __tablename__ = "ssehub_inbox_stalled"
 
-    name: Mapped[str] = mapped_column(Text, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+    txid: Mapped[int] = mapped_column(XID8, primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    retry_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str] = mapped_column(Text)
+
+
+class InstanceLimit(Base):
+    """The ``SSEHUB_MAX_EVENT_BYTES`` of a running instance, until ``expires_at``
+    unless it is renewed (``app.events.enqueue_limit``)."""
+
+    __tablename__ = "ssehub_instance_limits"
+
+    instance: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    max_event_bytes: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -45,6 +45,7 @@ TABLES = (
     "api_keys",
     "external_tombstones",
     "ssehub_inbox",
+    "ssehub_inbox_stalled",
 )
 
 
@@ -190,12 +191,6 @@ def reset_database(url: str) -> None:
             "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
             user_id,
         )
-        # What the shared server wrote as it started: a test's own server
-        # with another SSEHUB_MAX_EVENT_BYTES may have replaced it.
-        await conn.execute(
-            "INSERT INTO ssehub_config (name, value) VALUES ('max_event_bytes', '65536') "
-            "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-        )
 
     asyncio.run(beside_a_server(url, reset))
 
@@ -294,6 +289,30 @@ class Api:
 
     def admin(self) -> dict[str, str]:
         return auth(self.login("admin", ADMIN_PASSWORD))
+
+
+def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``ssehub ARGS`` in a subprocess against ``database_url``, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "SSEHUB_SECRET_KEY": TEST_SECRET,
+            "SSEHUB_DATABASE_URL": database_url,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def as_role(database_url: str, role: str) -> str:
+    """``database_url`` logged in as ``role`` (the test Postgres trusts local logins)."""
+    scheme, rest = database_url.split("://", 1)
+    return f"{scheme}://{role}@{rest.split('@', 1)[1]}"
 
 
 def auth(token: str) -> dict[str, str]:

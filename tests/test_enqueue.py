@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -24,8 +21,9 @@ import httpx
 import pytest
 
 from app.db import asyncpg_dsn
+from app.events.inbox import MOVE_ROWS
 from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, TEST_SECRET, Api, Server, sql
+from tests.support import Api, Server, as_role, run_cli, sql
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 
@@ -209,11 +207,8 @@ async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
 async def test_bad_calls_fail_the_callers_transaction(server: Server, database_url: str) -> None:
     hub = Hub(server)
     hub.channel("orders")
-    limit_rows = await sql(
-        database_url, "SELECT value FROM ssehub_config WHERE name = 'max_event_bytes'"
-    )
-    limit = int(limit_rows[0][0])
-    assert limit == 65536  # written by the server as it started: SSEHUB_MAX_EVENT_BYTES
+    limit = (await sql(database_url, "SELECT ssehub_max_event_bytes()"))[0][0]
+    assert limit == 65536  # declared by the server: its SSEHUB_MAX_EVENT_BYTES
     bad: list[tuple[str, str, str, Any, str | None]] = [
         ("P0002", "nope", "message", 1, None),
         ("P0002", "@nobody", "message", 1, None),
@@ -225,6 +220,7 @@ async def test_bad_calls_fail_the_callers_transaction(server: Server, database_u
         ("22023", "orders", "message", "é" * (limit // 2), None),  # bytes, not characters
         ("22023", "orders", "message", 1, ""),
         ("22023", "orders", "message", 1, "   "),
+        ("22023", "orders", "message", 1, "\t\n \u3000\u2028"),  # blank as HTTP sees it
         ("22023", "orders", "message", 1, "k" * 201),
     ]
     conn = await connect(database_url)
@@ -588,24 +584,169 @@ async def test_concurrent_enqueues_and_publishes_on_two_instances_survive_a_sigk
     )
 
 
-# -- grant-publisher --------------------------------------------------------------------
+# -- a backfill, a transaction that cannot move, instances with other limits -----------
+
+BACKFILL_ROWS = 20_000  # one statement moving them all held the publish lock for seconds
+_BACKFILL = (
+    "SELECT count(ssehub_enqueue('bulk', 'message', jsonb_build_object('u', 'b' || g))) "
+    "FROM generate_series(1, $1) AS g"
+)
 
 
-def _cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, "SSEHUB_SECRET_KEY": TEST_SECRET, "SSEHUB_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
+async def _writer_statements(database_url: str, older_than: float) -> list[Any]:
+    """The writer's statements running for longer than ``older_than`` seconds."""
+    return await sql(
+        database_url,
+        "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+        "WHERE application_name = 'ssehub-writer' AND datname = current_database() "
+        "AND state <> 'idle' AND clock_timestamp() - query_start > make_interval(secs => $1)",
+        older_than,
     )
 
 
-def _as_role(database_url: str, role: str) -> str:
-    scheme, rest = asyncpg_dsn(database_url).split("://", 1)
-    return f"{scheme}://{role}@{rest.split('@', 1)[1]}"
+async def test_attack_backfill_transaction_stalls_no_publisher(
+    server: Server, database_url: str
+) -> None:
+    """One transaction enqueues 20,000 events. Every event reaches the log and the
+    stream exactly once and in call order, adjacent in runs of ``MOVE_ROWS``,
+    while API publishes keep answering within 2 s; afterwards no statement of the
+    writer is left running."""
+    hub = Hub(server)
+    hub.channel("bulk")
+    hub.channel("live")
+    stream = hub.open("/channels/bulk/stream")
+    conn = await connect(database_url)
+    latencies: list[float] = []
+    during = 0
+    try:
+        async with conn.transaction():
+            assert await conn.fetchval(_BACKFILL, BACKFILL_ROWS) == BACKFILL_ROWS
+        async with conn.transaction():  # committed after it: published after all of it
+            await enqueue(conn, "bulk", {"u": "after"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            waiting = (await sql(database_url, "SELECT count(*) FROM ssehub_inbox"))[0][0]
+            if waiting == 0:
+                break
+            started = time.monotonic()
+            r = await asyncio.to_thread(hub.publish, "live", {"u": f"p{len(latencies)}"})
+            latencies.append(time.monotonic() - started)
+            assert r.status_code == 201, r.text
+            during += 1
+        await inbox_drained(database_url, timeout=5)
+    finally:
+        await conn.close()
+    print(
+        f"\nbackfill of {BACKFILL_ROWS}: {during} API publishes meanwhile, "
+        f"slowest {ms(max(latencies))}, p99 {ms(p99(latencies))}"
+    )
+    assert max(latencies) < 2.0
+    assert during >= 5, "the backfill moved before any publish could be timed"
+    history = hub.history("bulk")
+    assert [e["data"]["u"] for e in history] == [
+        *(f"b{g}" for g in range(1, BACKFILL_ROWS + 1)),
+        "after",
+    ]
+    ids = [e["id"] for e in history]
+    for start in range(0, BACKFILL_ROWS, MOVE_ROWS):
+        run = ids[start : start + MOVE_ROWS]
+        assert run == list(range(run[0], run[0] + len(run))), f"rows {start}.. not adjacent"
+    assert stream.wait_ids(len(ids), timeout=60) == ids
+    assert await _writer_statements(database_url, 1.0) == []
+
+
+async def test_attack_poisoned_transaction_is_set_aside_not_retried_ahead_forever(
+    server: Server, database_url: str
+) -> None:
+    """A transaction whose events the log refuses (here a trigger refuses one of
+    them) is set aside: a transaction committed after it is published meanwhile;
+    once the log accepts it, it is published too, whole and in order."""
+    hub = Hub(server)
+    hub.channel("orders")
+    poison = (
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW "
+        "WHEN (NEW.data LIKE '%poison%') EXECUTE FUNCTION refuse_poison()",
+    )
+    cure = (
+        "DROP TRIGGER IF EXISTS refuse_poison ON events",
+        "DROP FUNCTION IF EXISTS refuse_poison()",
+    )
+    for statement in poison:
+        await sql(database_url, statement)
+    conn = await connect(database_url)
+    try:
+        async with conn.transaction():
+            await enqueue(conn, "orders", {"u": "t1-a"})
+            await enqueue(conn, "orders", {"u": "poison"})
+        async with conn.transaction():
+            await enqueue(conn, "orders", {"u": "t2"})
+
+        async def marks() -> list[str]:
+            rows = await sql(
+                database_url,
+                "SELECT e.data FROM events e JOIN channels c ON c.id = e.channel_id "
+                "WHERE c.name = 'orders' ORDER BY e.id",
+            )
+            return [json.loads(row[0])["u"] for row in rows]
+
+        deadline = time.monotonic() + 15
+        while await marks() != ["t2"]:
+            assert time.monotonic() < deadline, f"t2 waits behind the poisoned one: {await marks()}"
+            await asyncio.sleep(0.05)
+        stalled = await sql(database_url, "SELECT error FROM ssehub_inbox_stalled")
+        assert [row[0] for row in stalled] == ["refused by a trigger"]
+        for statement in cure:
+            await sql(database_url, statement)
+        await inbox_drained(database_url, timeout=60)
+    finally:
+        await conn.close()
+        for statement in cure:
+            await sql(database_url, statement)
+    history = hub.history("orders")
+    assert [e["data"]["u"] for e in history] == ["t2", "t1-a", "poison"]
+    assert history[2]["id"] == history[1]["id"] + 1
+    assert await sql(database_url, "SELECT * FROM ssehub_inbox_stalled") == []
+
+
+async def _enqueue_refused(conn: asyncpg.Connection, size: int) -> str | None:
+    """The error of enqueueing data of ``size`` bytes of compact JSON, or None."""
+    try:
+        async with conn.transaction():
+            await enqueue(conn, "sized", "x" * (size - 2))
+    except asyncpg.PostgresError as exc:
+        assert exc.sqlstate == "22023", exc
+        return str(exc)
+    return None
+
+
+async def test_instances_with_different_limits_enqueue_takes_the_smallest_whichever_started_last(
+    start_server, database_url: str
+) -> None:
+    """Each instance declares its SSEHUB_MAX_EVENT_BYTES; ``ssehub_enqueue`` takes
+    the smallest of those running, not the last one started's."""
+    small = start_server(SSEHUB_MAX_EVENT_BYTES="100")
+    large = start_server(SSEHUB_MAX_EVENT_BYTES="200")  # started last
+    hub = Hub(large)
+    hub.channel("sized")
+    conn = await connect(database_url)
+    try:
+        assert await _enqueue_refused(conn, 100) is None
+        refused = await _enqueue_refused(conn, 101)
+        assert refused and "the limit is 100" in refused
+        small.stop()  # withdrawn as it stops
+        assert await _enqueue_refused(conn, 200) is None
+        assert "the limit is 200" in (await _enqueue_refused(conn, 201) or "")
+        start_server(SSEHUB_MAX_EVENT_BYTES="150")
+        assert "the limit is 150" in (await _enqueue_refused(conn, 151) or "")
+        await inbox_drained(database_url)
+    finally:
+        await conn.close()
+    assert [len(json.dumps(e["data"])) for e in hub.history("sized")] == [100, 200]
+
+
+# -- grant-publisher --------------------------------------------------------------------
 
 
 async def test_grant_publisher_grants_enqueue_and_nothing_else(
@@ -616,13 +757,13 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
     role = f"ssehub_pub_{uuid.uuid4().hex[:8]}"
     await sql(database_url, f"CREATE ROLE {role} LOGIN")
     try:
-        app = await asyncpg.connect(_as_role(database_url, role))
+        app = await asyncpg.connect(asyncpg_dsn(as_role(database_url, role)))
         try:
             assert await app.fetchval("SELECT current_user") == role
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await enqueue(app, "orders", {"u": "too-early"})
 
-            done = _cli("grant-publisher", role, database_url=database_url)
+            done = run_cli("grant-publisher", role, database_url=database_url)
             assert done.returncode == 0, done.stderr
             assert role in done.stdout
 
@@ -638,7 +779,9 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
                 )
             ]
             assert {"events", "users", "channels", "ssehub_inbox", "api_keys"} <= set(tables)
-            assert "idempotency_keys" in tables and "ssehub_config" in tables
+            assert {"idempotency_keys", "ssehub_inbox_stalled", "ssehub_instance_limits"} <= set(
+                tables
+            )
             for table in tables:
                 column = await sql(
                     database_url,
@@ -658,11 +801,12 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await app.execute(statement)
             for call in (
-                "SELECT ssehub_move_inbox(1000)",
+                "SELECT ssehub_move_inbox(1000, 1000)",
                 "SELECT * FROM ssehub_publish_as(ARRAY[1]::bigint[], ARRAY[NULL]::bigint[], "
-                "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL])",
+                "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL], ARRAY[1], 1000)",
                 "SELECT * FROM ssehub_append(ARRAY[1]::bigint[], ARRAY['message'], "
-                "ARRAY['1'], ARRAY[NULL])",
+                "ARRAY['1'], ARRAY[NULL], ARRAY[1])",
+                "SELECT ssehub_publish_lock(1000)",
                 "SELECT nextval(pg_get_serial_sequence('events', 'id'))",
             ):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -671,7 +815,7 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
             await app.close()
         assert [e["data"] for e in hub.history("orders")] == [{"u": "granted"}]
 
-        unknown = _cli("grant-publisher", f"{role}_missing", database_url=database_url)
+        unknown = run_cli("grant-publisher", f"{role}_missing", database_url=database_url)
         assert unknown.returncode != 0
         assert f"no database role '{role}_missing'" in unknown.stderr
         assert "Traceback" not in unknown.stderr

@@ -226,6 +226,57 @@ def test_publish_checks_the_caller_and_the_channel(
     assert len(_history(api, admin)["events"]) == 8  # type: ignore[arg-type]
 
 
+def test_batch_retry_with_its_idempotency_key_answers_the_first_batch(
+    api: Api, admin: dict[str, str], database_url: str
+) -> None:
+    """A batch answered 503 is retried: with its Idempotency-Key the retry
+    publishes nothing and answers 200 with the first batch's events, also once
+    retention removed them; a key is one per channel, whichever endpoint used it."""
+    keyed = {**admin, "Idempotency-Key": "batch-1"}
+    body = {"events": [{"type": f"t{i}", "data": {"i": i}} for i in range(5)]}
+    first = api.http.post("/channels/news/events/batch", json=body, headers=keyed)
+    assert first.status_code == 201, first.text
+    retry = api.http.post("/channels/news/events/batch", json=body, headers=keyed)
+    assert retry.status_code == 200 and retry.json() == first.json()
+    other = {"events": [{"data": "not the same"}]}
+    again = api.http.post("/channels/news/events/batch", json=other, headers=keyed)
+    assert again.status_code == 200 and again.json() == first.json()
+    with cf.ThreadPoolExecutor(8) as pool:  # retries racing each other: one batch
+        racing = list(
+            pool.map(
+                lambda _: api.http.post(
+                    "/channels/news/events/batch",
+                    json=body,
+                    headers={**admin, "Idempotency-Key": "batch-2"},
+                ),
+                range(8),
+            )
+        )
+    assert sorted(r.status_code for r in racing) == [200] * 7 + [201]
+    assert len({r.text for r in racing}) == 1
+    # A single publish under a batch's key answers with the batch's first event,
+    # a batch under a single publish's key with that one event.
+    single = api.http.post("/channels/news/events", json={"data": 1}, headers=keyed)
+    assert single.status_code == 200 and single.json() == first.json()["events"][0]
+    one = api.http.post(
+        "/channels/news/events", json={"data": 1}, headers={**admin, "Idempotency-Key": "one"}
+    )
+    as_batch = api.http.post(
+        "/channels/news/events/batch", json=body, headers={**admin, "Idempotency-Key": "one"}
+    )
+    assert as_batch.status_code == 200 and as_batch.json() == {"events": [one.json()]}
+    assert len(_history(api, admin, "?limit=1000")["events"]) == 11  # type: ignore[arg-type]
+    asyncio.run(sql(database_url, "DELETE FROM events"))  # as retention would
+    gone = api.http.post("/channels/news/events/batch", json=body, headers=keyed)
+    assert gone.status_code == 200 and gone.json() == first.json()
+    for bad, status in (("", 400), ("k" * 201, 422)):
+        r = api.http.post(
+            "/channels/news/events/batch", json=body, headers={**admin, "Idempotency-Key": bad}
+        )
+        assert r.status_code == status, (bad, r.text)
+    assert _history(api, admin)["events"] == []
+
+
 def test_batch_events_share_one_publish_time(api: Api, admin: dict[str, str]) -> None:
     body = {"events": [{"data": i} for i in range(20)]}
     got = api.http.post("/channels/news/events/batch", json=body, headers=admin).json()["events"]

@@ -27,7 +27,8 @@ TABLES = {
     "api_keys",
     "external_tombstones",
     "ssehub_inbox",
-    "ssehub_config",
+    "ssehub_inbox_stalled",
+    "ssehub_instance_limits",
 }
 
 

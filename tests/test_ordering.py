@@ -18,7 +18,12 @@ import asyncpg
 import httpx
 
 from app.db import asyncpg_dsn
-from app.events.publisher import PUBLISH_LOCK
+from app.events.publisher import (
+    CANCEL_WAIT_SECONDS,
+    LOCK_WAIT_SECONDS,
+    PUBLISH_LOCK,
+    WRITE_TIMEOUT_SECONDS,
+)
 from tests.support import Api, Server
 
 PUBLISHERS = 12
@@ -122,3 +127,105 @@ def test_a_publish_waits_for_the_ordering_lock(server: Server, database_url: str
     asyncio.run(hold_lock_while_publishing())
     assert [r.status_code for r in answers] == [201]
     assert answers[0].json()["id"] > first.json()["id"]
+
+
+async def _writer_busy(database_url: str) -> list[asyncpg.Record]:
+    """The writer's statements that have not ended, as the server sees them."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+            "WHERE application_name = 'ssehub-writer' AND datname = current_database() "
+            "AND state <> 'idle'"
+        )
+        return rows
+    finally:
+        await conn.close()
+
+
+async def _eventually_idle(database_url: str, within: float) -> list[asyncpg.Record]:
+    deadline = time.monotonic() + within
+    busy = await _writer_busy(database_url)
+    while busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        busy = await _writer_busy(database_url)
+    return busy
+
+
+def test_attack_writer_timeout_leaves_no_statement_running(
+    server: Server, database_url: str
+) -> None:
+    """A publish's statement that cannot finish (its channel's row locked by
+    another transaction) outlasts the writer's wait: the request answers 503,
+    and the server statement is cancelled then, not left waiting to publish
+    behind the writer's back once the lock goes."""
+    admin = Api(server.url).admin()
+    assert httpx.post(f"{server.url}/channels", json={"name": "held"}, headers=admin).is_success
+    answers: list[httpx.Response] = []
+
+    async def hold_the_channel_row() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM channels WHERE name = 'held' FOR UPDATE")
+                publish = threading.Thread(
+                    target=lambda: answers.append(
+                        httpx.post(
+                            f"{server.url}/channels/held/events",
+                            json={"data": "given up"},
+                            headers=admin,
+                            timeout=60,
+                        )
+                    )
+                )
+                publish.start()
+                await asyncio.to_thread(publish.join, 60)
+                assert [r.status_code for r in answers] == [503]
+                # Still holding the row: the given-up statement must be gone already.
+                left = await _eventually_idle(database_url, within=CANCEL_WAIT_SECONDS)
+                assert left == [], f"the writer's statement is still running: {left}"
+        finally:
+            await conn.close()
+
+    asyncio.run(hold_the_channel_row())
+    after = httpx.post(f"{server.url}/channels/held/events", json={"data": "next"}, headers=admin)
+    assert after.status_code == 201, after.text
+    history = httpx.get(f"{server.url}/channels/held/events", headers=admin).json()["events"]
+    assert [e["data"] for e in history] == ["next"]
+
+
+def test_attack_held_publish_lock_answers_503_within_the_wait(
+    server: Server, database_url: str
+) -> None:
+    """Any role may take any advisory lock. One holding the publish lock makes
+    publishes answer 503 once ``LOCK_WAIT_SECONDS`` have passed, with no
+    statement left waiting for it; once it is let go, publishing goes on."""
+    admin = Api(server.url).admin()
+    assert httpx.post(f"{server.url}/channels", json={"name": "locked"}, headers=admin).is_success
+
+    async def hold_the_lock() -> float:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", PUBLISH_LOCK)
+            started = time.monotonic()
+            r = await asyncio.to_thread(
+                httpx.post,
+                f"{server.url}/channels/locked/events",
+                json={"data": "refused"},
+                headers=admin,
+                timeout=60,
+            )
+            took = time.monotonic() - started
+            assert r.status_code == 503, r.text
+            left = await _eventually_idle(database_url, within=2)
+            assert left == [], f"a statement of the writer still waits: {left}"
+            return took
+        finally:
+            await conn.close()  # lets the lock go
+
+    took = asyncio.run(hold_the_lock())
+    assert LOCK_WAIT_SECONDS - 0.5 < took < WRITE_TIMEOUT_SECONDS, took
+    r = httpx.post(f"{server.url}/channels/locked/events", json={"data": "goes"}, headers=admin)
+    assert r.status_code == 201, r.text
+    history = httpx.get(f"{server.url}/channels/locked/events", headers=admin).json()["events"]
+    assert [e["data"] for e in history] == ["goes"]

@@ -1,4 +1,5 @@
-"""Start and stop the event log's parts: the writer, the publish rights, retention."""
+"""Start and stop the event log's parts: the writer, the publish rights, retention,
+and this instance's say in ``ssehub_enqueue``'s size limit."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.db import raw_connection
-from app.events import inbox, retention
+from app.events import enqueue_limit, retention
 from app.events.publisher import Publisher
 from app.events.rights import PublishRights
 
@@ -18,8 +18,6 @@ from app.events.rights import PublishRights
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
-    async with raw_connection(app.state.pool) as conn:
-        await inbox.publish_limits(conn, settings.max_event_bytes)
     publisher = Publisher(settings.database_url, app.state.metrics, settings.behind_pgbouncer)
     publisher.start()
     app.state.publisher = publisher
@@ -27,7 +25,8 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     interval = settings.retention_interval_seconds
     sweeper = asyncio.create_task(retention.run(app.state.pool, interval), name="retention")
     try:
-        yield
+        async with enqueue_limit.declared(app.state.pool, settings.max_event_bytes):
+            yield
     finally:
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

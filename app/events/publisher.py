@@ -15,7 +15,7 @@ at the top. "Everything above the last id I saw" is therefore a complete cursor.
 much as possible: requests that arrive while a transaction is in flight are
 coalesced into the next one. And each transaction is one round trip on the
 writer's own connection: the database function ``ssehub_publish_as``
-(migration 0004) checks every request's caller (an admin or an API key that
+(``app/events/sql``) checks every request's caller (an admin or an API key that
 still exists) and channel, takes the lock, draws the ids, inserts the rows
 that pass and sends one NOTIFY that wakes every instance's broker; the
 statement's implicit transaction commits as it returns. The writer itself
@@ -35,13 +35,24 @@ So a caller who may not publish never makes anybody's publish wait.
 whole transaction: it either commits as it returns, or the server reports an
 error for it and it rolled back. Only an error that says so (a constraint, bad
 data, a query cancelled) is treated as a rollback: the requests are then
-retried one by one so that only the bad one fails. Everything else leaves the
-outcome unknown: a lost connection, a server shutting down (57P01 may arrive
-after the commit), a timeout, a cancelled writer. Then nothing is retried;
-every request in flight answers 503, and the client's retry with its
-``Idempotency-Key`` settles it. No query runs after the commit (a duplicate's
-first event comes back from the same statement), so no later failure can be
-mistaken for a rollback.
+retried one by one so that only the bad one fails. A wait for the publish lock
+that ran out (``LOCK_WAIT_SECONDS``: someone holds it too long) rolled back
+too, but says nothing about the requests: all of them answer 503 at once,
+retried by nobody here. Everything else leaves the outcome unknown: a lost
+connection, a server shutting down (57P01 may arrive after the commit), a
+timeout, a cancelled writer. Then nothing is retried; every request in flight
+answers 503, and the client's retry with its ``Idempotency-Key`` settles it.
+No query runs after the commit (a duplicate's first events come back from the
+same statement), so no later failure can be mistaken for a rollback.
+
+**No statement outlives its wait.** The functions wait at most
+``LOCK_WAIT_SECONDS`` for the publish lock, less than the writer waits for
+them (``WRITE_TIMEOUT_SECONDS``), and do a bounded amount of work once they
+hold it (``MAX_EVENTS_PER_TRANSACTION`` events, or one move of the inbox). If
+the writer's wait runs out all the same, asyncpg asks the server to cancel the
+statement; the writer waits for the server to confirm that it ended before
+it uses the connection again, and closes it otherwise. So no statement of a
+writer that gave up keeps running, or keeps holding the lock, behind its back.
 
 **Bounded.** At most ``MAX_PENDING_EVENTS`` events or ``MAX_PENDING_BYTES``
 wait for the writer; past that a publish is answered 503 at once, so a burst
@@ -70,26 +81,33 @@ from app.metrics import Metrics
 
 log = logging.getLogger("ssehub")
 
-PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes, inside ssehub_publish_as()
+PUBLISH_LOCK = 0x55E4B  # the advisory lock every publisher takes: ssehub_publish_lock()
 MAX_PENDING_EVENTS = 20_000
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 # Every statement of the writer; past it the outcome is unknown (503).
 WRITE_TIMEOUT_SECONDS = 10.0
+# The longest a statement of the writer waits for the publish lock; past it, 503.
+LOCK_WAIT_SECONDS = 5.0
+_LOCK_WAIT_MS = int(LOCK_WAIT_SECONDS * 1000)
+# How long a connection whose statement timed out may take to confirm it ended.
+CANCEL_WAIT_SECONDS = 5.0
 # Small enough that the database writes one transaction while the server parses
 # and answers the requests around it: with 5,000, four clients sending batches
 # of 1,000 waited for each other, 43k events/s; with 1,000, 53k.
 MAX_EVENTS_PER_TRANSACTION = 1000
 WRITER_NAME = "ssehub-writer"
 
-# The function (migrations/versions/0004) checks each row's caller and channel,
-# takes the lock, draws the ids in request order, inserts and notifies: one round
-# trip, committed when the statement ends. One status per row, in row order.
+# The function (app/events/sql) checks each row's caller and channel, takes the
+# lock, draws the ids in request order, inserts and notifies: one round trip,
+# committed when the statement ends. One status per row, in row order. Named with
+# its schema and typed, so no overload someone else defined can be picked.
 _PUBLISH = (
-    "SELECT * FROM ssehub_publish_as("
-    "$1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])"
+    "SELECT * FROM public.ssehub_publish_as($1::bigint[], $2::bigint[], $3::text[], "
+    "$4::text[], $5::text[], $6::text[], $7::integer[], $8::integer)"
 )
 # Errors after which the transaction may have committed (see "Failures").
 _OUTCOME_UNKNOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57014"})
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 @dataclass(slots=True)
@@ -189,8 +207,12 @@ class Publisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending or self._inbox_due:
-                if self._inbox_due:
+            # One move of the inbox, then one transaction of the API's publishes:
+            # a backfill moved in many moves delays a publish by one move at most.
+            # Stopping, only the requests waiting here are finished: the inbox
+            # waits for any writer, on any instance.
+            while self._pending or self._inbox_wanted():
+                if self._inbox_wanted():
                     self._inbox_due = False
                     await self._move_inbox()
                 if self._pending:
@@ -198,18 +220,23 @@ class Publisher:
             if self._closed:
                 return
 
+    def _inbox_wanted(self) -> bool:
+        return self._inbox_due and not self._closed
+
     async def _move_inbox(self) -> None:
-        """Move the inbox's committed rows into the log. Failing is safe at any
-        point (each move commits or not as a whole): the rows wait for the next
-        wake-up, on this instance or another."""
+        """One move of the inbox's committed rows into the log; another is due
+        if rows are left. Failing is safe at any point (each move commits or not
+        as a whole): the rows wait for the next wake-up, on this instance or another."""
         self.busy_since = time.monotonic()
         try:
-            moved = await inbox.move(await self._connection(), self.on_commit)
-            self._metrics.events_published.inc(moved)
+            conn = await self._connection()
+            moved = await inbox.move(conn, self.on_commit, _LOCK_WAIT_MS)
+            self._metrics.events_published.inc(moved.appended)
+            self._inbox_due = self._inbox_due or moved.more
         except Exception as exc:
             log.warning("moving enqueued events failed (%s: %s)", type(exc).__name__, exc)
             if not _rolled_back(exc):
-                self._drop_connection()
+                await self._after_unknown_outcome()
         finally:
             self.busy_since = 0.0
 
@@ -239,7 +266,7 @@ class Publisher:
         try:
             results = await self._transaction(requests)
         except BaseException as exc:
-            if _rolled_back(exc) and len(requests) > 1:
+            if _rolled_back(exc) and not _lock_busy(exc) and len(requests) > 1:
                 for request in requests:
                     await self._write([request])
                 return
@@ -247,7 +274,10 @@ class Publisher:
             for request in requests:
                 _settle(request, error)
             if not isinstance(exc, Exception):
+                self._drop_connection()
                 raise  # cancelled: the requests are answered, the task ends
+            if not _rolled_back(exc):
+                await self._after_unknown_outcome()  # once they are answered
             return
         finally:
             self.busy_since = 0.0
@@ -256,16 +286,34 @@ class Publisher:
 
     def _error(self, request: _Request, exc: BaseException) -> Exception:
         """What a failed transaction answers: 404 for a channel deleted under it,
-        503 when the outcome is unknown, else the error itself (a 500, logged)."""
+        503 when the publish lock stayed taken or the outcome is unknown, else
+        the error itself (a 500, logged)."""
         if isinstance(exc, asyncpg.ForeignKeyViolationError):
             return NotFound(f"Channel {request.channel!r} not found")
+        if _lock_busy(exc):
+            log.warning(
+                "the publish lock stayed taken for %.0f s; answering 503", LOCK_WAIT_SECONDS
+            )
+            return Unavailable("Publishing is busy; retry shortly")
         if _rolled_back(exc):
             log.error("publish failed", exc_info=exc)
             assert isinstance(exc, Exception)
             return exc
         log.warning("publish outcome unknown (%s: %s); answering 503", type(exc).__name__, exc)
-        self._drop_connection()
         return Unavailable("The database did not confirm the publish; retry it")
+
+    async def _after_unknown_outcome(self) -> None:
+        """Keep the connection only once the server confirmed that its last
+        statement ended (asyncpg asked it to cancel one that timed out, and
+        waits for that before it runs another): else close it."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.execute("SELECT 1", timeout=CANCEL_WAIT_SECONDS)
+        except Exception as exc:
+            log.warning("the writer's connection did not recover (%s); closing it", exc)
+            self._drop_connection()
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -275,17 +323,19 @@ class Publisher:
     async def _transaction(
         self, requests: list[_Request]
     ) -> list[tuple[list[StoredEvent], bool] | SsehubError]:
-        rows = [(r, item) for r in requests for item in r.items]
+        rows = [(n, r, item) for n, r in enumerate(requests) for item in r.items]
         names = {r.channel: lookup_name(r.channel) for r in requests}  # once each, not per row
         conn = await self._connection()
         statuses = await conn.fetch(
             _PUBLISH,
-            [r.user_id for r, _ in rows],
-            [r.key_id for r, _ in rows],
-            [names[r.channel] for r, _ in rows],
-            [item.type for _, item in rows],
-            [item.data for _, item in rows],
-            [r.idempotency_key for r, _ in rows],
+            [r.user_id for _, r, _ in rows],
+            [r.key_id for _, r, _ in rows],
+            [names[r.channel] for _, r, _ in rows],
+            [item.type for _, _, item in rows],
+            [item.data for _, _, item in rows],
+            [r.idempotency_key for _, r, _ in rows],
+            [n for n, _, _ in rows],
+            _LOCK_WAIT_MS,
             timeout=WRITE_TIMEOUT_SECONDS,
         )
         results = []
@@ -325,17 +375,22 @@ def _result(request: _Request, rows: list[Any]) -> tuple[list[StoredEvent], bool
             for row, item in zip(rows, request.items, strict=True)
         ]
         return events, True
-    if status == "duplicate":
+    if status == "duplicate":  # what the key was first used for: one event, or a batch's
         row = rows[0]
-        event = StoredEvent(
-            row["event_id"],
-            row["event_channel_id"],
-            request.channel,
-            row["event_type"],
-            row["event_data"],
-            row["event_published_at"],
-        )
-        return [event], False
+        events = [
+            StoredEvent(
+                row["event_id"] + n,
+                row["event_channel_id"],
+                request.channel,
+                type_,
+                data,
+                row["event_published_at"],
+            )
+            for n, (type_, data) in enumerate(
+                zip(row["first_types"], row["first_datas"], strict=True)
+            )
+        ]
+        return events, False
     if status == "unauthorized":
         return Unauthorized("User no longer exists" if request.user_id else "Invalid API key")
     if status == "forbidden":
@@ -354,6 +409,11 @@ def _rolled_back(exc: BaseException) -> bool:
         return False
     state = getattr(exc, "sqlstate", "") or ""
     return not (state.startswith("08") or state in _OUTCOME_UNKNOWN_STATES)
+
+
+def _lock_busy(exc: BaseException) -> bool:
+    """The statement waited ``LOCK_WAIT_SECONDS`` for the publish lock and rolled back."""
+    return getattr(exc, "sqlstate", None) == _LOCK_NOT_AVAILABLE
 
 
 def _settle(request: _Request, outcome: tuple[list[StoredEvent], bool] | BaseException) -> None:

@@ -160,18 +160,34 @@ async def publish_to_user(
     "/channels/{name}/events/batch",
     status_code=201,
     openapi_extra=_body_schema(BatchIn),
-    responses={201: {"model": BatchOut, "description": "Published, ids in the order given"}},
+    responses={
+        201: {"model": BatchOut, "description": "Published, ids in the order given"},
+        200: {
+            "model": BatchOut,
+            "description": "An earlier publish with the same Idempotency-Key: its events",
+        },
+    },
 )
 async def publish_batch(
-    name: str, request: Request, settings: SettingsDep, caller: PublisherCaller
+    name: str,
+    request: Request,
+    settings: SettingsDep,
+    caller: PublisherCaller,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Publish 1 to 1000 events at once (admin, or an API key whose patterns match):
-    all or nothing, ids in the order given."""
+    all or nothing, ids in the order given. Retrying with the same Idempotency-Key
+    within 24 h answers 200 with the first batch's events."""
+    key = _idempotency_key(idempotency_key)
     await _may_publish(request, caller, name)
     body = _validate(BatchIn, await _read_json(request))
     items = [_new_event(e, settings.max_event_bytes) for e in body.events]
-    events, _created = await _publisher(request).publish(caller, name, items, None)
-    return Response(b'{"events":' + _json_list(events) + b"}", status_code=201, media_type=JSON)
+    events, created = await _publisher(request).publish(caller, name, items, key)
+    return Response(
+        b'{"events":' + _json_list(events) + b"}",
+        status_code=201 if created else 200,
+        media_type=JSON,
+    )
 
 
 @router.get(

@@ -26,16 +26,19 @@ from tests.support import Api, Server, sql
 HISTORY_EVENTS = 4000
 EVENT_BYTES = 10_000
 PAGE_BYTES = 1024 * 1024  # app.events.log.PAGE_BYTES: what one replay page holds
+# Each call one request (no keys), waiting up to 5 s for the publish lock.
 PUBLISH = (
     "SELECT row_number, status, event_id FROM ssehub_publish_as("
     "$1::bigint[], array_fill(NULL::bigint, ARRAY[cardinality($1::bigint[])]), "
-    "$2::text[], $3::text[], $4::text[], $5::text[]) ORDER BY row_number"
+    "$2::text[], $3::text[], $4::text[], $5::text[], "
+    "array_fill(1, ARRAY[cardinality($1::bigint[])]), 5000) ORDER BY row_number"
 )
 PUBLISH_MANY = (
     "SELECT status, event_id FROM ssehub_publish_as("
     "array_fill((SELECT id FROM users WHERE username = 'admin'), ARRAY[$2::int]), "
     "array_fill(NULL::bigint, ARRAY[$2::int]), array_fill($1::text, ARRAY[$2::int]), array_fill('message'::text, ARRAY[$2::int]), "
-    "array_fill($3::text, ARRAY[$2::int]), array_fill(NULL::text, ARRAY[$2::int])) "
+    "array_fill($3::text, ARRAY[$2::int]), array_fill(NULL::text, ARRAY[$2::int]), "
+    "array_fill(1, ARRAY[$2::int]), 5000) "
     "ORDER BY row_number"
 )
 # What retention does (app.events.retention): delete oldest first, and raise

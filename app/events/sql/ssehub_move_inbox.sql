@@ -1,0 +1,135 @@
+CREATE OR REPLACE FUNCTION public.ssehub_move_inbox(p_rows integer, p_lock_wait_ms integer)
+ RETURNS TABLE(moved_taken integer, moved_more boolean, moved_stalled text, moved_id bigint, moved_channel_id bigint, moved_channel text, moved_type text, moved_data text, moved_published_at timestamp with time zone, moved_tx_prev bigint)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+-- Moves committed inbox rows into the log, under the publish lock and in the
+-- caller's one transaction (app/events/inbox.py says why nothing is lost,
+-- duplicated or reordered). Takes at most p_rows rows: whole transactions in the
+-- order of their oldest row; a transaction larger than p_rows, p_rows of its
+-- oldest rows when it is first in line. A transaction whose rows fail to append
+-- (not for want of resources or time) is set aside in ssehub_inbox_stalled and
+-- tried again after a growing pause, so it holds up nobody. Returns one row: how
+-- many inbox rows it took, whether movable rows are left, and the error of a
+-- transaction it set aside; then the events it appended, in id order.
+DECLARE
+    skip xid8[];       -- transactions set aside, not due yet
+    tx xid8;
+    first_tx xid8;     -- the transaction first in line
+    n_txs integer;
+    room integer;
+    fits integer;
+    ids bigint[];      -- the rows taken, in move order
+    cids bigint[];
+    types text[];
+    datas text[];
+    keys text[];
+    appended bigint[]; -- per taken row: its event's id, NULL if not published
+    at timestamptz;
+    prev bigint;
+    failure text;
+    state text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM public.ssehub_inbox) THEN
+        RETURN;  -- the common case costs no lock
+    END IF;
+    PERFORM public.ssehub_publish_lock(p_lock_wait_ms);
+    -- Every statement from here reads a snapshot taken after the lock: rows another
+    -- mover took are gone from it.
+    skip := ARRAY(SELECT s.txid FROM public.ssehub_inbox_stalled s
+                  WHERE s.retry_at > clock_timestamp());
+    FOR attempt IN 1..2 LOOP
+        BEGIN
+            ids := '{}'; cids := '{}'; types := '{}'; datas := '{}'; keys := '{}';
+            n_txs := 0;
+            first_tx := NULL;
+            room := p_rows;
+            LOOP
+                SELECT i.txid INTO tx FROM public.ssehub_inbox i
+                WHERE i.txid <> ALL (skip) ORDER BY i.id LIMIT 1;
+                EXIT WHEN NOT FOUND;
+                SELECT count(*) INTO fits
+                FROM (SELECT 1 FROM public.ssehub_inbox i WHERE i.txid = tx LIMIT room + 1) r;
+                -- A transaction that would not fit waits to be first in line: one of
+                -- up to p_rows rows is then moved whole, so its events are adjacent.
+                EXIT WHEN n_txs > 0 AND fits > room;
+                first_tx := coalesce(first_tx, tx);
+                WITH taken AS (
+                    DELETE FROM public.ssehub_inbox i WHERE i.id IN (
+                        SELECT j.id FROM public.ssehub_inbox j WHERE j.txid = tx
+                        ORDER BY j.id LIMIT room)
+                    RETURNING i.id, i.channel_id, i.type, i.data, i.idempotency_key
+                )
+                SELECT ids || array_agg(t.id ORDER BY t.id),
+                       cids || array_agg(t.channel_id ORDER BY t.id),
+                       types || array_agg(t.type::text ORDER BY t.id),
+                       datas || array_agg(t.data ORDER BY t.id),
+                       keys || array_agg(t.idempotency_key::text ORDER BY t.id)
+                INTO ids, cids, types, datas, keys
+                FROM taken t;
+                n_txs := n_txs + 1;
+                room := p_rows - cardinality(ids);
+                EXIT WHEN room <= 0 OR attempt = 2;  -- a second attempt: the first transaction alone
+            END LOOP;
+            -- The channels stay until this transaction ends; rows of a channel
+            -- deleted meanwhile leave the inbox with the others, unpublished.
+            PERFORM 1 FROM public.channels c WHERE c.id = ANY (cids) FOR KEY SHARE;
+            WITH kept AS (
+                SELECT u.n, row_number() OVER (ORDER BY u.n) AS k
+                FROM unnest(cids) WITH ORDINALITY AS u(c, n)
+                WHERE EXISTS (SELECT 1 FROM public.channels c WHERE c.id = u.c)
+            ), added AS (
+                SELECT a.row_number, a.fresh, a.event_id, a.event_published_at, a.tx_prev
+                FROM public.ssehub_append(
+                    ARRAY(SELECT cids[kept.n] FROM kept ORDER BY kept.n),
+                    ARRAY(SELECT types[kept.n] FROM kept ORDER BY kept.n),
+                    ARRAY(SELECT datas[kept.n] FROM kept ORDER BY kept.n),
+                    ARRAY(SELECT keys[kept.n] FROM kept ORDER BY kept.n),
+                    ARRAY(SELECT kept.k::integer FROM kept ORDER BY kept.n)) a
+            )
+            SELECT array_agg(CASE WHEN added.fresh THEN added.event_id END ORDER BY u.n),
+                   max(added.event_published_at), min(added.tx_prev)
+            INTO appended, at, prev
+            FROM unnest(ids) WITH ORDINALITY AS u(id, n)
+            LEFT JOIN kept ON kept.n = u.n
+            LEFT JOIN added ON added.row_number = kept.k;
+            EXIT;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS failure = MESSAGE_TEXT, state = RETURNED_SQLSTATE;
+            -- Wanting resources or time, or the server going away, says nothing
+            -- about the rows: fail the move, and the next one tries them again.
+            IF left(state, 2) IN ('08', '40', '53', '54', '55', '57', '58', 'XX') THEN
+                RAISE;
+            END IF;
+            IF n_txs > 1 AND attempt = 1 THEN
+                CONTINUE;  -- which transaction failed? the first alone tells
+            END IF;
+            INSERT INTO public.ssehub_inbox_stalled AS s (txid, failures, retry_at, error)
+            VALUES (first_tx, 1, clock_timestamp() + interval '1 second', failure)
+            ON CONFLICT (txid) DO UPDATE
+            SET failures = s.failures + 1,
+                retry_at = clock_timestamp() + make_interval(secs => least(2 ^ s.failures, 300)),
+                error = excluded.error;
+            skip := skip || first_tx;
+            ids := '{}';
+            EXIT;
+        END;
+    END LOOP;
+    IF cardinality(ids) > 0 AND EXISTS (SELECT 1 FROM public.ssehub_inbox_stalled) THEN
+        DELETE FROM public.ssehub_inbox_stalled s
+        WHERE NOT EXISTS (SELECT 1 FROM public.ssehub_inbox i WHERE i.txid = s.txid);
+    END IF;
+    RETURN QUERY SELECT cardinality(ids),
+                        EXISTS (SELECT 1 FROM public.ssehub_inbox i WHERE i.txid <> ALL (skip)),
+                        CASE WHEN cardinality(ids) = 0 THEN failure END,
+                        NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
+                        NULL::timestamptz, NULL::bigint;
+    RETURN QUERY
+    SELECT cardinality(ids), NULL::boolean, NULL::text, u.id, cids[u.n], c.name::text,
+           types[u.n], datas[u.n], at, prev
+    FROM unnest(appended) WITH ORDINALITY AS u(id, n)
+    JOIN public.channels c ON c.id = cids[u.n]
+    WHERE u.id IS NOT NULL
+    ORDER BY u.id;
+END
+$function$
