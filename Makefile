@@ -5,13 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench clean lock
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# requirements.lock pins every dependency to what the suite last passed with, so a
+# fresh clone and CI install exactly that; `make lock` writes it again (needs uv).
+$(STAMP): pyproject.toml clients/python/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e clients/python -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e clients/python -e .
 	touch $(STAMP)
+
+lock:  ## pin the dependencies again from pyproject.toml (uv from PyPI)
+	uv pip compile pyproject.toml clients/python/pyproject.toml --extra dev --extra bench \
+		--python-version 3.11 --universal -o requirements.lock
 
 run: $(STAMP)  ## serve on 127.0.0.1:8000 (embedded Postgres unless SSEHUB_DATABASE_URL is set)
 	$(BIN)/ssehub serve
