@@ -182,8 +182,10 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Migrate, create the bootstrap admin if missing, then run uvicorn with the app factory."""
+    """Wait for the database (and NATS), migrate, create the bootstrap admin if
+    missing, then run uvicorn with the app factory."""
     from app.realtime.server import run_server
+    from app.startup import answering_health_checks, wait_for_dependencies
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
@@ -191,10 +193,13 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         _check_admin_account(settings.admin_username, settings.admin_password)
     elif settings.admin_username or settings.admin_password:
         log.warning("SSEHUB_ADMIN_USERNAME and SSEHUB_ADMIN_PASSWORD go together: no admin made")
-    migrate(settings)
-    _check_signing_key(settings)
-    if settings.admin_username and settings.admin_password:
-        _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
+    # Until uvicorn takes the port over, it answers health checks: alive, not ready.
+    with answering_health_checks(host, port):
+        wait_for_dependencies(settings)
+        migrate(settings)
+        _check_signing_key(settings)
+        if settings.admin_username and settings.admin_password:
+            _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
     # Workers build their app from the environment: hand them the resolved values.
     assert settings.database_url and settings.secret_key
     os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         run_client(args)  # an HTTP client of a running server: no database here
         return
 
+    from app.startup import CannotStart
+
     configure_logging()
     try:
         settings = ensure_secret_key(Settings())
@@ -336,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                 grant_publisher(settings, args.role)
             else:
                 create_admin(settings, args.username)
+    except CannotStart as exc:
+        sys.exit(f"ssehub: {exc}")
     except (OSError, DBAPIError) as exc:
         # Reached only before serving starts (migrate, admin bootstrap): a
         # database that is down or misnamed deserves one line, not a traceback.

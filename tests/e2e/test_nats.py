@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import shutil
 import socket
 import struct
-import subprocess
 import termios
 import threading
 import time
@@ -35,60 +33,20 @@ from tests.e2e.chaos import run_chaos
 from tests.e2e.conftest import Db, Hubs
 from tests.e2e.sse_client import SseStream
 from tests.support import (
-    ROOT,
+    NATS_SERVER,
     Api,
+    NatsServer,
     Server,
     broker_events,
-    free_port,
     migrated_database,
     sql,
 )
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SLOW_PENDING_LIMIT = 50
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
 )
-
-
-class NatsServer:
-    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
-
-    def __init__(self) -> None:
-        self.port, self.monitor_port = free_port(), free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
-            ):
-                if s.recv(4096).startswith(b"INFO"):
-                    return self
-            time.sleep(0.02)
-        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def subscriptions(self) -> list[list[str]]:
-        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
-        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
-        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
 
 
 class TcpProxy:
