@@ -216,6 +216,8 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # False: no --port, for a test that gives the port in SSEHUB_PORT instead.
+    port_flag: bool = True
 
     @property
     def url(self) -> str:
@@ -244,8 +246,8 @@ class Server:
         self.log_path = ROOT / ".ssehub-test" / f"server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)]
-        cmd += ["--workers", str(self.workers)]
+        cmd = [sys.executable, "-m", "app.cli", "serve", "--workers", str(self.workers)]
+        cmd += ["--port", str(self.port)] if self.port_flag else []
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
         return self
 

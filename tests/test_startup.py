@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ import pytest
 from tests.support import (
     ADMIN_PASSWORD,
     NATS_SERVER,
+    ROOT,
     Api,
     NatsServer,
     Server,
@@ -216,3 +218,40 @@ def test_a_waiting_instance_stops_at_once_on_sigterm() -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", srv.port))
         s.listen()
+
+
+def _healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """``ssehub healthcheck``, the image's HEALTHCHECK, with this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "healthcheck"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_health_check_asks_readiness_on_the_port_serve_listens_on() -> None:
+    """``SSEHUB_PORT`` is where ``serve`` listens and where ``healthcheck`` asks:
+    a container that moves its port moves both, so its health check cannot
+    knock on the wrong one. A process that is alive but not ready fails it."""
+    port = free_port()
+    nothing_there = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/postgres"
+    srv = Server(nothing_there, port=port, env={"SSEHUB_PORT": str(port)}, port_flag=False)
+    srv.launch()
+    try:
+        _waiting(srv)
+        done = _healthcheck(SSEHUB_PORT=str(port))
+        assert done.returncode != 0
+        assert "503" in done.stderr and "Traceback" not in done.stderr
+    finally:
+        srv.stop()
+    done = _healthcheck(SSEHUB_PORT=str(port))  # nobody there at all
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+
+
+def test_the_health_check_passes_on_a_ready_instance(server: Server) -> None:
+    done = _healthcheck(SSEHUB_PORT=str(server.port))
+    assert done.returncode == 0, done.stderr
