@@ -194,7 +194,7 @@ probe=xff-$(random_hex 4)
 curl -fsS -o /dev/null --cacert "$CA" -H 'X-Forwarded-For: 203.0.113.9' "$URL/healthz?$probe"
 caddy_ip=$(podman inspect "$CADDY" --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}')
 logged() { podman logs "${INSTANCES[0]}" 2>&1; podman logs "${INSTANCES[1]}" 2>&1; }
-probe_logged() { logged | grep -q "$probe"; }
+probe_logged() { logged | grep -F "$probe" >/dev/null; }  # all read: no SIGPIPE under pipefail
 wait_for 10 probe_logged
 client=$(logged | grep "$probe" | sed -E 's/^INFO: +([^ ]+):[0-9]+ - .*/\1/')
 echo "client address as an instance logged it: $client (Caddy: $caddy_ip)"
