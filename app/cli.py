@@ -351,8 +351,6 @@ def main(argv: list[str] | None = None) -> None:
         run_client(args)  # an HTTP client of a running server: no database here
         return
 
-    from app.startup import CannotStart
-
     configure_logging()
     try:
         settings = Settings()
@@ -364,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ssehub: invalid configuration\n{_problems(exc)}")
     except KeyFileError as exc:
         sys.exit(f"ssehub: {exc}")
+    from app.startup import CannotStart
+
     try:
         with database(settings) as settings:
             if args.command == "serve":
