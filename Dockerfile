@@ -17,12 +17,16 @@ COPY --chown=ssehub alembic.ini /srv/ssehub/alembic.ini
 COPY --chown=ssehub migrations /srv/ssehub/migrations
 ENV PATH=/opt/ssehub/bin:$PATH \
     SSEHUB_DATA_DIR=/home/ssehub/data \
+    SSEHUB_HOST=0.0.0.0 \
+    SSEHUB_PORT=8000 \
     PYTHONUNBUFFERED=1
 WORKDIR /srv/ssehub
 USER ssehub
 EXPOSE 8000
 # Readiness, not liveness: a process whose database or cross-instance listener
-# is down answers /readyz with 503 and must be taken out of rotation.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
-CMD ["ssehub", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# is down answers /readyz with 503 and must be taken out of rotation. Both this
+# and `ssehub serve` take the port from SSEHUB_PORT: set it to move both.
+# The start period covers an instance that waits for its database.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["ssehub", "healthcheck"]
+CMD ["ssehub", "serve"]

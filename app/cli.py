@@ -1,5 +1,5 @@
-"""``ssehub serve | migrate | create-admin | api-key create | grant-publisher``, and
-``publish`` / ``tail``, the Python client's commands (``ssehub_client.cli``)."""
+"""``ssehub serve | migrate | create-admin | api-key create | grant-publisher |
+healthcheck``, and ``publish`` / ``tail``, the Python client's commands (``ssehub_client.cli``)."""
 
 from __future__ import annotations
 
@@ -183,8 +183,10 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Migrate, create the bootstrap admin if missing, then run uvicorn with the app factory."""
+    """Wait for the database (and NATS), migrate, create the bootstrap admin if
+    missing, then run uvicorn with the app factory."""
     from app.realtime.server import run_server
+    from app.startup import answering_health_checks, wait_for_dependencies
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
@@ -192,15 +194,42 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         _check_admin_account(settings.admin_username, settings.admin_password)
     elif settings.admin_username or settings.admin_password:
         log.warning("SSEHUB_ADMIN_USERNAME and SSEHUB_ADMIN_PASSWORD go together: no admin made")
-    migrate(settings)
-    _check_signing_key(settings)
-    if settings.admin_username and settings.admin_password:
-        _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
+    # Until uvicorn takes the port over, it answers health checks: alive, not ready.
+    with answering_health_checks(host, port):
+        wait_for_dependencies(settings)
+        migrate(settings)
+        _check_signing_key(settings)
+        if settings.admin_username and settings.admin_password:
+            _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
     # Workers build their app from the environment: hand them the resolved values.
     assert settings.database_url and settings.secret_key
     os.environ["SSEHUB_DATABASE_URL"] = settings.database_url
     os.environ["SSEHUB_SECRET_KEY"] = settings.secret_key
     run_server(host=host, port=port, workers=workers, settings=settings)
+
+
+HEALTHCHECK_TIMEOUT_SECONDS = 3.0
+EVERY_ADDRESS_ASKED_ON = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 (not bound)
+
+
+def healthcheck(host: str, port: int) -> None:
+    """Exit 0 if the server on ``host:port`` is ready (``/readyz`` 200), else exit 1
+    with one line saying why. A server listening on every address is asked on
+    loopback. Readiness, not liveness: a process whose database or listener is
+    down must leave its load balancer's rotation."""
+    import http.client
+
+    host = EVERY_ADDRESS_ASKED_ON.get(host, host)
+    conn = http.client.HTTPConnection(host, port, timeout=HEALTHCHECK_TIMEOUT_SECONDS)
+    try:
+        conn.request("GET", "/readyz")
+        status = conn.getresponse().status
+    except OSError as exc:
+        sys.exit(f"ssehub: no answer from {host}:{port}: {exc}")
+    finally:
+        conn.close()
+    if status != 200:
+        sys.exit(f"ssehub: not ready: /readyz on {host}:{port} answered {status}")
 
 
 def _check_signing_key(settings: Settings) -> None:
@@ -283,9 +312,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ssehub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_p = commands.add_parser("serve", help="apply migrations, then serve HTTP")
-    serve_p.add_argument("--host", default="127.0.0.1")
-    serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--host", help="default: SSEHUB_HOST, else 127.0.0.1")
+    serve_p.add_argument("--port", type=int, help="default: SSEHUB_PORT, else 8000")
     serve_p.add_argument("--workers", type=int, default=1)
+    health_p = commands.add_parser(
+        "healthcheck", help="exit 0 if the local server answers /readyz with 200 (for HEALTHCHECK)"
+    )
+    health_p.add_argument("--host", help="default: SSEHUB_HOST, else 127.0.0.1")
+    health_p.add_argument("--port", type=int, help="default: SSEHUB_PORT, else 8000")
     commands.add_parser("migrate", help="apply the Alembic migrations and exit")
     admin_p = commands.add_parser(
         "create-admin", help="create an admin, or promote a user and reset its password"
@@ -314,15 +348,22 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     try:
-        settings = ensure_secret_key(Settings())
+        settings = Settings()
+        if args.command == "healthcheck":  # a probe of a running server: no key, no database
+            healthcheck(args.host or settings.host, args.port or settings.port)
+            return
+        settings = ensure_secret_key(settings)
     except ValidationError as exc:
         sys.exit(f"ssehub: invalid configuration\n{_problems(exc)}")
     except KeyFileError as exc:
         sys.exit(f"ssehub: {exc}")
+    from app.startup import CannotStart
+
     try:
         with database(settings) as settings:
             if args.command == "serve":
-                serve(settings, args.host, args.port, args.workers)
+                host, port = args.host or settings.host, args.port or settings.port
+                serve(settings, host, port, args.workers)
             elif args.command == "migrate":
                 migrate(settings)
             elif args.command == "api-key":
@@ -331,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                 grant_publisher(settings, args.role)
             else:
                 create_admin(settings, args.username)
+    except CannotStart as exc:
+        sys.exit(f"ssehub: {exc}")
     except (OSError, DBAPIError) as exc:
         # Reached only before serving starts (migrate, admin bootstrap): a
         # database that is down or misnamed deserves one line, not a traceback.

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         env_prefix="SSEHUB_", env_file=".env", extra="ignore", frozen=True
     )
 
+    # Where ``ssehub serve`` listens unless --host/--port say otherwise, and where
+    # ``ssehub healthcheck`` asks: one setting for both, so they cannot disagree.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
     database_url: str | None = None
     # A direct connection for LISTEN (and migrations) when database_url goes
     # through PgBouncer in transaction mode.

@@ -8,9 +8,11 @@ port, reached over a socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,7 @@ import httpx
 from app.db import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-0123456789"
 ADMIN_PASSWORD = "admin-password-1"
 # Channels first: a publish locks its channel's row, then writes events, so a
@@ -209,12 +212,19 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # False: no --port, for a test that gives the port in SSEHUB_PORT instead.
+    port_flag: bool = True
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> Server:
+        """Launch, then wait until ``/readyz`` answers 200."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> Server:
+        """Start the process and return at once, ready or not."""
         env = {
             **os.environ,
             "SSEHUB_SECRET_KEY": TEST_SECRET,
@@ -232,9 +242,14 @@ class Server:
         self.log_path = ROOT / ".ssehub-test" / f"server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)]
-        cmd += ["--workers", str(self.workers)]
+        cmd = [sys.executable, "-m", "app.cli", "serve", "--workers", str(self.workers)]
+        cmd += ["--port", str(self.port)] if self.port_flag else []
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> Server:
+        """Wait until ``/readyz`` answers 200; stop the process if it never does."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -263,6 +278,48 @@ class Server:
             self.process.kill()
             self.process.wait()
         return time.monotonic() - started
+
+
+class NatsServer:
+    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
+
+    def __init__(self, *args: str) -> None:
+        """``args`` are passed on as they are: ``--user``/``--pass``, ``--auth``,
+        ``--tls`` with its certificate, or ``-c`` with a configuration file."""
+        self.port, self.monitor_port = free_port(), free_port()
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
+                if s.recv(4096).startswith(b"INFO"):
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def subscriptions(self) -> list[list[str]]:
+        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
+        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
+        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
 
 
 class Api:

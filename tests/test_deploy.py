@@ -45,11 +45,24 @@ def test_compose_publishes_ports_on_localhost_only() -> None:
         assert port.startswith("127.0.0.1:"), port
 
 
-def test_the_image_health_check_is_readiness() -> None:
-    """A process whose database or listener is down must leave the rotation: /readyz."""
+def _instruction(dockerfile: str, name: str) -> str:
+    """The last ``name`` instruction, continuation lines joined."""
+    joined = dockerfile.replace("\\\n", " ")
+    return [line for line in joined.splitlines() if line.startswith(name + " ")][-1]
+
+
+def test_the_image_health_check_asks_the_port_serve_listens_on() -> None:
+    """The image's CMD and HEALTHCHECK both take the port from ``SSEHUB_PORT``
+    (``ssehub healthcheck`` asks ``/readyz`` there: readiness, so a process whose
+    database or listener is down leaves the rotation); neither names a port of
+    its own, so setting ``SSEHUB_PORT`` moves both."""
     dockerfile = (ROOT / "Dockerfile").read_text()
-    healthcheck = dockerfile.split("HEALTHCHECK", 1)[1].split("\nCMD", 1)[0]
-    assert "/readyz" in healthcheck and "/healthz" not in healthcheck
+    healthcheck = _instruction(dockerfile, "HEALTHCHECK")
+    assert healthcheck.endswith('CMD ["ssehub", "healthcheck"]'), healthcheck
+    assert _instruction(dockerfile, "CMD") == 'CMD ["ssehub", "serve"]'
+    env = _instruction(dockerfile, "ENV")
+    assert re.search(r"\bSSEHUB_PORT=8000\b", env) and re.search(r"\bSSEHUB_HOST=0\.0\.0\.0\b", env)
+    assert "8000" not in healthcheck
 
 
 def _imported_modules(package: str) -> set[str]:

@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from app.db import asyncpg_dsn
-from tests.e2e.nats_server import NatsServer
 from tests.e2e.sse_client import SseStream
-from tests.support import ADMIN_PASSWORD, Api
+from tests.support import ADMIN_PASSWORD, Api, NatsServer
 
 
 class Db:

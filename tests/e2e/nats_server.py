@@ -1,68 +1,20 @@
-"""A real ``nats-server`` for the NATS tests, on ports of its own.
+"""A neighbour on the NATS server (a raw client without ssehub's key), and polling.
 
-``args`` are passed on as they are: ``--user``/``--pass``, ``--auth``, ``--tls``
-with its certificate, or ``-c`` with a configuration file (operator mode).
+The server itself is ``tests.support.NatsServer``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import httpx
 import nats
 
-from tests.support import ROOT, free_port
-
 T = TypeVar("T")
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-class NatsServer:
-    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
-
-    def __init__(self, *args: str) -> None:
-        self.port, self.monitor_port = free_port(), free_port()
-        self.args = args
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
-            ):
-                if s.recv(4096).startswith(b"INFO"):
-                    return self
-            time.sleep(0.02)
-        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def subscriptions(self) -> list[list[str]]:
-        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
-        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
-        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
 
 
 class RawNatsClient:

@@ -31,10 +31,12 @@ import pytest
 
 from tests.e2e.chaos import run_chaos
 from tests.e2e.conftest import Db, Hubs
-from tests.e2e.nats_server import NATS_SERVER, NatsServer, wait_until
+from tests.e2e.nats_server import wait_until
 from tests.e2e.sse_client import SseStream
 from tests.support import (
+    NATS_SERVER,
     Api,
+    NatsServer,
     Server,
     broker_events,
     migrated_database,

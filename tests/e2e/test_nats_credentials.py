@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.e2e.conftest import Hubs
-from tests.e2e.nats_server import NATS_SERVER, NatsServer, RawNatsClient, wait_until
-from tests.support import Api, Server
+from tests.e2e.nats_server import RawNatsClient, wait_until
+from tests.support import NATS_SERVER, Api, NatsServer, Server
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"

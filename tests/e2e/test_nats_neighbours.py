@@ -23,9 +23,9 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import Hubs
-from tests.e2e.nats_server import NATS_SERVER, NatsServer, RawNatsClient, wait_until
+from tests.e2e.nats_server import RawNatsClient, wait_until
 from tests.e2e.sse_client import SseStream
-from tests.support import TEST_SECRET, Api, Server, counter_by_label, sql
+from tests.support import NATS_SERVER, TEST_SECRET, Api, NatsServer, Server, counter_by_label, sql
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
