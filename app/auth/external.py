@@ -221,7 +221,7 @@ class ExternalTokens:
 
         The provider signed it, but nothing bounds what it signs: a lone
         surrogate or a NUL cannot reach a query, and a subject kilobytes long
-        outgrows the unique index's row; either was a 500.
+        outgrows the unique index's row; either would be a 500.
         """
         subject = claims.get(self._settings.jwt_user_claim)
         if isinstance(subject, int) and not isinstance(subject, bool):

@@ -18,7 +18,7 @@ def personal_channel(username: str) -> str:
     return f"@{username}"
 
 
-# The columns are Postgres integers: a larger bound was a 500 from the insert.
+# The columns are Postgres integers: a larger bound would fail the insert (a 500).
 Bound = Annotated[int, Field(gt=0, le=2_147_483_647)]
 
 

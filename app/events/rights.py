@@ -2,7 +2,7 @@
 
 A publish body may be megabytes, and the ordered writer is shared by every
 instance: a caller who may not publish must be refused before either is
-touched (the contract's "rights before work"). ``PublishRights.check`` answers
+touched. ``PublishRights.check`` answers
 from what this process already knows, asking the database only for what it
 does not: one indexed query on the hot paths' pool, never the writer.
 
