@@ -31,7 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.auth.identity import Caller
-from app.channels.service import READABLE, lookup_name
+from app.channels.readable import READABLE
+from app.channels.service import lookup_name
 from app.db import raw_connection
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.notify import Hints
