@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import httpx
 
+from app.auth.personal import insert_personal_channels
 from app.db import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,10 +191,7 @@ def reset_database(url: str) -> None:
             "VALUES ('admin', $1, true) RETURNING id",
             _admin_hash(),
         )
-        await conn.execute(
-            "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
-            user_id,
-        )
+        await conn.execute(insert_personal_channels("public.users WHERE id = $1"), user_id)
 
     asyncio.run(beside_a_server(url, reset))
 
