@@ -346,6 +346,25 @@ class Api:
         return auth(self.login("admin", ADMIN_PASSWORD))
 
 
+def read_history(base: str, headers: dict[str, str], channel: str) -> list[dict[str, Any]]:
+    """Every retained event of ``channel``, following ``next_after`` to the end."""
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        r = httpx.get(
+            f"{base}/channels/{channel}/events",
+            params={"after": after, "limit": 1000},
+            headers=headers,
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        page = r.json()
+        events += page["events"]
+        if page["next_after"] is None:
+            return events
+        after = page["next_after"]
+
+
 def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``ssehub ARGS`` in a subprocess against ``database_url``, as an operator runs it."""
     return subprocess.run(

@@ -23,7 +23,7 @@ import pytest
 from app.db import asyncpg_dsn
 from app.events.inbox import MOVE_ROWS
 from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, as_role, run_cli, sql
+from tests.support import Api, Server, as_role, read_history, run_cli, sql
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 
@@ -88,21 +88,7 @@ class Hub:
 
     def history(self, channel: str, base: str | None = None) -> list[dict[str, Any]]:
         """The channel's whole retained history, page after page."""
-        events: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            r = httpx.get(
-                f"{base or self.api.base_url}/channels/{channel}/events",
-                params={"after": after, "limit": 1000},
-                headers=self.admin,
-                timeout=30,
-            )
-            assert r.status_code == 200, r.text
-            page = r.json()["events"]
-            events += page
-            if not page:
-                return events
-            after = page[-1]["id"]
+        return read_history(base or self.api.base_url, self.admin, channel)
 
 
 async def connect(database_url: str) -> asyncpg.Connection:
