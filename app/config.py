@@ -1,4 +1,4 @@
-"""Settings: every ``SSEHUB_*`` variable of the public contract, in one place.
+"""Settings: every ``SSEHUB_*`` variable, in one place.
 
 Values come from the environment and a ``.env`` file. ``.env.example`` lists
 each one with its default; keep the two in step.
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_event_bytes: PositiveInt = 65536
     max_streams_per_user: PositiveInt = 20
     cors_origins: str = ""
-    # Limits: what a hostile or broken client gets (the contract's section of that name).
+    # Limits: what a hostile or broken client gets (README "Limits and abuse").
     max_batch_bytes: PositiveInt = 8 * 1024 * 1024
     login_attempts_per_minute: PositiveInt = 10
     trusted_proxies: str = ""
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     jwt_admin_value: str = "ssehub:admin"
     # The stream cookie is Secure (HTTPS only) unless this is false.
     cookie_secure: bool = True
-    # Not in the public contract's list: how often history bounds are enforced,
+    # Tuning: how often history bounds are enforced,
     # and whether uvicorn logs a line per request.
     retention_interval_seconds: float = Field(default=1.0, gt=0)
     access_log: bool = True

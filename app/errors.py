@@ -106,8 +106,8 @@ def database_unavailable(exc: BaseException) -> bool:
     was just terminated has read the server's FATAL but not yet its end of
     stream, so the pool still hands it out, and its next query fails with
     "cannot switch to state ...; another operation (2) is in progress" (state 2:
-    consuming that error). Found by ``tests/e2e/test_database_faults.py``: a
-    stream opened at that moment answered 500.
+    consuming that error): a stream opened at that moment would answer 500
+    (``tests/e2e/test_database_faults.py``).
     """
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]

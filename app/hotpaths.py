@@ -1,10 +1,10 @@
 """The hot endpoints, dispatched without FastAPI's per-request machinery.
 
 Publishing and the two stream endpoints carry the load. Through FastAPI's
-routing, dependency solving and exception wrapping a publish spent about
-60% of its CPU before reaching our code; every open stream held that
-machinery's per-request state for its whole life, and every frame it wrote
-went through the middlewares' ``send`` wrappers. ``HotPaths`` sits in front
+routing, dependency solving and exception wrapping a publish spends more
+than half of its CPU before reaching our code; every open stream would hold
+that machinery's per-request state for its whole life, and every frame it
+wrote would go through the middlewares' ``send`` wrappers. ``HotPaths`` sits in front
 of the FastAPI app (only CORS and trusted proxies, when configured, are in
 front of it), matches exactly those four routes and calls the very endpoint
 functions the FastAPI routes declare, resolving their few parameters itself:

@@ -1,6 +1,6 @@
 """Limits enforced where the bytes arrive, before any route sees them.
 
-The contract's "Limits" section says what a hostile or broken client gets.
+The README's "Limits and abuse" says what a hostile or broken client gets.
 Each limit is kept by the first layer that sees the bytes it bounds, so no
 route has to remember it and none can forget it:
 
@@ -76,7 +76,7 @@ SELF_TIMED = "ssehub.self_timed"
 
 
 def body_limit(method: str, path: str, settings: Settings) -> int:
-    """The most bytes the body of this request may have (the contract's table)."""
+    """The most bytes the body of this request may have (README "Limits and abuse")."""
     if method == "POST":
         if path == "/auth/token":
             return FORM_BODY_BYTES
@@ -269,8 +269,8 @@ class LimitedProtocol(HttpToolsProtocol):
     **Deadlines, not timers.** Each connection keeps the times by which its
     head or body must be complete and since when its writes are backed up; one
     sweep for all connections (``_sweep``) enforces them, which costs less
-    than a timer made and cancelled per request (measured: a tenth of opening
-    a stream in a reconnect storm).
+    than a timer made and cancelled per request (such timers cost a tenth of
+    opening a stream in a reconnect storm).
 
     - The head deadline is armed when the connection opens and when a request
       begins with no deadline running, and disarmed when the head is complete:

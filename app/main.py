@@ -44,8 +44,8 @@ from app.realtime.routes import router as realtime_router
 from app.users.routes import router as users_router
 
 STATIC_DIR = Path(__file__).parent / "static"
-# What the routes of each router may answer besides success, all as {"detail": ...}
-# (API.md "Errors"): declared once here, so that /docs shows them and the fuzzing
+# What the routes of each router may answer besides success, all as {"detail": ...}:
+# declared once here, so that /docs shows them and the fuzzing
 # (tests/test_fuzz.py) holds every answer to the schema. 503 is the database away.
 ROUTER_ERRORS = (
     (auth_router, error_responses(400, 401, 403, 409, 413, 422, 429, 503)),
@@ -106,9 +106,10 @@ def create_app(settings: Settings) -> ASGIApp:
     for router, errors in ROUTER_ERRORS:
         app.include_router(router, responses=errors)
     if STATIC_DIR.joinpath("index.html").exists():
-        # The page is what the router answers for paths no route knows. Mounted at
-        # "/" it matched every path first: GET /auth/register was its 404, not the
-        # route's 405, and DELETE /channels its 405 with "Allow: GET, HEAD".
+        # The page is what the router answers for paths no route knows. Not a mount
+        # at "/": a mount matches every path first, so GET /auth/register would be
+        # its 404, not the route's 405, and DELETE /channels its 405 with "Allow:
+        # GET, HEAD".
         app.router.default = StaticPage(directory=STATIC_DIR, html=True)
     served: ASGIApp = HotPaths(app, lambda inner: BodyLimit(inner, settings))
     if settings.cors_origin_list:
@@ -148,11 +149,10 @@ def tune_garbage_collector() -> None:
 
     Every open stream holds about 80 tracked objects, and every wake-up makes a
     future that lives until the stream has written. With CPython's default
-    thresholds those futures outlived the frequent young collections, reached
-    the oldest generation, and set off full collections of about 800,000
-    objects at 10,000 streams: half a second each, every two to three seconds
-    (measured with ``gc.callbacks``). Rarer young collections let them die
-    young: 64k → 87k deliveries/s at 10,000 streams x 10 events/s.
+    thresholds those futures outlive the frequent young collections, reach the
+    oldest generation, and set off full collections of every stream's objects
+    (half a second each at 10,000 streams). Rarer young collections let them
+    die young: 64k → 87k deliveries/s at 10,000 streams x 10 events/s.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

@@ -2,7 +2,7 @@
 
 Postgres's ``text`` cannot hold a NUL character, and asyncpg cannot encode a
 lone surrogate (which ``json.loads`` happily produces from ``"\\ud800"``): either
-reaching a query was a 500. Every path, query, header or body field that ends
+reaching a query would be a 500. Every path, query, header or body field that ends
 up in SQL is typed ``Text`` (or checked with ``storable``), so it is refused
 at the boundary with a 422 (a 400 for a header) and nothing is changed.
 """

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import httpx
 
+from app.auth.personal import insert_personal_channels
 from app.db import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,10 +191,7 @@ def reset_database(url: str) -> None:
             "VALUES ('admin', $1, true) RETURNING id",
             _admin_hash(),
         )
-        await conn.execute(
-            "INSERT INTO channels (name, private, owner_id) VALUES ('@admin', true, $1)",
-            user_id,
-        )
+        await conn.execute(insert_personal_channels("public.users WHERE id = $1"), user_id)
 
     asyncio.run(beside_a_server(url, reset))
 
@@ -346,6 +344,25 @@ class Api:
 
     def admin(self) -> dict[str, str]:
         return auth(self.login("admin", ADMIN_PASSWORD))
+
+
+def read_history(base: str, headers: dict[str, str], channel: str) -> list[dict[str, Any]]:
+    """Every retained event of ``channel``, following ``next_after`` to the end."""
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        r = httpx.get(
+            f"{base}/channels/{channel}/events",
+            params={"after": after, "limit": 1000},
+            headers=headers,
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        page = r.json()
+        events += page["events"]
+        if page["next_after"] is None:
+            return events
+        after = page["next_after"]
 
 
 def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -35,6 +35,7 @@ from tests.support import (
     Api,
     Server,
     migrated_database,
+    read_history,
     sql,
 )
 
@@ -110,20 +111,6 @@ def client(srv: Server, timeout: float = 30) -> httpx.AsyncClient:
 def create_channel(api: Api, admin: dict[str, str], name: str, **fields: Any) -> None:
     r = api.http.post("/channels", json={"name": name, **fields}, headers=admin)
     assert r.status_code == 201, r.text
-
-
-def history(api: Api, headers: dict[str, str], channel: str) -> list[dict[str, Any]]:
-    """Every retained event of ``channel``, following ``next_after`` to the end."""
-    events: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        r = api.http.get(f"/channels/{channel}/events?after={after}&limit=1000", headers=headers)
-        assert r.status_code == 200, r.text
-        page = r.json()
-        events += page["events"]
-        if page["next_after"] is None:
-            return events
-        after = page["next_after"]
 
 
 def raw_post(
@@ -217,7 +204,7 @@ async def test_publish_without_rights_while_the_ordering_lock_is_held(
             await conn.execute("SELECT pg_advisory_unlock($1)", PUBLISH_LOCK)
         published = await asyncio.wait_for(admins, 10)
     assert published.status_code == 201, published.text
-    assert [e["data"] for e in history(api, admin, "locked")] == ["admin"]
+    assert [e["data"] for e in read_history(api.base_url, admin, "locked")] == ["admin"]
 
 
 async def test_flood_of_batches_behind_a_held_ordering_lock(
@@ -261,7 +248,7 @@ async def test_flood_of_batches_behind_a_held_ordering_lock(
     created = sorted(n for n, r in answers.items() if r.status_code == 201)
     assert sorted(early) == sorted(set(answers) - set(created))
     assert waiting_batches <= len(created) <= waiting_batches + 1, codes
-    stored = Counter(e["data"] for e in history(api, admin, "flood"))
+    stored = Counter(e["data"] for e in read_history(api.base_url, admin, "flood"))
     assert stored == dict.fromkeys(created, BATCH)
 
 
@@ -431,7 +418,7 @@ def test_nul_and_lone_surrogates_on_every_route(api: Api, server: Server) -> Non
     assert api.http.get("/channels/vip/members", headers=admin).json() == []
     subscriptions = api.http.get("/me/subscriptions", headers=admin).json()
     assert [s["channel"] for s in subscriptions] == ["news"]
-    assert history(api, admin, "news") == []
+    assert read_history(api.base_url, admin, "news") == []
 
 
 # -- idempotency and failure semantics -----------------------------------------------
@@ -447,7 +434,7 @@ def test_empty_idempotency_key(api: Api) -> None:
         "/channels/news/events", json={"data": 1}, headers={**admin, "Idempotency-Key": ""}
     )
     assert r.status_code == 400 and r.json()["detail"], (r.status_code, r.text)
-    assert history(api, admin, "news") == []
+    assert read_history(api.base_url, admin, "news") == []
 
 
 async def test_writer_terminated_while_keyed_publishes_wait(
@@ -500,7 +487,7 @@ async def test_writer_terminated_while_keyed_publishes_wait(
         assert all(r.headers.get("retry-after") for r in answers.values())
         retries = await asyncio.gather(*(publish(http, key) for key in keys))
     assert {r.status_code for r in retries} <= {200, 201}, [r.text for r in retries]
-    assert sorted(e["data"] for e in history(api, admin, "keyed")) == keys
+    assert sorted(e["data"] for e in read_history(api.base_url, admin, "keyed")) == keys
 
 
 def test_database_restarts_under_load(server: Server, database_url: str) -> None:
@@ -618,7 +605,7 @@ async def test_load_stays_within_the_connection_budget(lone_instance: tuple[Serv
                     return r.status_code
             return (await http.put("/me/subscriptions/news", headers=admin)).status_code
 
-        async def read_history(http: httpx.AsyncClient) -> int:
+        async def read_pages(http: httpx.AsyncClient) -> int:
             return (await http.get("/channels/news/events?after=0", headers=admin)).status_code
 
         async def open_stream(http: httpx.AsyncClient) -> int:
@@ -644,7 +631,7 @@ async def test_load_stays_within_the_connection_budget(lone_instance: tuple[Serv
         await asyncio.gather(
             sample(),
             *(loop(rest) for _ in range(6)),
-            *(loop(read_history) for _ in range(8)),
+            *(loop(read_pages) for _ in range(8)),
             *(loop(open_stream) for _ in range(4)),
             *(loop(publish) for _ in range(4)),
         )
@@ -736,6 +723,6 @@ def test_history_of_huge_events_is_paged_by_bytes(api: Api) -> None:
     first = api.http.get("/channels/big/events?limit=1000", headers=admin).json()
     assert 1 <= len(first["events"]) <= 18, len(first["events"])
     assert first["next_after"] == first["events"][-1]["id"]
-    got = history(api, admin, "big")
+    got = read_history(api.base_url, admin, "big")
     assert [e["id"] for e in got] == ids
     assert [e["data"] for e in got] == [e["data"] for e in events]

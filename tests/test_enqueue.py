@@ -23,7 +23,7 @@ import pytest
 from app.db import asyncpg_dsn
 from app.events.inbox import MOVE_ROWS
 from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, as_role, run_cli, sql
+from tests.support import Api, Server, as_role, read_history, run_cli, sql
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 
@@ -53,7 +53,7 @@ class TimedStream(SseStream):
         return [frame.json["data"] for frame in self.events()]
 
 
-class Hub:
+class AdminClient:
     """Admin calls and streams on one server."""
 
     def __init__(self, server: Server) -> None:
@@ -88,21 +88,7 @@ class Hub:
 
     def history(self, channel: str, base: str | None = None) -> list[dict[str, Any]]:
         """The channel's whole retained history, page after page."""
-        events: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            r = httpx.get(
-                f"{base or self.api.base_url}/channels/{channel}/events",
-                params={"after": after, "limit": 1000},
-                headers=self.admin,
-                timeout=30,
-            )
-            assert r.status_code == 200, r.text
-            page = r.json()["events"]
-            events += page
-            if not page:
-                return events
-            after = page[-1]["id"]
+        return read_history(base or self.api.base_url, self.admin, channel)
 
 
 async def connect(database_url: str) -> asyncpg.Connection:
@@ -156,7 +142,7 @@ def ms(value: float) -> str:
 async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
     server: Server, database_url: str
 ) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("orders")
     stream = hub.open("/channels/orders/stream")
     app, other = await connect(database_url), await connect(database_url)
@@ -205,7 +191,7 @@ async def test_commit_publishes_rollback_never_and_a_transaction_is_adjacent(
 
 
 async def test_bad_calls_fail_the_callers_transaction(server: Server, database_url: str) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("orders")
     limit = (await sql(database_url, "SELECT ssehub_max_event_bytes()"))[0][0]
     assert limit == 65536  # declared by the server: its SSEHUB_MAX_EVENT_BYTES
@@ -255,7 +241,7 @@ async def test_bad_calls_fail_the_callers_transaction(server: Server, database_u
 
 
 async def test_personal_channels_take_enqueues(server: Server, database_url: str) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     bob = hub.api.user("bob")
     stream = hub.open("/stream", token=hub.stream_token(bob))
     conn = await connect(database_url)
@@ -274,7 +260,7 @@ async def test_personal_channels_take_enqueues(server: Server, database_url: str
 async def test_an_idempotency_key_publishes_once_whichever_path_uses_it(
     server: Server, database_url: str
 ) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("orders")
     hub.channel("other")
     first = hub.publish("orders", {"u": "http"}, key="order-42")
@@ -307,7 +293,7 @@ async def test_an_open_transaction_does_not_block_deleting_its_channel(
 ) -> None:
     """``ssehub_enqueue`` takes no lock on the channel: deleting it does not wait
     for the transaction, whose row for it is then dropped by the move."""
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("doomed")
     hub.channel("kept")
     conn = await connect(database_url)
@@ -332,7 +318,7 @@ async def test_an_open_transaction_does_not_block_deleting_its_channel(
 async def test_data_is_stored_as_compact_json_with_its_value(
     server: Server, database_url: str
 ) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("json")
     stream = hub.open("/channels/json/stream")
     values: list[Any] = [
@@ -372,7 +358,7 @@ async def test_data_is_stored_as_compact_json_with_its_value(
 
 
 async def _round(
-    hub: Hub, stream: TimedStream, conn: asyncpg.Connection, mark: str
+    hub: AdminClient, stream: TimedStream, conn: asyncpg.Connection, mark: str
 ) -> tuple[float, float]:
     """One API publish and one enqueue, each until it is on the stream: their latencies."""
     started = time.monotonic()
@@ -388,7 +374,7 @@ async def _round(
 
 
 async def test_a_transaction_held_open_delays_nobody(server: Server, database_url: str) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("busy")
     stream = hub.open("/channels/busy/stream")
     held, conn = await connect(database_url), await connect(database_url)
@@ -441,7 +427,7 @@ async def test_committed_enqueues_reach_an_open_stream_quickly(
 ) -> None:
     """The contract says 100 ms at p99; on a shared CI machine only a generous
     bound is asserted, the measure is printed."""
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("fast")
     stream = hub.open("/channels/fast/stream")
     conn = await connect(database_url)
@@ -468,7 +454,7 @@ async def test_concurrent_enqueues_and_publishes_on_two_instances_survive_a_sigk
 ) -> None:
     # Small pools: the test's Postgres is shared, and 8 more connections are the application's.
     a, b = (start_server(SSEHUB_DB_POOL_SIZE="4") for _ in range(2))
-    hub = Hub(b)
+    hub = AdminClient(b)
     channels = ["left", "right"]
     for name in channels:
         hub.channel(name)
@@ -611,7 +597,7 @@ async def test_attack_backfill_transaction_stalls_no_publisher(
     stream exactly once and in call order, adjacent in runs of ``MOVE_ROWS``,
     while API publishes keep answering within 2 s; afterwards no statement of the
     writer is left running."""
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("bulk")
     hub.channel("live")
     stream = hub.open("/channels/bulk/stream")
@@ -661,7 +647,7 @@ async def test_attack_poisoned_transaction_is_set_aside_not_retried_ahead_foreve
     """A transaction whose events the log refuses (here a trigger refuses one of
     them) is set aside: a transaction committed after it is published meanwhile;
     once the log accepts it, it is published too, whole and in order."""
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("orders")
     poison = (
         "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -728,7 +714,7 @@ async def test_instances_with_different_limits_enqueue_takes_the_smallest_whiche
     the smallest of those running, not the last one started's."""
     small = start_server(SSEHUB_MAX_EVENT_BYTES="100")
     large = start_server(SSEHUB_MAX_EVENT_BYTES="200")  # started last
-    hub = Hub(large)
+    hub = AdminClient(large)
     hub.channel("sized")
     conn = await connect(database_url)
     try:
@@ -752,7 +738,7 @@ async def test_instances_with_different_limits_enqueue_takes_the_smallest_whiche
 async def test_grant_publisher_grants_enqueue_and_nothing_else(
     server: Server, database_url: str
 ) -> None:
-    hub = Hub(server)
+    hub = AdminClient(server)
     hub.channel("orders")
     role = f"ssehub_pub_{uuid.uuid4().hex[:8]}"
     await sql(database_url, f"CREATE ROLE {role} LOGIN")

@@ -218,6 +218,17 @@ def test_header_that_never_ends_is_431_before_the_end(server: Server) -> None:
     assert sent < 5 * MIB
 
 
+def test_unparsable_request_gets_uvicorns_plain_text_400_and_a_close(server: Server) -> None:
+    """The one refusal that is not JSON: the parser fails before any app runs, and
+    uvicorn answers in plain text (what the README says of it)."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost ssehub.test\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert (status, body) == (400, b"Invalid HTTP request received."), (status, body)
+        assert headers["content-type"].startswith("text/plain")
+        assert closed_by_peer(sock, 5)
+
+
 # Slow clients
 
 

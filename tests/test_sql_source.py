@@ -22,8 +22,9 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from app.auth.personal import personal_channel
 from app.auth.schemas import RegisterIn
-from app.channels.schemas import ChannelIn, personal_channel
+from app.channels.schemas import ChannelIn
 from app.config import Settings
 from app.db import asyncpg_dsn
 from app.errors import SsehubError

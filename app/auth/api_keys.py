@@ -12,8 +12,8 @@ characters; every other endpoint answers it 403. **A personal channel
 (``@USERNAME``) is matched only by a pattern that begins with ``@``**: a key
 for "every channel" (``*``) reaches no user's private channel; ``@*`` does.
 **Patterns match in linear time** (``matches``), whatever their stars: a
-pattern is an admin's input, and the regular expression it used to become
-backtracked for minutes, holding the event loop, on nine stars.
+pattern is an admin's input, and a regular expression made from it
+backtracks for minutes, holding the event loop, on nine stars.
 
 **Revocation within a second everywhere.** A checked key is remembered by
 the process (so a publisher's every request costs no query), until the

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from app.auth.jwks import KeySet
+from app.auth.personal import insert_personal_channels
 from app.config import Settings
 from app.db import raw_connection
 from app.errors import Unauthorized
@@ -73,14 +74,14 @@ SELECT u.id, u.is_admin, extract(epoch FROM t.deleted_at)
 FROM (SELECT $1::text AS subject) s
 LEFT JOIN users u ON u.external_subject = s.subject
 LEFT JOIN external_tombstones t ON t.subject = s.subject"""
-_CREATE = """
+_CREATE = f"""
 WITH u AS (
     INSERT INTO users (username, external_subject, is_admin) VALUES ($1, $2, $3)
     ON CONFLICT DO NOTHING RETURNING id, username
 ), c AS (
-    INSERT INTO channels (name, private, owner_id) SELECT '@' || u.username, true, u.id FROM u
+    {insert_personal_channels("u")}
 )
-SELECT id FROM u"""
+SELECT id FROM u"""  # noqa: S608 - a constant
 _SET_ADMIN = "UPDATE users SET is_admin = $2 WHERE id = $1"
 
 
@@ -221,7 +222,7 @@ class ExternalTokens:
 
         The provider signed it, but nothing bounds what it signs: a lone
         surrogate or a NUL cannot reach a query, and a subject kilobytes long
-        outgrows the unique index's row; either was a 500.
+        outgrows the unique index's row; either would be a 500.
         """
         subject = claims.get(self._settings.jwt_user_claim)
         if isinstance(subject, int) and not isinstance(subject, bool):

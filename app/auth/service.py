@@ -16,16 +16,17 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.passwords import hash_password, verify_password
+from app.auth.personal import insert_personal_channels
 from app.auth.schemas import USERNAME_PATTERN
 from app.auth.throttle import LoginThrottle
-from app.channels.schemas import personal_channel
 from app.db import insert_unique, raw_connection
 from app.errors import Unauthorized
-from app.models import Channel, User
+from app.models import User
 from app.notify import notify_control
 
 _USERNAME = re.compile(USERNAME_PATTERN)
 ADMIN_LOCK = 0x55E4DAD  # pg advisory lock key: one admin bootstrap at a time
+_INSERT_PERSONAL_CHANNEL = insert_personal_channels("public.users WHERE id = :user_id")
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:
@@ -44,8 +45,7 @@ async def create_user(
     requests race for it."""
     user = User(username=username, password_hash=password_hash, is_admin=is_admin)
     user = await insert_unique(session, user, f"Username {username!r} is taken")
-    session.add(Channel(name=personal_channel(username), private=True, owner_id=user.id))
-    await session.flush()
+    await session.execute(text(_INSERT_PERSONAL_CHANNEL), {"user_id": user.id})
     return user
 
 

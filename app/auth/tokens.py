@@ -59,8 +59,8 @@ def _user_id(sub: object) -> int | None:
 
 
 # Tokens already verified, so a client that sends the same token on every request
-# (a publisher does) pays for the HMAC and the claim checks once: they were 14% of
-# a publish's CPU. Only good tokens are kept, with their expiry, which is checked
+# (a publisher does) pays for the HMAC and the claim checks once: a seventh of a
+# publish's CPU. Only good tokens are kept, with their expiry, which is checked
 # on every use. Cleared whole when full: simple, and bounded.
 _verified: dict[tuple[str, str], tuple[int, str, float]] = {}
 VERIFIED_CACHE_SIZE = 10_000

@@ -12,13 +12,7 @@ from app.text import Text
 CHANNEL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
 
 
-def personal_channel(username: str) -> str:
-    """The name of ``username``'s personal channel: ``@`` cannot begin a channel
-    name, so it is never another channel's."""
-    return f"@{username}"
-
-
-# The columns are Postgres integers: a larger bound was a 500 from the insert.
+# The columns are Postgres integers: a larger bound would fail the insert (a 500).
 Bound = Annotated[int, Field(gt=0, le=2_147_483_647)]
 
 

@@ -1,8 +1,7 @@
 """Channels, members and subscriptions. Services take a session and never commit.
 
-Who may read a channel: everyone if it is public, its members if it is
-private, and admins always. A channel the caller may not read is reported
-exactly like a missing one (404), so private names do not leak.
+Who may read a channel is ``app.channels.readable``: every query here that
+answers for a caller uses it.
 """
 
 from __future__ import annotations
@@ -11,33 +10,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.schemas import USERNAME_PATTERN
 from app.auth.service import get_user_by_name
+from app.channels.readable import READABLE, readable_by
 from app.channels.schemas import CHANNEL_NAME_PATTERN, ChannelIn, ChannelOut
 from app.db import insert_unique
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.models import Channel, ChannelMember, Event, Subscription, User
 from app.notify import notify_control
-
-# Who may read a channel, as SQL over a user ``u`` and a channel ``c``: admins
-# read everything; anyone a public channel; its members a private one; its user
-# a personal channel. Every query below uses this one rule, and
-# ``_readable_by`` says the same for the ORM.
-READABLE = """(u.is_admin OR NOT c.private OR c.owner_id = u.id OR EXISTS (
-        SELECT 1 FROM channel_members m WHERE m.channel_id = c.id AND m.user_id = u.id))"""
-
-
-def _readable_by(user_id: int) -> Any:
-    """ORM condition: the channel is public, ``user_id``'s own, or ``user_id`` is a member."""
-    member = exists().where(
-        ChannelMember.channel_id == Channel.id, ChannelMember.user_id == user_id
-    )
-    return (Channel.private.is_(False)) | (Channel.owner_id == user_id) | member
-
 
 # Opening a stream, in bare SQL on the hot paths' pool: a reconnect storm opens
 # thousands a second. One query checks that the user still exists and finds the
@@ -181,7 +165,7 @@ async def get_readable_channel(
     """The channel if the caller may read it, else the same 404 as a missing one."""
     query = select(Channel).where(Channel.name == name)
     if not is_admin:
-        query = query.where(_readable_by(user_id))
+        query = query.where(readable_by(user_id))
     channel = (await session.execute(query)).scalar_one_or_none()
     if channel is None:
         raise NotFound(f"Channel {name!r} not found")
@@ -191,7 +175,7 @@ async def get_readable_channel(
 async def can_read(session: AsyncSession, user_id: int, is_admin: bool, channel_id: int) -> bool:
     query = select(Channel.id).where(Channel.id == channel_id)
     if not is_admin:
-        query = query.where(_readable_by(user_id))
+        query = query.where(readable_by(user_id))
     return (await session.execute(query)).first() is not None
 
 
@@ -203,7 +187,7 @@ async def list_readable(
     if after is not None:
         query = query.where(Channel.name > after)
     if not is_admin:
-        query = query.where(_readable_by(user_id))
+        query = query.where(readable_by(user_id))
     return list((await session.execute(query)).scalars())
 
 

@@ -51,9 +51,9 @@ MAX_ID = 2**63 - 1
 def format_timestamp(at: datetime) -> str:
     """``2026-11-25T10:00:00.123456Z``: UTC, always microseconds, a ``Z``.
 
-    Formatting was a sixth of the CPU of publishing in batches, and all the
-    events of a publishing transaction share one time: the last one formatted
-    is kept. Postgres hands timestamps over in UTC already.
+    All the events of a publishing transaction share one time, and formatting
+    each would be a sixth of the CPU of publishing in batches: the last one
+    formatted is kept. Postgres hands timestamps over in UTC already.
     """
     global _last_formatted
     if _last_formatted[0] == at:

@@ -34,12 +34,13 @@ So a caller who may not publish never makes anybody's publish wait.
 **Failures, and why nothing is published twice.** The one statement is the
 whole transaction: it either commits as it returns, or the server reports an
 error for it and it rolled back. Only an error that says so (a constraint, bad
-data, a query cancelled) is treated as a rollback: the requests are then
+data: ``_rolled_back``) is treated as a rollback: the requests are then
 retried one by one so that only the bad one fails. A wait for the publish lock
 that ran out (``LOCK_WAIT_SECONDS``: someone holds it too long) rolled back
 too, but says nothing about the requests: all of them answer 503 at once,
 retried by nobody here. Everything else leaves the outcome unknown: a lost
 connection, a server shutting down (57P01 may arrive after the commit), a
+cancelled statement (57014: the cancel may land after the commit), a
 timeout, a cancelled writer. Then nothing is retried; every request in flight
 answers 503, and the client's retry with its ``Idempotency-Key`` settles it.
 No query runs after the commit (a duplicate's first events come back from the

@@ -2,7 +2,7 @@
 
 A publish body may be megabytes, and the ordered writer is shared by every
 instance: a caller who may not publish must be refused before either is
-touched (the contract's "rights before work"). ``PublishRights.check`` answers
+touched. ``PublishRights.check`` answers
 from what this process already knows, asking the database only for what it
 does not: one indexed query on the hot paths' pool, never the writer.
 
@@ -31,7 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.auth.identity import Caller
-from app.channels.service import READABLE, lookup_name
+from app.channels.readable import READABLE
+from app.channels.service import lookup_name
 from app.db import raw_connection
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.notify import Hints

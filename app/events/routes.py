@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.auth.deps import PublisherCaller, SettingsDep, UserCaller
 from app.auth.identity import Caller
-from app.channels.schemas import personal_channel
+from app.auth.personal import personal_channel
 from app.channels.service import history_channel
 from app.db import raw_connection
 from app.errors import BadRequest, Forbidden, Invalid, NotFound, PayloadTooLarge, Unauthorized

@@ -1,8 +1,8 @@
 """Replay pages that many streams ask for at once are read, and framed, once.
 
 After a deploy or a failover, thousands of clients of the same channels
-reconnect within a second, all resuming from about the same id: each replay
-was a query of its own, and each framed the same events again. Here the
+reconnect within a second, all resuming from about the same id: a query
+per replay would read, and frame, the same events thousands of times. Here the
 first stream to ask for a page (its channels, after an id) reads it; those
 asking the same while it is being read, or within ``FRESH_SECONDS`` after,
 share the read and the frames.

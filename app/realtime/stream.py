@@ -2,9 +2,12 @@
 
 Why not sse-starlette's ``EventSourceResponse``: it runs four tasks per
 stream and one ``send`` per frame. Here one writer task does everything and
-writes all pending frames in one ``send``, so throughput rises with load; a
-second small task only watches for the client going away. (Measured side by
-side in docs/BENCHMARKS.md.)
+writes all pending frames in one ``send``, so throughput rises with load
+(the README's "Performance" compares the two). Under uvicorn's httptools
+protocol that task is the stream's only one: the client going away is told by
+ssehub's server protocol (``app.limits`` calls ``Subscriber.disconnected``)
+and read by the hub's ticker in any case. Under any other server a second
+small task waits in ``receive`` for the disconnect.
 
 The handoff from history to live is race-free, as in Mercure: the subscriber
 is registered with the hub *before* the replay reads the log, so an event

@@ -18,7 +18,8 @@ the events are offered to the outbox and the writer is woken as usual.
 A subscriber keeps no timer of its own. Heartbeats, token expiry and sends
 stuck on a reader that takes no bytes are all found by the hub's one ticker
 (``Hub.tick``), which reads the times kept here: a timer per stream and per
-wait was, with a timeout per send, a third of the CPU of a 10,000-way fan-out.
+wait, with a timeout per send, would cost a third of the CPU of a 10,000-way
+fan-out.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth.personal import personal_channel
 from app.auth.service import get_user_by_name
-from app.channels.schemas import personal_channel
 from app.errors import NotFound
 from app.models import Channel, ExternalTombstone, User
 from app.notify import notify_control

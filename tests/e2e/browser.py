@@ -59,7 +59,7 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-class Hub:
+class BrowserAdmin:
     """Admin calls against one server (its URL may change when it is restarted)."""
 
     def __init__(self, server: Server) -> None:
@@ -133,7 +133,7 @@ def wait_for_ids(page: Page, expected: list[int]) -> None:
     assert shown_ids(page) == expected
 
 
-def wait_for_streams(hub: Hub, count: int) -> None:
+def wait_for_streams(hub: BrowserAdmin, count: int) -> None:
     """Poll /metrics until the server counts ``count`` open streams."""
     deadline = time.monotonic() + WAIT_MS / 1000
     while hub.streams_open() != count:

@@ -26,6 +26,7 @@ import httpx
 
 from tests.e2e.conftest import Hubs
 from tests.e2e.sse_client import SseStream
+from tests.support import read_history
 
 COLORS = ("red", "green", "blue", "amber")
 READERS_DONE_SECONDS = 30  # after the last publish: the slowest path (the safety net) is ~4 s
@@ -189,7 +190,9 @@ def run_chaos(
     publishing_seconds = time.monotonic() - started
     assert not errors, errors
 
-    history = {c: read_history(hubs, rng.choice(bases), c) for c in channels}
+    history = {
+        c: [e["id"] for e in read_history(rng.choice(bases), hubs.admin, c)] for c in channels
+    }
     for r in readers:
         r.expected = sorted(i for c in r.channels for i in history[c])
     published_all.set()
@@ -233,22 +236,3 @@ def _subscribe_only(hubs: Hubs, user: dict[str, str], channels: list[str]) -> No
     for name in channels:
         r = http.put(f"/me/subscriptions/{name}", headers=user)
         assert r.status_code == 201, r.text
-
-
-def read_history(hubs: Hubs, base: str, channel: str) -> list[int]:
-    """Every id of the channel's history, following ``next_after``."""
-    ids: list[int] = []
-    after = 0
-    while True:
-        r = httpx.get(
-            f"{base}/channels/{channel}/events",
-            params={"after": after, "limit": 1000},
-            headers=hubs.admin,
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        body = r.json()
-        ids += [e["id"] for e in body["events"]]
-        if body["next_after"] is None:
-            return ids
-        after = body["next_after"]

@@ -29,7 +29,7 @@ from tests.e2e.browser import (
     PLAIN_HTTP,
     USER_PASSWORD,
     WAIT_MS,
-    Hub,
+    BrowserAdmin,
     browser,
     clean_db,
     log_in_and_subscribe,
@@ -87,7 +87,7 @@ def test_published_event_appears_on_the_page(
     page: Page, sent: list[Sent], start_server: Callable[..., Server]
 ) -> None:
     """Also: logging out closes the page's stream."""
-    hub = Hub(start_server())
+    hub = BrowserAdmin(start_server())
     hub.channel("news")
     hub.user("alice")
     log_in_and_subscribe(page, hub.url, "alice", "news")
@@ -107,7 +107,7 @@ def test_events_published_while_the_server_was_down_arrive_once_each(
 ) -> None:
     env = {"SSEHUB_HEARTBEAT_SECONDS": "0.5", **PLAIN_HTTP}
     old = start_server(**env)
-    hub = Hub(old)
+    hub = BrowserAdmin(old)
     hub.channel("news")
     hub.user("bob")
     log_in_and_subscribe(page, hub.url, "bob", "news")
@@ -134,7 +134,7 @@ def test_the_page_logs_out_when_its_login_expires(
 ) -> None:
     """The server ends the stream with ``ssehub.expired``; the page's token is its
     login's, refused from then on (401): it says so and shows the login form."""
-    hub = Hub(start_server(SSEHUB_ACCESS_TOKEN_TTL_SECONDS="3", **PLAIN_HTTP))
+    hub = BrowserAdmin(start_server(SSEHUB_ACCESS_TOKEN_TTL_SECONDS="3", **PLAIN_HTTP))
     hub.channel("news")
     hub.user("carol")
     log_in_and_subscribe(page, hub.url, "carol", "news")
@@ -146,7 +146,7 @@ def test_the_page_logs_out_when_its_login_expires(
 def test_nothing_overflows_at_phone_width(
     browser: Browser, sent: list[Sent], start_server: Callable[..., Server]
 ) -> None:
-    hub = Hub(start_server(**PLAIN_HTTP))
+    hub = BrowserAdmin(start_server(**PLAIN_HTTP))
     long_name = "a-channel-with-a-rather-long-name-for-a-phone-screen"
     hub.channel(long_name)
     hub.user("dave")
@@ -216,7 +216,7 @@ def test_the_served_client_streams_with_the_cookie_for_a_page_on_another_origin(
 ) -> None:
     """Also: starting above every issued id, the client follows ``ssehub.reset``
     down to the server's position instead of dropping every later event as seen."""
-    hub = Hub(start_server(SSEHUB_CORS_ORIGINS=other_origin, **PLAIN_HTTP))
+    hub = BrowserAdmin(start_server(SSEHUB_CORS_ORIGINS=other_origin, **PLAIN_HTTP))
     hub.channel("news")
     hub.user("erin")
     erin = auth(Api(hub.url).login("erin", USER_PASSWORD))

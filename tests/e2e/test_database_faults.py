@@ -34,7 +34,7 @@ from app.db import asyncpg_dsn
 from app.errors import database_unavailable
 from tests.e2e.conftest import Hubs
 from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, sql
+from tests.support import Api, Server, read_history, sql
 
 CHANNELS = ("red", "green")
 TERMINATE_ALL = (
@@ -185,24 +185,6 @@ def _wait_ready(servers: list[Server], since: float) -> dict[str, float]:
     return ready
 
 
-def _history(base: str, admin: dict[str, str], channel: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        r = httpx.get(
-            f"{base}/channels/{channel}/events",
-            params={"after": after, "limit": 1000},
-            headers=admin,
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        page = r.json()
-        events += page["events"]
-        if page["next_after"] is None:
-            return events
-        after = page["next_after"]
-
-
 def _terminate_all(database_url: str) -> int:
     return len(asyncio.run(sql(database_url, TERMINATE_ALL)))
 
@@ -251,7 +233,7 @@ def test_every_backend_terminated_twice_under_load(start_server, database_url: s
             t.join(30)
     assert not any(t.is_alive() for t in publishing), "a publisher never settled"
 
-    history = {c: _history(a.url, hubs.admin, c) for c in CHANNELS}
+    history = {c: read_history(a.url, hubs.admin, c) for c in CHANNELS}
     for reader in readers:
         reader.target = max((e["id"] for c in reader.channels for e in history[c]), default=0)
     for t in reading:

@@ -24,7 +24,7 @@ from playwright.sync_api import Error as PlaywrightError
 from tests.e2e.browser import (
     TOKEN_KEY,
     WAIT_MS,
-    Hub,
+    BrowserAdmin,
     browser,
     clean_db,
     shown_ids,
@@ -83,7 +83,7 @@ def wait_for_new_leader(tabs: list[Page], after_ms: float) -> float:
 
 
 @contextmanager
-def publishing(hub: Hub, channel: str, every: float = 0.05) -> Iterator[list[int]]:
+def publishing(hub: BrowserAdmin, channel: str, every: float = 0.05) -> Iterator[list[int]]:
     """Publish to ``channel`` from a thread until the block ends; yields the ids, in order."""
     published: list[int] = []
     stop = threading.Event()
@@ -107,10 +107,10 @@ def publishing(hub: Hub, channel: str, every: float = 0.05) -> Iterator[list[int
 @pytest.fixture
 def alice(
     start_server: Callable[..., Server], browser: Browser
-) -> Iterator[tuple[Hub, BrowserContext]]:
+) -> Iterator[tuple[BrowserAdmin, BrowserContext]]:
     """A hub with channel ``news`` and user ``alice`` subscribed to it, and a browser
     context whose tabs of the page are logged in as alice."""
-    hub = Hub(start_server())
+    hub = BrowserAdmin(start_server())
     hub.channel("news")
     hub.user("alice")
     token = hub.login("alice")
@@ -121,7 +121,7 @@ def alice(
     context.close()
 
 
-def test_ten_tabs_of_one_user_hold_one_stream(alice: tuple[Hub, BrowserContext]) -> None:
+def test_ten_tabs_of_one_user_hold_one_stream(alice: tuple[BrowserAdmin, BrowserContext]) -> None:
     hub, context = alice
     tabs = open_tabs(context, hub.url, 10)
     wait_for_streams(hub, 1)
@@ -142,7 +142,7 @@ def test_ten_tabs_of_one_user_hold_one_stream(alice: tuple[Hub, BrowserContext])
 
 
 def test_closing_the_tab_that_holds_the_stream_loses_and_repeats_nothing(
-    alice: tuple[Hub, BrowserContext],
+    alice: tuple[BrowserAdmin, BrowserContext],
 ) -> None:
     """Tabs close one by one while events are published every 50 ms. The closing
     order alternates a follower and the tab first in line for the lock, so the
@@ -176,7 +176,7 @@ def test_closing_the_tab_that_holds_the_stream_loses_and_repeats_nothing(
 
 
 def test_a_hung_leader_is_replaced_and_catches_up_when_it_runs_again(
-    alice: tuple[Hub, BrowserContext],
+    alice: tuple[BrowserAdmin, BrowserContext],
 ) -> None:
     """The tab that holds the stream stops running code for 4 s (a busy loop: to
     the other tabs the same as a frozen page, which keeps its lock): another tab
@@ -204,7 +204,7 @@ def test_a_hung_leader_is_replaced_and_catches_up_when_it_runs_again(
     wait_for_streams(hub, 1)
 
 
-def test_a_crashed_leader_is_replaced(alice: tuple[Hub, BrowserContext]) -> None:
+def test_a_crashed_leader_is_replaced(alice: tuple[BrowserAdmin, BrowserContext]) -> None:
     """``chrome://crash`` kills the leading tab's renderer: the browser releases its
     lock, another tab resumes from its last id, nothing lost or repeated."""
     hub, context = alice
@@ -234,7 +234,7 @@ def test_two_users_never_share(start_server: Callable[..., Server], browser: Bro
     """Alice and Bob in two tabs of one browser context (the page keeps its login
     per tab), and Bob again in another context: each sees only their own
     personal events, over three streams."""
-    hub = Hub(start_server())
+    hub = BrowserAdmin(start_server())
     hub.user("alice")
     hub.user("bob")
     one, two = browser.new_context(), browser.new_context()
@@ -280,7 +280,9 @@ STREAM_TOKEN_SCRIPT = """async ([accessToken, lastEventId]) => {
 }"""
 
 
-def scripted_tab(context: BrowserContext, hub: Hub, token: str, last_event_id: int | None) -> Page:
+def scripted_tab(
+    context: BrowserContext, hub: BrowserAdmin, token: str, last_event_id: int | None
+) -> Page:
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
     tab.goto(f"{hub.url}/healthz")
@@ -312,7 +314,7 @@ def test_expiring_tokens_are_renewed_without_a_gap(
     """Stream tokens live 2 s: the server ends the stream with ``ssehub.expired``
     again and again; the leading tab asks for a new token each time and resumes
     from its last id; both tabs get every event once, in order."""
-    hub = Hub(start_server(SSEHUB_STREAM_TOKEN_TTL_SECONDS="2"))
+    hub = BrowserAdmin(start_server(SSEHUB_STREAM_TOKEN_TTL_SECONDS="2"))
     hub.channel("news")
     hub.user("carol")
     token = hub.login("carol")
@@ -337,7 +339,7 @@ def test_a_position_above_the_head_is_reset(
     """As after a database restore: the first tab starts above every issued id;
     the server answers ``ssehub.reset`` and the tabs follow it down instead of
     dropping every later event as already seen. A tab that joins later shares."""
-    hub = Hub(start_server())
+    hub = BrowserAdmin(start_server())
     hub.channel("news")
     hub.user("dave")
     token = hub.login("dave")
