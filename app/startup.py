@@ -104,22 +104,27 @@ async def database_answers(url: str) -> None:
     await conn.close()
 
 
-async def nats_answers(url: str) -> None:
-    """One connection to NATS at ``url``, closed at once; ``NotYet`` while none answers."""
-    import nats
+async def nats_answers(settings: Settings) -> None:
+    """One connection to NATS, made as the broker makes it (credentials, creds
+    file, TLS trust), closed at once; ``NotYet`` while no server answers."""
     from nats.errors import Error as NatsError
     from nats.errors import NoServersError
+
+    from app.realtime import nats_client
 
     failures: list[Exception] = []
 
     async def note(exc: Exception) -> None:
         failures.append(exc)
 
+    where = nats_address(settings.nats_url)
     try:
         # Each server tried twice, then NoServersError: nats-py's own retries
         # would otherwise go on for ever inside this one call.
-        nc = await nats.connect(
-            url,
+        nc = await nats_client.connect(
+            settings.nats_url,
+            settings.nats_creds,
+            settings.nats_tls_ca_file,
             allow_reconnect=False,
             max_reconnect_attempts=1,
             reconnect_time_wait=0,
@@ -130,8 +135,15 @@ async def nats_answers(url: str) -> None:
         cause = failures[-1] if failures else exc
         raise NotYet(f"{type(cause).__name__}: {cause}") from exc
     except NatsError as exc:
-        raise CannotStart(f"NATS at {url} refused ssehub: {exc}") from exc
+        raise CannotStart(f"NATS at {where} refused ssehub: {exc}") from exc
     await nc.close()
+
+
+def nats_address(url: str) -> str:
+    """The NATS server(s) of ``url`` without the credentials it may carry."""
+    from app.realtime.nats_client import split_credentials
+
+    return split_credentials(url).server
 
 
 def wait_for_dependencies(settings: Settings) -> None:
@@ -144,8 +156,8 @@ def wait_for_dependencies(settings: Settings) -> None:
             where = database_address(url)
             await wait_for(f"the database at {where}", functools.partial(database_answers, url))
         if settings.broker == "nats":
-            url = settings.nats_url
-            await wait_for(f"NATS at {url}", functools.partial(nats_answers, url))
+            where = nats_address(settings.nats_url)
+            await wait_for(f"NATS at {where}", functools.partial(nats_answers, settings))
 
     asyncio.run(run())
 
