@@ -23,8 +23,18 @@ def database_url() -> str:
     return url
 
 
+# Alembic's bookkeeping table sits beside ssehub's own, named with its schema
+# like them: ssehub's sessions do not search ``public`` (app.db.SEARCH_PATH).
+VERSION_TABLE_SCHEMA = "public"
+
+
 def run_migrations_offline() -> None:
-    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True)
+    context.configure(
+        url=database_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        version_table_schema=VERSION_TABLE_SCHEMA,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -37,7 +47,11 @@ def do_run_migrations(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
     connection.commit()  # the lock is the session's; Alembic runs its own transaction
     try:
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            version_table_schema=VERSION_TABLE_SCHEMA,
+        )
         with context.begin_transaction():
             context.run_migrations()
     finally:
