@@ -385,3 +385,46 @@ async def test_attack_shadowing_in_public_runs_nothing_in_migrations(
             await assert_nothing_ran_as_another_role(url, attacker_name)
     finally:
         await asyncio.to_thread(drop_database, postgres_server_url, name)
+
+
+PLANTED = (
+    "CREATE TABLE public.alembic_version (version_num varchar(32) PRIMARY KEY)",
+    "GRANT ALL ON public.alembic_version TO PUBLIC",
+    """CREATE FUNCTION public.{r}_planted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.{r}_spy(); RETURN NEW; END $$""",
+    "CREATE TRIGGER {r}_planted BEFORE INSERT OR UPDATE ON public.alembic_version "
+    "FOR EACH ROW EXECUTE FUNCTION public.{r}_planted()",
+)
+
+
+async def test_attack_alembic_version_planted_in_public_before_the_first_migration(
+    postgres_server_url: str,
+) -> None:
+    """A role that may create in ``public`` before ssehub first migrates its
+    database plants Alembic's bookkeeping table with a trigger of its own:
+    ``ssehub migrate`` refuses a bookkeeping table it does not own, saying
+    whose it is, instead of writing to it (which would run the trigger as
+    ssehub's owner)."""
+    name = unique_name("ssehub_planted")
+    url = await asyncio.to_thread(create_database, postgres_server_url, name)
+    try:
+        async with role(url, "ssehub_attacker") as attacker_name:
+            await sql(url, f"GRANT CREATE ON SCHEMA public TO {attacker_name}")
+            conn = await connect_as(url, attacker_name)
+            try:
+                await conn.execute(
+                    f"CREATE TABLE public.{attacker_name}_ran (who text, statement text)"
+                )
+                await conn.execute(f"GRANT INSERT ON public.{attacker_name}_ran TO PUBLIC")
+                for statement in (SPY, *PLANTED):
+                    await conn.execute(statement.format(r=attacker_name))
+            finally:
+                await conn.close()
+            done = await asyncio.to_thread(run_cli, "migrate", database_url=url)
+            ran = await sql(url, f"SELECT who FROM public.{attacker_name}_ran")
+            assert [row[0] for row in ran if row[0] != attacker_name] == [], "ran as the owner"
+            assert done.returncode != 0
+            assert "alembic_version" in done.stderr and attacker_name in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        await asyncio.to_thread(drop_database, postgres_server_url, name)
