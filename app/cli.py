@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from app.config import KeyFileError, Settings, ensure_secret_key
 
 log = logging.getLogger("ssehub")
+T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,6 +75,34 @@ def migrate(settings: Settings) -> None:
     url = settings.listen_database_url or settings.database_url
     assert url
     command.upgrade(alembic_config(url), "head")
+    if settings.behind_pgbouncer:  # PgBouncer passes on no search_path (app.db.SEARCH_PATH)
+        from app.db import pin_search_path
+
+        on_direct_connection(settings, pin_search_path)
+
+
+def on_direct_connection(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(conn)`` on a connection of its own to the database, past
+    PgBouncer when there is one (``SSEHUB_LISTEN_DATABASE_URL``)."""
+    url = settings.listen_database_url or settings.database_url
+    assert url
+    return on_connection(url, False, work)
+
+
+def on_connection(url: str, pgbouncer: bool, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(conn)`` on a connection of its own to ``url``, opened as the
+    server opens its own (``app.db.connection_options``)."""
+    from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options
+
+    async def run() -> T:
+        options = connection_options("ssehub-cli", QUERY_TIMEOUT_SECONDS, pgbouncer)
+        conn = await asyncpg.connect(asyncpg_dsn(url), **options)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
 
 
 GRANT_PUBLISHER = (
@@ -87,30 +116,19 @@ def grant_publisher(settings: Settings, role: str) -> None:
     table of ssehub's: the function runs with its owner's rights (SECURITY
     DEFINER), so the role needs no right on any table, and it runs none of the
     role's own code (``app.events.functions``)."""
-    from app.db import asyncpg_dsn
-
     migrate(settings)
 
-    async def run() -> None:
-        url = settings.listen_database_url or settings.database_url
-        assert url
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            quoted = await conn.fetchval("SELECT quote_ident($1)", role)
-            async with conn.transaction():
-                for statement in GRANT_PUBLISHER:
-                    await conn.execute(statement.format(role=quoted))
-        finally:
-            await conn.close()
+    async def grant(conn: Any) -> None:
+        quoted = await conn.fetchval("SELECT pg_catalog.quote_ident($1)", role)
+        async with conn.transaction():
+            for statement in GRANT_PUBLISHER:
+                await conn.execute(statement.format(role=quoted))
 
     try:
-        asyncio.run(run())
+        on_direct_connection(settings, grant)
     except asyncpg.UndefinedObjectError:
         sys.exit(f"ssehub: no database role {role!r}: create it first (CREATE ROLE ...)")
     print(f"role {role} may now call ssehub_enqueue(channel, type, data, idempotency_key)")
-
-
-T = TypeVar("T")
 
 
 def in_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
@@ -198,6 +216,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     with answering_health_checks(host, port):
         wait_for_dependencies(settings)
         migrate(settings)
+        _check_search_path(settings)
         _check_signing_key(settings)
         if settings.admin_username and settings.admin_password:
             _bootstrap_admin(settings, settings.admin_username, settings.admin_password)
@@ -232,6 +251,19 @@ def healthcheck(host: str, port: int) -> None:
         sys.exit(f"ssehub: not ready: /readyz on {host}:{port} answered {status}")
 
 
+def _check_search_path(settings: Settings) -> None:
+    """Exit with one line if a session on ``SSEHUB_DATABASE_URL`` would search
+    ``public``: behind PgBouncer the path is the role's default, set by
+    ``migrate`` (``app.db.connection_options``)."""
+    from app.db import UnsafeSearchPath, check_search_path
+
+    assert settings.database_url
+    try:
+        on_connection(settings.database_url, settings.behind_pgbouncer, check_search_path)
+    except UnsafeSearchPath as exc:
+        sys.exit(f"ssehub: {exc}")
+
+
 def _check_signing_key(settings: Settings) -> None:
     """Exit with one line if another instance signs with another key.
 
@@ -240,11 +272,16 @@ def _check_signing_key(settings: Settings) -> None:
     parent exits 0: checking here first makes the common case one clear line
     and a non-zero exit.
     """
-    from app.auth.signing_key import SigningKeyConflict, check
+    from app.auth.signing_key import SigningKeyConflict, claim, fingerprint
 
     assert settings.database_url and settings.secret_key
+    fp = fingerprint(settings.secret_key)
+
+    async def check(conn: Any) -> None:
+        await claim(conn, fp)
+
     try:
-        asyncio.run(check(settings.database_url, settings.secret_key, settings.behind_pgbouncer))
+        on_connection(settings.database_url, settings.behind_pgbouncer, check)
     except SigningKeyConflict as exc:
         sys.exit(f"ssehub: {exc}")
 

@@ -37,6 +37,26 @@ log = logging.getLogger("ssehub")
 EMBEDDED_DATABASE = "ssehub"
 
 
+# What every session of ssehub's searches for unqualified names: the system
+# catalog, then its own temporary objects (never searched for functions or
+# operators). Not ``public``: any role that may create objects there (the
+# application's usually may) could otherwise define an operator or function
+# that matches ssehub's arguments more exactly than pg_catalog's (``=`` for
+# varchar and varchar, ``unnest`` of bigint[]), and Postgres would run it in
+# ssehub's session, as ssehub's role, which owns every table. So ssehub names
+# its own objects with their schema (``public.users``; ``app.models`` sets it
+# for the ORM) and finds nothing else there.
+SEARCH_PATH = "pg_catalog, pg_temp"
+_PIN_SEARCH_PATH = f"""
+DO $$
+BEGIN
+    EXECUTE pg_catalog.format(
+        'ALTER ROLE CURRENT_USER IN DATABASE %I SET search_path = {SEARCH_PATH}',
+        pg_catalog.current_database());
+END
+$$
+"""
+
 # Every wait on the database is bounded: a connection from a pool within
 # ACQUIRE_TIMEOUT_SECONDS (else 503), every query within QUERY_TIMEOUT_SECONDS.
 ACQUIRE_TIMEOUT_SECONDS = 5.0
@@ -59,16 +79,9 @@ def create_engine(url: str, pool_size: int, pgbouncer: bool = False) -> AsyncEng
     database. Connections are only opened when needed. Behind PgBouncer in
     transaction mode (``pgbouncer``), statements are not kept prepared: the next
     transaction may run on another server connection that never saw them."""
-    connect_args: dict[str, Any] = {
-        "command_timeout": QUERY_TIMEOUT_SECONDS,
-        "timeout": ACQUIRE_TIMEOUT_SECONDS,
-        "server_settings": {"application_name": "ssehub-orm"},
-    }
+    connect_args = connection_options("ssehub-orm", QUERY_TIMEOUT_SECONDS, pgbouncer)
     if pgbouncer:
-        connect_args |= {
-            "statement_cache_size": 0,
-            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
-        }
+        connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4().hex}__"
         url += ("&" if "?" in url else "?") + "prepared_statement_cache_size=0"
     return create_async_engine(
         url,
@@ -137,15 +150,53 @@ async def create_pool(url: str, max_size: int, pgbouncer: bool = False) -> Any:
 
 def connection_options(name: str, command_timeout: float, pgbouncer: bool) -> dict[str, Any]:
     """``asyncpg.connect`` options shared by every connection ssehub opens: a name
-    for ``pg_stat_activity``, timeouts, and no statement cache behind PgBouncer."""
+    for ``pg_stat_activity``, timeouts, ``SEARCH_PATH``, and no statement cache
+    behind PgBouncer.
+
+    PgBouncer refuses a ``search_path`` in the startup packet (it passes on only
+    the few parameters it tracks), so behind it the path is not sent: there,
+    ``ssehub migrate`` makes it the role's own default in the database
+    (``pin_search_path``), which every server connection PgBouncer opens for
+    the role starts with, and ``ssehub serve`` refuses to start on a session
+    that searches anything else (``check_search_path``)."""
+    settings = {"application_name": name}
+    if not pgbouncer:
+        settings["search_path"] = SEARCH_PATH
     options: dict[str, Any] = {
-        "server_settings": {"application_name": name},
+        "server_settings": settings,
         "timeout": ACQUIRE_TIMEOUT_SECONDS,
         "command_timeout": command_timeout,
     }
     if pgbouncer:
         options["statement_cache_size"] = 0
     return options
+
+
+async def pin_search_path(conn: Any) -> None:
+    """Make ``SEARCH_PATH`` the default of ``conn``'s role in its database
+    (an ordinary role may set its own defaults). A session started afterwards
+    begins with it unless its client sends another."""
+    await conn.execute(_PIN_SEARCH_PATH)
+
+
+async def check_search_path(conn: Any) -> None:
+    """Raise ``UnsafeSearchPath`` unless ``conn``'s session searches ``SEARCH_PATH``."""
+    path: str = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
+    if [part.strip().strip('"') for part in path.split(",")] != SEARCH_PATH.split(", "):
+        raise UnsafeSearchPath(path)
+
+
+class UnsafeSearchPath(RuntimeError):
+    """A session of ssehub's would search schemas other roles may create in."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"a session on SSEHUB_DATABASE_URL searches {path!r}, not {SEARCH_PATH!r}: "
+            "objects other roles create there could run as ssehub's role. Run "
+            "`ssehub migrate` with SSEHUB_LISTEN_DATABASE_URL as the role that "
+            "SSEHUB_DATABASE_URL logs in as, then RECONNECT that database on "
+            "PgBouncer's console so its server connections start again"
+        )
 
 
 async def _rollback_if_open(conn: Any) -> None:

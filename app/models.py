@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     Text,
     Uuid,
@@ -39,7 +40,16 @@ class XID8(UserDefinedType[int]):
 
 
 class Base(DeclarativeBase):
-    pass
+    """Every table with its schema: ssehub's sessions do not search ``public``
+    (``app.db.SEARCH_PATH``), so every name in the SQL the ORM writes is
+    ``public.``-qualified, and so are the foreign keys' targets."""
+
+    metadata = MetaData(
+        schema="public",
+        # The indexes' names as before the schema was named (the default
+        # convention would put it in them): the migrations created these.
+        naming_convention={"ix": "ix_%(table_name)s_%(column_0_name)s"},
+    )
 
 
 class User(Base):

@@ -52,6 +52,12 @@ from tests.support import (
     sql,
     unique_name,
 )
+from tests.test_database_roles import (
+    SESSION_SHADOWS,
+    SHADOWS,
+    assert_nothing_ran_as_another_role,
+    attacker,
+)
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 ADMIN = {"SSEHUB_ADMIN_USERNAME": "boss", "SSEHUB_ADMIN_PASSWORD": "boss-password-1"}
@@ -192,7 +198,7 @@ def test_the_cli_behind_pgbouncer(behind: Setup) -> None:
         done = _cli(behind, "create-admin", "boss")
         assert done.returncode == 0, done.stderr
     head = ScriptDirectory.from_config(alembic_config(behind.direct)).get_current_head()
-    rows = asyncio.run(sql(behind.direct, "SELECT version_num FROM alembic_version"))
+    rows = asyncio.run(sql(behind.direct, "SELECT version_num FROM public.alembic_version"))
     assert [r[0] for r in rows] == [head]  # migrated, on the direct connection
     for _ in range(2):
         done = _cli(behind, "api-key", "create", "backend", "--publish", "news")
@@ -209,18 +215,61 @@ def _server(setup: Setup) -> Server:
     return Server(setup.via, env=env)
 
 
-def test_two_instances_behind_pgbouncer(behind: Setup) -> None:
-    servers = [_server(behind), _server(behind)]
-    try:
-        for srv in servers:
-            srv.start()
-        _everything_on(behind, *servers)
-    finally:
-        for srv in servers:
-            srv.stop()
+async def test_two_instances_behind_pgbouncer_attack_shadowing_in_public_runs_nothing(
+    behind: Setup,
+) -> None:
+    """Everything works through PgBouncer while a role that may create in
+    ``public`` has shadowed ``=``, ``||`` and built-ins there
+    (tests/test_database_roles.py). PgBouncer passes on no ``search_path`` at
+    connect: ssehub's sessions start with the role's default that ``migrate``
+    set, and run none of the attacker's code."""
+    async with attacker(behind.direct, SHADOWS + SESSION_SHADOWS) as name:
+        servers = [_server(behind), _server(behind)]
+        try:
+            for srv in servers:
+                await asyncio.to_thread(srv.start)
+            await asyncio.to_thread(_everything_on, behind, *servers)
+        finally:
+            for srv in servers:
+                srv.stop()
+        await assert_nothing_ran_as_another_role(behind.direct, name)
     for srv in servers:
         assert "prepared statement" not in srv.log()
         assert "Traceback" not in srv.log()
+
+
+def test_serve_behind_pgbouncer_refuses_a_server_connection_that_searches_public(
+    postgres_server_url: str,
+) -> None:
+    """A server connection PgBouncer opened before the role's default was set
+    keeps searching ``public``: ``serve`` refuses to start on one, naming the
+    fix, rather than run there."""
+    bouncer = PgBouncer(postgres_server_url).start()
+    name = unique_name("ssehub_pgbouncer_stale")
+    direct = create_database(postgres_server_url, name)
+    setup = Setup(bouncer, direct, bouncer.url(direct))
+    try:
+        done = _cli(setup, "migrate")
+        assert done.returncode == 0, done.stderr
+
+        async def stale() -> str:
+            await sql(direct, "ALTER ROLE CURRENT_USER IN DATABASE " + name + " RESET search_path")
+            conn = await connect(setup.via)  # PgBouncer opens a server connection now
+            try:
+                path: str = await conn.fetchval("SHOW search_path")
+                return path
+            finally:
+                await conn.close()
+
+        assert "public" in asyncio.run(stale())
+        srv = _server(setup)
+        with pytest.raises(RuntimeError, match="exited early") as failed:
+            srv.start()
+        assert "searches" in str(failed.value) and "RECONNECT" in str(failed.value)
+        assert "Traceback" not in str(failed.value)
+    finally:
+        bouncer.stop()
+        drop_database(postgres_server_url, name)
 
 
 def _everything_on(setup: Setup, a: Server, b: Server) -> None:
@@ -281,10 +330,11 @@ def _everything_on(setup: Setup, a: Server, b: Server) -> None:
             for i in range(10):
                 async with conn.transaction():
                     await conn.execute(
-                        "SELECT ssehub_enqueue('news', 'sql', $1::jsonb)", json.dumps({"sql": i})
+                        "SELECT public.ssehub_enqueue('news', 'sql', $1::jsonb)",
+                        json.dumps({"sql": i}),
                     )
                     await conn.execute(
-                        "SELECT ssehub_enqueue($1, 'sql', '{}'::jsonb)", f"@{alice_name}"
+                        "SELECT public.ssehub_enqueue($1, 'sql', '{}'::jsonb)", f"@{alice_name}"
                     )
         finally:
             await conn.close()
@@ -310,7 +360,7 @@ def _everything_on(setup: Setup, a: Server, b: Server) -> None:
         time.sleep(0.1)
 
     deadline = time.monotonic() + 15
-    while asyncio.run(sql(setup.direct, "SELECT count(*) FROM ssehub_inbox"))[0][0]:
+    while asyncio.run(sql(setup.direct, "SELECT count(*) FROM public.ssehub_inbox"))[0][0]:
         assert time.monotonic() < deadline, "enqueued events were not moved"
         time.sleep(0.05)
     history = _all(b.url, "/channels/news/events", boss)

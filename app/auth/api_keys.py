@@ -56,9 +56,9 @@ USAGE_FLUSH_SECONDS = 5.0
 CACHE_SIZE = 10_000
 _KEY = re.compile(r"ssehub_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{43})")
 
-_FIND = "SELECT id, secret_hash, publish FROM api_keys WHERE prefix = $1"
+_FIND = "SELECT id, secret_hash, publish FROM public.api_keys WHERE prefix = $1"
 _RECORD_USE = """
-UPDATE api_keys k SET last_used_at = greatest(k.last_used_at, u.at)
+UPDATE public.api_keys k SET last_used_at = greatest(k.last_used_at, u.at)
 FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, at) WHERE k.id = u.id"""
 
 

@@ -72,17 +72,17 @@ _EXTERNAL_SUFFIX = re.compile(r"-[0-9a-fA-F]{8}\Z")
 _FIND = """
 SELECT u.id, u.is_admin, extract(epoch FROM t.deleted_at)
 FROM (SELECT $1::text AS subject) s
-LEFT JOIN users u ON u.external_subject = s.subject
-LEFT JOIN external_tombstones t ON t.subject = s.subject"""
+LEFT JOIN public.users u ON u.external_subject = s.subject
+LEFT JOIN public.external_tombstones t ON t.subject = s.subject"""
 _CREATE = f"""
 WITH u AS (
-    INSERT INTO users (username, external_subject, is_admin) VALUES ($1, $2, $3)
+    INSERT INTO public.users (username, external_subject, is_admin) VALUES ($1, $2, $3)
     ON CONFLICT DO NOTHING RETURNING id, username
 ), c AS (
     {insert_personal_channels("u")}
 )
 SELECT id FROM u"""  # noqa: S608 - a constant
-_SET_ADMIN = "UPDATE users SET is_admin = $2 WHERE id = $1"
+_SET_ADMIN = "UPDATE public.users SET is_admin = $2 WHERE id = $1"
 
 
 def username_for(subject: str) -> str:

@@ -61,7 +61,7 @@ async def authenticate(pool: Any, throttle: LoginThrottle, username: str, passwo
     if _USERNAME.match(username):
         async with raw_connection(pool) as conn:
             row = await conn.fetchrow(
-                "SELECT id, password_hash FROM users WHERE username = $1", username
+                "SELECT id, password_hash FROM public.users WHERE username = $1", username
             )
     known_hash = row[1] if row else None
     if not await throttle.run(verify_password, password, known_hash) or row is None:

@@ -28,10 +28,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI
 
-from app.db import asyncpg_dsn, raw_connection
+from app.db import raw_connection
 
 log = logging.getLogger("ssehub")
 
@@ -42,12 +41,12 @@ REFRESH_SECONDS = 5.0
 
 # The age in seconds of the freshest *other* fingerprint, if one is fresh.
 _OTHER_KEY_AGE = """
-SELECT extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM signing_keys
+SELECT extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM public.signing_keys
 WHERE fingerprint <> $1 AND last_seen_at > clock_timestamp() - make_interval(secs => $2)
 ORDER BY last_seen_at DESC LIMIT 1
 """
 _RECORD = """
-INSERT INTO signing_keys (fingerprint, last_seen_at) VALUES ($1, clock_timestamp())
+INSERT INTO public.signing_keys (fingerprint, last_seen_at) VALUES ($1, clock_timestamp())
 ON CONFLICT (fingerprint) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at
 """
 
@@ -82,19 +81,6 @@ async def claim(conn: Any, fp: str) -> None:
         if age is not None:
             raise SigningKeyConflict(conflict_message(age))
         await conn.execute(_RECORD, fp)
-
-
-async def check(database_url: str, key: str, pgbouncer: bool = False) -> None:
-    """``claim`` on a connection of its own: ``ssehub serve``'s check before uvicorn starts.
-    Behind PgBouncer nothing stays prepared: every ``serve`` names its statements
-    alike, and the server connection it gets may hold the last one's."""
-    conn = await asyncpg.connect(
-        asyncpg_dsn(database_url), **({"statement_cache_size": 0} if pgbouncer else {})
-    )
-    try:
-        await claim(conn, fingerprint(key))
-    finally:
-        await conn.close()
 
 
 async def refresh(conn: Any, fp: str) -> float | None:

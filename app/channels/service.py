@@ -27,13 +27,13 @@ from app.notify import notify_control
 # thousands a second. One query checks that the user still exists and finds the
 # channels. ``/stream`` carries the subscribed channels and the user's personal one.
 _STREAM_ONE = f"""
-SELECT u.is_admin, c.id, c.name FROM users u
-LEFT JOIN channels c ON c.name = $2 AND {READABLE}
+SELECT u.is_admin, c.id, c.name FROM public.users u
+LEFT JOIN public.channels c ON c.name = $2 AND {READABLE}
 WHERE u.id = $1"""  # noqa: S608 - READABLE is a constant
 _STREAM_SUBSCRIBED = f"""
-SELECT u.is_admin, c.id, c.name FROM users u
-LEFT JOIN channels c ON (c.owner_id = u.id OR c.id IN (
-        SELECT s.channel_id FROM subscriptions s WHERE s.user_id = u.id))
+SELECT u.is_admin, c.id, c.name FROM public.users u
+LEFT JOIN public.channels c ON (c.owner_id = u.id OR c.id IN (
+        SELECT s.channel_id FROM public.subscriptions s WHERE s.user_id = u.id))
     AND {READABLE}
 WHERE u.id = $1"""  # noqa: S608 - READABLE is a constant
 _CHANNEL_NAME = re.compile(CHANNEL_NAME_PATTERN)
@@ -82,16 +82,16 @@ _STREAMS_ACCESS = f"""
 WITH wanted AS (
     SELECT p.uid, p.cid FROM unnest($1::bigint[], $2::bigint[]) AS p(uid, cid)
     UNION
-    SELECT s.user_id, s.channel_id FROM subscriptions s WHERE s.user_id = ANY($3::bigint[])
+    SELECT s.user_id, s.channel_id FROM public.subscriptions s WHERE s.user_id = ANY($3::bigint[])
     UNION
-    SELECT c.owner_id, c.id FROM channels c WHERE c.owner_id = ANY($3::bigint[])
+    SELECT c.owner_id, c.id FROM public.channels c WHERE c.owner_id = ANY($3::bigint[])
 )
 SELECT u.id, u.is_admin, c.id, c.name,
        c.owner_id = u.id OR EXISTS (
-           SELECT 1 FROM subscriptions s WHERE s.user_id = u.id AND s.channel_id = c.id)
-FROM users u
+           SELECT 1 FROM public.subscriptions s WHERE s.user_id = u.id AND s.channel_id = c.id)
+FROM public.users u
 LEFT JOIN wanted w ON w.uid = u.id
-LEFT JOIN channels c ON c.id = w.cid AND {READABLE}
+LEFT JOIN public.channels c ON c.id = w.cid AND {READABLE}
 WHERE u.id = ANY($4::bigint[])"""  # noqa: S608 - READABLE is a constant
 
 
@@ -126,8 +126,8 @@ async def streams_access(
 
 
 _HISTORY_ACCESS = f"""
-SELECT (SELECT u.id FROM users u WHERE u.id = $2), c.id, {READABLE}
-FROM channels c LEFT JOIN users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
+SELECT (SELECT u.id FROM public.users u WHERE u.id = $2), c.id, {READABLE}
+FROM public.channels c LEFT JOIN public.users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
 
 
 async def history_channel(conn: Any, name: str, user_id: int | None) -> int:

@@ -35,12 +35,12 @@ RENEW_SECONDS = 5.0
 LAPSE_SECONDS = 15.0
 
 _DECLARE = """
-WITH lapsed AS (DELETE FROM ssehub_instance_limits WHERE expires_at < clock_timestamp())
-INSERT INTO ssehub_instance_limits (instance, max_event_bytes, expires_at)
+WITH lapsed AS (DELETE FROM public.ssehub_instance_limits WHERE expires_at < clock_timestamp())
+INSERT INTO public.ssehub_instance_limits (instance, max_event_bytes, expires_at)
 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
 ON CONFLICT (instance) DO UPDATE SET expires_at = excluded.expires_at
 """
-_WITHDRAW = "DELETE FROM ssehub_instance_limits WHERE instance = $1"
+_WITHDRAW = "DELETE FROM public.ssehub_instance_limits WHERE instance = $1"
 
 
 async def _declare(pool: Any, instance: uuid.UUID, max_event_bytes: int) -> None:

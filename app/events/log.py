@@ -26,14 +26,14 @@ _PAGE = """
 WITH page AS (
     SELECT e.id, e.channel_id, e.type, e.data, e.published_at,
            sum(octet_length(e.data)) OVER (ORDER BY e.id) - octet_length(e.data) AS before
-    FROM events e WHERE {events} AND e.id > $2 AND e.id <= $5 ORDER BY e.id LIMIT $3
+    FROM public.events e WHERE {events} AND e.id > $2 AND e.id <= $5 ORDER BY e.id LIMIT $3
 )
 SELECT 1 AS kind, p.id, p.channel_id, c.name, p.type, p.data, p.published_at, NULL::bigint
-FROM page p JOIN channels c ON c.id = p.channel_id WHERE p.before < $4
+FROM page p JOIN public.channels c ON c.id = p.channel_id WHERE p.before < $4
 UNION ALL
 SELECT 0, c.pruned_through, c.id, c.name, NULL, NULL, NULL,
-       (SELECT min(e.id) FROM events e WHERE e.channel_id = c.id)
-FROM channels c WHERE c.pruned_through > $2 AND {channels}
+       (SELECT min(e.id) FROM public.events e WHERE e.channel_id = c.id)
+FROM public.channels c WHERE c.pruned_through > $2 AND {channels}
 UNION ALL
 SELECT 2, count(*), NULL, NULL, NULL, NULL, NULL, NULL FROM page
 ORDER BY 1, 2
@@ -154,7 +154,7 @@ async def read_page(
 
 async def last_event_id(conn: Any) -> int:
     """The highest committed id, or 0: where a fresh tail starts."""
-    value = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+    value = await conn.fetchval("SELECT coalesce(max(id), 0) FROM public.events")
     return int(value)
 
 
@@ -164,6 +164,6 @@ async def last_issued_id(conn: Any) -> int:
     A resume position above it cannot come from this database (a restore, or
     another deployment): every future id may be below it (``ssehub.reset``)."""
     value = await conn.fetchval(
-        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0)"
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('public.events', 'id')), 0)"
     )
     return int(value)

@@ -29,16 +29,16 @@ log = logging.getLogger("ssehub")
 RETENTION_LOCK = 0x55E4C
 
 _BOUNDED = (
-    "SELECT id, max_events, max_age_seconds FROM channels "
+    "SELECT id, max_events, max_age_seconds FROM public.channels "
     "WHERE max_events IS NOT NULL OR max_age_seconds IS NOT NULL"
 )
 DELETE_CHUNK = 10_000
 _BY_COUNT = """
 WITH cutoff AS (
-    SELECT id FROM events WHERE channel_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1
+    SELECT id FROM public.events WHERE channel_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1
 ), doomed AS (
-    DELETE FROM events WHERE id IN (
-        SELECT id FROM events WHERE channel_id = $1 AND id <= (SELECT id FROM cutoff)
+    DELETE FROM public.events WHERE id IN (
+        SELECT id FROM public.events WHERE channel_id = $1 AND id <= (SELECT id FROM cutoff)
         ORDER BY id LIMIT $3)
     RETURNING id
 )
@@ -46,18 +46,20 @@ SELECT max(id) FROM doomed
 """
 _BY_AGE = """
 WITH doomed AS (
-    DELETE FROM events WHERE id IN (
-        SELECT id FROM events
+    DELETE FROM public.events WHERE id IN (
+        SELECT id FROM public.events
         WHERE channel_id = $1 AND published_at < now() - make_interval(secs => $2)
         ORDER BY id LIMIT $3)
     RETURNING id
 )
 SELECT max(id) FROM doomed
 """
-_RAISE_PRUNED = "UPDATE channels SET pruned_through = greatest(pruned_through, $2) WHERE id = $1"
+_RAISE_PRUNED = (
+    "UPDATE public.channels SET pruned_through = greatest(pruned_through, $2) WHERE id = $1"
+)
 _EXPIRE_KEYS = (
-    "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM idempotency_keys WHERE published_at < now() - interval '24 hours' "
+    "DELETE FROM public.idempotency_keys WHERE ctid = ANY(ARRAY("
+    "SELECT ctid FROM public.idempotency_keys WHERE published_at < now() - interval '24 hours' "
     "LIMIT $1))"
 )
 

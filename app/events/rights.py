@@ -39,11 +39,11 @@ from app.notify import Hints
 
 CACHE_SIZE = 10_000  # entries per map; cleared whole when full (simple, and bounded)
 
-_CALLER = "SELECT is_admin FROM users WHERE id = $1"
+_CALLER = "SELECT is_admin FROM public.users WHERE id = $1"
 # The channel's id, and whether user $2 (NULL for an API key) may read it.
 _CHANNEL = f"""
 SELECT c.id, coalesce({READABLE}, false)
-FROM channels c LEFT JOIN users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
+FROM public.channels c LEFT JOIN public.users u ON u.id = $2 WHERE c.name = $1"""  # noqa: S608 - READABLE is a constant
 
 
 class PublishRights:

@@ -225,7 +225,7 @@ async def my_events(
 
 
 async def _personal_channel_id(conn: Any, user_id: int) -> int:
-    channel_id = await conn.fetchval("SELECT id FROM channels WHERE owner_id = $1", user_id)
+    channel_id = await conn.fetchval("SELECT id FROM public.channels WHERE owner_id = $1", user_id)
     if channel_id is None:
         raise Unauthorized("User no longer exists")
     return int(channel_id)

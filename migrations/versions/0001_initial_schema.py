@@ -28,7 +28,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('pruned_through', sa.BigInteger(), server_default=sa.text('0'), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('name')
+    sa.UniqueConstraint('name'),
+    schema='public'
     )
     op.create_table('users',
     sa.Column('id', sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -37,17 +38,19 @@ def upgrade() -> None:
     sa.Column('is_admin', sa.Boolean(), server_default=sa.text('false'), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('username')
+    sa.UniqueConstraint('username'),
+    schema='public'
     )
     op.create_table('channel_members',
     sa.Column('channel_id', sa.BigInteger(), nullable=False),
     sa.Column('user_id', sa.BigInteger(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
-    sa.ForeignKeyConstraint(['channel_id'], ['channels.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('channel_id', 'user_id')
+    sa.ForeignKeyConstraint(['channel_id'], ['public.channels.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['public.users.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('channel_id', 'user_id'),
+    schema='public'
     )
-    op.create_index(op.f('ix_channel_members_user_id'), 'channel_members', ['user_id'], unique=False)
+    op.create_index(op.f('ix_channel_members_user_id'), 'channel_members', ['user_id'], unique=False, schema='public')
     op.create_table('events',
     sa.Column('id', sa.BigInteger(), sa.Identity(always=False), nullable=False),
     sa.Column('channel_id', sa.BigInteger(), nullable=False),
@@ -55,31 +58,33 @@ def upgrade() -> None:
     sa.Column('data', sa.Text(), nullable=False),
     sa.Column('published_at', sa.DateTime(timezone=True), server_default=sa.text('clock_timestamp()'), nullable=False),
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
-    sa.ForeignKeyConstraint(['channel_id'], ['channels.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id')
+    sa.ForeignKeyConstraint(['channel_id'], ['public.channels.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id'),
+    schema='public'
     )
-    op.create_index('ix_events_channel_id_id', 'events', ['channel_id', 'id'], unique=False)
-    op.create_index('ix_events_published_at', 'events', ['published_at'], unique=False)
-    op.create_index('uq_events_channel_idempotency_key', 'events', ['channel_id', 'idempotency_key'], unique=True, postgresql_where=sa.text('idempotency_key IS NOT NULL'))
+    op.create_index('ix_events_channel_id_id', 'events', ['channel_id', 'id'], unique=False, schema='public')
+    op.create_index('ix_events_published_at', 'events', ['published_at'], unique=False, schema='public')
+    op.create_index('uq_events_channel_idempotency_key', 'events', ['channel_id', 'idempotency_key'], unique=True, postgresql_where=sa.text('idempotency_key IS NOT NULL'), schema='public')
     op.create_table('subscriptions',
     sa.Column('user_id', sa.BigInteger(), nullable=False),
     sa.Column('channel_id', sa.BigInteger(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
-    sa.ForeignKeyConstraint(['channel_id'], ['channels.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('user_id', 'channel_id')
+    sa.ForeignKeyConstraint(['channel_id'], ['public.channels.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['public.users.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('user_id', 'channel_id'),
+    schema='public'
     )
-    op.create_index(op.f('ix_subscriptions_channel_id'), 'subscriptions', ['channel_id'], unique=False)
+    op.create_index(op.f('ix_subscriptions_channel_id'), 'subscriptions', ['channel_id'], unique=False, schema='public')
 
 
 def downgrade() -> None:
-    op.drop_index(op.f('ix_subscriptions_channel_id'), table_name='subscriptions')
-    op.drop_table('subscriptions')
-    op.drop_index('uq_events_channel_idempotency_key', table_name='events', postgresql_where=sa.text('idempotency_key IS NOT NULL'))
-    op.drop_index('ix_events_published_at', table_name='events')
-    op.drop_index('ix_events_channel_id_id', table_name='events')
-    op.drop_table('events')
-    op.drop_index(op.f('ix_channel_members_user_id'), table_name='channel_members')
-    op.drop_table('channel_members')
-    op.drop_table('users')
-    op.drop_table('channels')
+    op.drop_index(op.f('ix_subscriptions_channel_id'), table_name='subscriptions', schema='public')
+    op.drop_table('subscriptions', schema='public')
+    op.drop_index('uq_events_channel_idempotency_key', table_name='events', postgresql_where=sa.text('idempotency_key IS NOT NULL'), schema='public')
+    op.drop_index('ix_events_published_at', table_name='events', schema='public')
+    op.drop_index('ix_events_channel_id_id', table_name='events', schema='public')
+    op.drop_table('events', schema='public')
+    op.drop_index(op.f('ix_channel_members_user_id'), table_name='channel_members', schema='public')
+    op.drop_table('channel_members', schema='public')
+    op.drop_table('users', schema='public')
+    op.drop_table('channels', schema='public')

@@ -22,7 +22,7 @@ depends_on: str | Sequence[str] | None = None
 
 # The function, as a constant: a later migration restores it on its way down.
 PUBLISH = """
-CREATE FUNCTION ssehub_publish(
+CREATE FUNCTION public.ssehub_publish(
     p_channel_ids bigint[], p_types text[], p_datas text[], p_keys text[]
 ) RETURNS TABLE (
     event_id bigint, event_channel_id bigint, event_key text, event_published_at timestamptz
@@ -57,4 +57,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION ssehub_publish(bigint[], text[], text[], text[])")
+    op.execute("DROP FUNCTION public.ssehub_publish(bigint[], text[], text[], text[])")

@@ -25,7 +25,7 @@ depends_on: str | Sequence[str] | None = None
 
 # The function, as a constant: a later migration restores it on its way down.
 PUBLISH_AS = """
-CREATE FUNCTION ssehub_publish_as(
+CREATE FUNCTION public.ssehub_publish_as(
     p_user_ids bigint[], p_channels text[], p_types text[], p_datas text[], p_keys text[]
 ) RETURNS TABLE (
     row_number bigint, status text, event_id bigint, event_channel_id bigint,
@@ -97,4 +97,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION ssehub_publish_as(bigint[], text[], text[], text[], text[])")
+    op.execute("DROP FUNCTION public.ssehub_publish_as(bigint[], text[], text[], text[], text[])")

@@ -47,27 +47,27 @@ def _previous() -> Any:
 
 
 UPGRADE = (
-    "ALTER TABLE idempotency_keys ADD COLUMN types text[], ADD COLUMN datas text[]",
-    "UPDATE idempotency_keys SET types = ARRAY[type::text], datas = ARRAY[data]",
-    "ALTER TABLE idempotency_keys ALTER COLUMN types SET NOT NULL, "
+    "ALTER TABLE public.idempotency_keys ADD COLUMN types text[], ADD COLUMN datas text[]",
+    "UPDATE public.idempotency_keys SET types = ARRAY[type::text], datas = ARRAY[data]",
+    "ALTER TABLE public.idempotency_keys ALTER COLUMN types SET NOT NULL, "
     "ALTER COLUMN datas SET NOT NULL, DROP COLUMN type, DROP COLUMN data",
-    "DROP INDEX ix_ssehub_inbox_txid",
-    "CREATE INDEX ix_ssehub_inbox_txid_id ON ssehub_inbox (txid, id)",
-    """CREATE TABLE ssehub_inbox_stalled (
+    "DROP INDEX public.ix_ssehub_inbox_txid",
+    "CREATE INDEX ix_ssehub_inbox_txid_id ON public.ssehub_inbox (txid, id)",
+    """CREATE TABLE public.ssehub_inbox_stalled (
     txid xid8 PRIMARY KEY,
     failures integer NOT NULL,
     retry_at timestamptz NOT NULL,
     error text NOT NULL
 )""",
-    """CREATE TABLE ssehub_instance_limits (
+    """CREATE TABLE public.ssehub_instance_limits (
     instance uuid PRIMARY KEY,
     max_event_bytes integer NOT NULL,
     expires_at timestamptz NOT NULL
 )""",
-    "DROP TABLE ssehub_config",
-    "DROP FUNCTION ssehub_move_inbox(integer)",
-    "DROP FUNCTION ssehub_publish_as(bigint[], bigint[], text[], text[], text[], text[])",
-    "DROP FUNCTION ssehub_append(bigint[], text[], text[], text[])",
+    "DROP TABLE public.ssehub_config",
+    "DROP FUNCTION public.ssehub_move_inbox(integer)",
+    "DROP FUNCTION public.ssehub_publish_as(bigint[], bigint[], text[], text[], text[], text[])",
+    "DROP FUNCTION public.ssehub_append(bigint[], text[], text[], text[])",
 )
 
 # This release's functions that 0004 did not have, or had with other arguments.
@@ -92,21 +92,21 @@ def upgrade() -> None:
 def downgrade() -> None:
     previous = _previous()
     for signature in NEW_FUNCTIONS:
-        previous._sql(f"DROP FUNCTION {signature}")
+        previous._sql(f"DROP FUNCTION public.{signature}")
     for statement in (
         # Same arguments as 0004's: replaced, so grants on ssehub_enqueue stay.
         *(
             definition.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
             for definition in (previous.COMPACT, previous.ENQUEUE, previous.DELETE_EVENTS)
         ),
-        "CREATE TABLE ssehub_config (name text PRIMARY KEY, value text NOT NULL)",
-        "DROP TABLE ssehub_instance_limits",
-        "DROP TABLE ssehub_inbox_stalled",
-        "DROP INDEX ix_ssehub_inbox_txid_id",
-        "CREATE INDEX ix_ssehub_inbox_txid ON ssehub_inbox (txid)",
-        "ALTER TABLE idempotency_keys ADD COLUMN type varchar(64), ADD COLUMN data text",
-        "UPDATE idempotency_keys SET type = types[1], data = datas[1]",
-        "ALTER TABLE idempotency_keys ALTER COLUMN type SET NOT NULL, "
+        "CREATE TABLE public.ssehub_config (name text PRIMARY KEY, value text NOT NULL)",
+        "DROP TABLE public.ssehub_instance_limits",
+        "DROP TABLE public.ssehub_inbox_stalled",
+        "DROP INDEX public.ix_ssehub_inbox_txid_id",
+        "CREATE INDEX ix_ssehub_inbox_txid ON public.ssehub_inbox (txid)",
+        "ALTER TABLE public.idempotency_keys ADD COLUMN type varchar(64), ADD COLUMN data text",
+        "UPDATE public.idempotency_keys SET type = types[1], data = datas[1]",
+        "ALTER TABLE public.idempotency_keys ALTER COLUMN type SET NOT NULL, "
         "ALTER COLUMN data SET NOT NULL, DROP COLUMN types, DROP COLUMN datas",
         previous.APPEND,
         previous.PUBLISH_AS,

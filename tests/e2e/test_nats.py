@@ -380,7 +380,7 @@ def _waiting_log_reads(database_url: str) -> int:
         sql(
             database_url,
             "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%JOIN channels c ON c.id = p.channel_id%'",
+            "AND wait_event_type = 'Lock' AND query LIKE '%JOIN public.channels c ON c.id = p.channel_id%'",
         )
     )
     return int(rows[0]["n"])
