@@ -2,12 +2,13 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 RUN python -m venv /opt/ssehub
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml requirements.lock README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations
 COPY clients/python ./clients/python
-# The client too: `ssehub publish` and `ssehub tail` are its commands.
-RUN /opt/ssehub/bin/pip install --no-cache-dir ./clients/python .
+# The client too: `ssehub publish` and `ssehub tail` are its commands. The lock
+# constrains every dependency to the versions the suite passed with.
+RUN /opt/ssehub/bin/pip install --no-cache-dir -c requirements.lock ./clients/python .
 
 # Run: the virtualenv, the migrations, an unprivileged user.
 FROM python:3.11-slim
