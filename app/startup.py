@@ -88,13 +88,14 @@ def database_address(url: str) -> str:
     return f"{host}:{parts.port or 5432}{parts.path}"
 
 
-async def database_answers(url: str) -> None:
-    """One connection to ``url``, closed at once; ``NotYet`` while it cannot be made."""
+async def database_answers(url: str, pgbouncer: bool) -> None:
+    """One connection to ``url``, made with the options ssehub's own connections
+    to it use (``pgbouncer``: none PgBouncer would refuse), closed at once;
+    ``NotYet`` while it cannot be made."""
     where = database_address(url)
+    options = connection_options("ssehub-start", ACQUIRE_TIMEOUT_SECONDS, pgbouncer)
     try:
-        conn = await asyncpg.connect(
-            asyncpg_dsn(url), **connection_options("ssehub-start", ACQUIRE_TIMEOUT_SECONDS, False)
-        )
+        conn = await asyncpg.connect(asyncpg_dsn(url), **options)
     except ssl.SSLError as exc:
         raise CannotStart(f"cannot use the database at {where}: {exc}") from exc
     except DATABASE_NOT_UP as exc:
@@ -151,10 +152,13 @@ def wait_for_dependencies(settings: Settings) -> None:
     answers only once Postgres does) and, with ``SSEHUB_BROKER=nats``, for NATS."""
 
     async def run() -> None:
-        urls = [settings.listen_database_url, settings.database_url]
-        for url in dict.fromkeys(u for u in urls if u):
-            where = database_address(url)
-            await wait_for(f"the database at {where}", functools.partial(database_answers, url))
+        # The direct URL first: a PgBouncer in front answers only once Postgres does.
+        urls = [(settings.listen_database_url, False)]
+        urls.append((settings.database_url, settings.behind_pgbouncer))
+        for url, pgbouncer in urls:
+            if url:
+                probe = functools.partial(database_answers, url, pgbouncer)
+                await wait_for(f"the database at {database_address(url)}", probe)
         if settings.broker == "nats":
             where = nats_address(settings.nats_url)
             await wait_for(f"NATS at {where}", functools.partial(nats_answers, settings))
