@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -40,7 +37,7 @@ from app.realtime.hub import Hub
 from app.realtime.subscriber import Subscriber
 from tests.e2e.conftest import Db, Hubs
 from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, TEST_SECRET, Api, sql
+from tests.support import Api, as_role, run_cli, sql
 
 BLOCKED_BY = (
     "SELECT pid, application_name, query FROM pg_stat_activity "
@@ -54,22 +51,9 @@ def forger_url(database_url: str) -> Iterator[str]:
     role = f"ssehub_forger_{uuid.uuid4().hex[:8]}"
     asyncio.run(sql(database_url, f"CREATE ROLE {role} LOGIN"))
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", "grant-publisher", role],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "SSEHUB_SECRET_KEY": TEST_SECRET,
-                "SSEHUB_DATABASE_URL": database_url,
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
+        done = run_cli("grant-publisher", role, database_url=database_url)
         assert done.returncode == 0, done.stderr
-        scheme, rest = asyncpg_dsn(database_url).split("://", 1)
-        yield f"{scheme}://{role}@{rest.split('@', 1)[1]}"
+        yield as_role(asyncpg_dsn(database_url), role)
     finally:
         asyncio.run(sql(database_url, f"DROP OWNED BY {role}"))
         asyncio.run(sql(database_url, f"DROP ROLE {role}"))
