@@ -61,30 +61,16 @@ from uvicorn.server import ServerState
 
 from app.config import Settings
 from app.errors import error_response
+from app.route_table import KIB, Route
 
-KIB = 1024
 HEAD_BYTES = 16 * KIB  # request line and headers
 HEAD_TIMEOUT_SECONDS = 10.0
 SWEEP_SECONDS = 0.5  # so a head is refused between 10 and 10.5 s; likewise the other deadlines
-FORM_BODY_BYTES = 16 * KIB  # the login form
-ENVELOPE_BYTES = 16 * KIB  # a JSON body: room around one event's data
 CLOSE = {"Connection": "close"}
 # Set to True in a request's scope by a response that times its own sends (a
 # stream: ``app.realtime.hub``), so the protocol's send deadline leaves it alone
 # while it runs.
 SELF_TIMED = "ssehub.self_timed"
-
-
-def body_limit(method: str, path: str, settings: Settings) -> int:
-    """The most bytes the body of this request may have (README "Limits and abuse")."""
-    if method == "POST":
-        if path == "/auth/token":
-            return FORM_BODY_BYTES
-        parts = path.split("/")
-        # "", "channels", name, "events", "batch"
-        if len(parts) == 5 and parts[1] == "channels" and parts[3:] == ["events", "batch"]:
-            return settings.max_batch_bytes
-    return settings.max_event_bytes + ENVELOPE_BYTES
 
 
 class BodyTooLarge(HTTPException):
@@ -112,51 +98,52 @@ class BodyLimit:
     (``app.realtime.stream.uvicorn_cycle`` needs uvicorn's own ``send``).
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = body_limit(scope["method"], scope["path"], self.settings)
+    async def run(
+        self, app: ASGIApp, route: Route, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Run ``app`` on an HTTP request whose route (``app.route_table``) the
+        caller has parsed: the table says how large its body may be."""
+        limit = route.body_limit(self.settings)
         declared, chunked = _body_headers(scope)
         if declared is not None and declared > limit:
             await _refusal(BodyTooLarge(limit))(scope, receive, send)
         elif chunked:
-            await self._counted(scope, receive, send, limit)
+            await _counted(app, scope, receive, send, limit)
         else:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
 
-    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        """Run the app with a ``receive`` that raises ``BodyTooLarge`` past ``limit``.
 
-        The app normally renders the exception itself; one that escapes (a
-        reader outside FastAPI's handlers) is answered here if nothing was sent.
-        """
-        received = 0
-        started = False
+async def _counted(app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    """Run the app with a ``receive`` that raises ``BodyTooLarge`` past ``limit``.
 
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise BodyTooLarge(limit)
-            return message
+    The app normally renders the exception itself; one that escapes (a
+    reader outside FastAPI's handlers) is answered here if nothing was sent.
+    """
+    received = 0
+    started = False
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+    async def counted_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise BodyTooLarge(limit)
+        return message
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge as exc:
-            if started:
-                raise
-            await _refusal(exc)(scope, receive, send)
+    async def tracked_send(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, counted_receive, tracked_send)
+    except BodyTooLarge as exc:
+        if started:
+            raise
+        await _refusal(exc)(scope, receive, send)
 
 
 def _body_headers(scope: Scope) -> tuple[int | None, bool]:

@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> ASGIApp:
         # its 404, not the route's 405, and DELETE /channels its 405 with "Allow:
         # GET, HEAD".
         app.router.default = StaticPage(directory=STATIC_DIR, html=True)
-    served: ASGIApp = HotPaths(app, lambda inner: BodyLimit(inner, settings))
+    served: ASGIApp = HotPaths(app, BodyLimit(settings))
     if settings.cors_origin_list:
         served = CORSMiddleware(
             served,
