@@ -27,7 +27,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
+from httpx_sse import ServerSentEvent
 from ssehub_client import AsyncClient, Client, Event, Notice, SsehubError, username_for
+from ssehub_client.client import _batch, _history, _publish, _Retry, _Stream
 
 from app.auth.external import username_for as server_username_for
 from app.db import asyncpg_dsn
@@ -375,6 +377,78 @@ def test_username_for_matches_the_server() -> None:
         assert username_for(subject) == server_username_for(subject), subject
     assert re.fullmatch(r"alice-[0-9a-f]{8}", username_for("alice"))
     assert re.fullmatch(r"[A-Za-z0-9_.\-]{3,64}", username_for("a b/c:d" * 20))
+
+
+# -- the client core: requests, retries and stream positions, without I/O ---------------
+
+
+def test_core_retries_only_what_is_safe_to_repeat() -> None:
+    """A keyed publish is repeated on a 503 (after its Retry-After) and on a
+    lost connection, until its retries run out; a batch (no key) only when the
+    connection never opened; history is asked once."""
+    unavailable = httpx.Response(503, headers={"retry-after": "2"}, json={"detail": "busy"})
+    lost, refused = httpx.ReadError("lost"), httpx.ConnectError("refused")
+    keyed = _Retry(_publish("channels", "news", 1, "message", None), 2)
+    assert keyed.after(unavailable) == 2.0
+    assert 0 < keyed.after(lost) <= 0.75
+    assert keyed.after(unavailable) is unavailable  # the last attempt's answer is final
+    spent = _Retry(_publish("channels", "news", 1, "message", None), 0)
+    with pytest.raises(httpx.ReadError):
+        spent.after(lost)
+    batch = _batch("news", [{"data": 1}])
+    assert _Retry(batch, 5).after(unavailable) is unavailable
+    with pytest.raises(SsehubError) as error:
+        batch.result(unavailable)
+    assert (error.value.status, error.value.detail) == (503, "busy")
+    with pytest.raises(httpx.ReadError):
+        _Retry(batch, 5).after(lost)
+    assert 0 < _Retry(batch, 5).after(refused) <= 0.3
+    with pytest.raises(httpx.ConnectError):
+        _Retry(_history("news", 0, 10), 5).after(refused)
+
+
+def test_core_builds_each_request_once_with_quoted_names() -> None:
+    """A call is built once, so its retries carry the same Idempotency-Key;
+    names are one quoted segment each; a batch's result is its events."""
+    call = _publish("users", "../channels/x", {"a": 1}, "note", None)
+    assert call.path == "/users/..%2Fchannels%2Fx/events"
+    assert call.json == {"type": "note", "data": {"a": 1}}
+    other = _publish("users", "bob", {}, "note", None)
+    assert len({call.headers["Idempotency-Key"], other.headers["Idempotency-Key"]}) == 2
+    given = _publish("channels", "..", {}, "note", "k-1")
+    assert (given.path, given.headers) == ("/channels/%2E%2E/events", {"Idempotency-Key": "k-1"})
+    batch = _batch("news", [{"data": 1}])
+    assert batch.result(httpx.Response(201, json={"events": [{"id": 7}]})) == [{"id": 7}]
+    history = _history("a/b", 3, 10)
+    assert (history.method, history.path, history.params) == (
+        "GET",
+        "/channels/a%2Fb/events",
+        {"after": 3, "limit": 10},
+    )
+
+
+def test_core_stream_skips_replays_follows_resets_and_paces_reconnects() -> None:
+    def frame(id: int) -> ServerSentEvent:
+        payload = {"id": id, "channel": "c", "type": "t", "data": id, "published_at": "now"}
+        return ServerSentEvent(data=json.dumps(payload), id=str(id))
+
+    state = _Stream("/stream", 5)
+    auth = {"Authorization": "Bearer t"}
+    assert state.headers(auth) == {**auth, "Last-Event-ID": "5"}
+    assert [state.take(frame(id)) is None for id in (4, 5, 6, 6)] == [True, True, False, True]
+    assert state.take(ServerSentEvent(data="")) is None  # a comment or the retry line
+    reset = ServerSentEvent(event="ssehub.reset", data=json.dumps({"last_event_id": 2}))
+    assert state.take(reset) == Notice("ssehub.reset", {"last_event_id": 2})
+    assert isinstance(state.take(frame(3)), Event) and state.last_event_id == 3
+    assert _Stream("/stream", None).headers(auth) == auth
+    first, second = state.pause(), state.pause()
+    assert 0.1 <= first <= 0.3 and 0.25 <= second <= 0.75
+    assert state.connected(httpx.Response(503)) is False
+    with pytest.raises(SsehubError) as refused:
+        state.connected(httpx.Response(403, json={"detail": "no"}))
+    assert refused.value.status == 403
+    assert state.connected(httpx.Response(200)) is True
+    assert 0.1 <= state.pause() <= 0.3  # an accepted connection restarts the backoff
 
 
 # -- across a restart: the client's stream and the CLI's tail -----------------------------

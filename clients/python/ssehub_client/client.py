@@ -27,6 +27,11 @@ Credentials: an API key (``ssehub_...``: publishing and history) or a token
 (an access token, for everything a user may do, streams included). ``token``
 may be a callable returning one (sync, or async for ``AsyncClient``), called
 on every connection, so a long-lived stream can renew it.
+
+**One core, two shells.** Every request is built, every answer read and
+every retry decided by code that does no I/O (``_Call``, ``_Retry``,
+``_Stream``); ``Client`` and ``AsyncClient`` only send, read and sleep, so the
+two cannot drift apart in what they do.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -51,7 +56,7 @@ DEFAULT_RETRIES = 5
 BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 RETRY_STATUSES = frozenset({502, 503, 504})
 _NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.\-]")
-T = TypeVar("T")
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 Token = str | Callable[[], str] | Callable[[], Awaitable[str]] | None
 
 
@@ -68,7 +73,7 @@ class Event:
 class Notice:
     """A server notice: ``ssehub.live``, ``ssehub.truncated``, ``ssehub.expired``,
     ``ssehub.channel_removed`` or ``ssehub.reset``. Only ``ssehub.reset`` moves
-    the position (``_Position``)."""
+    the position (``_Stream``)."""
 
     type: str
     data: dict[str, Any]
@@ -121,25 +126,11 @@ def _backoff(attempt: int, retry_after: str | None = None) -> float:
     return base * (0.5 + random.random())  # jitter, not secrecy
 
 
-def _retry_after_error(exc: httpx.TransportError, attempt: int, retries: int, safe: bool) -> float:
-    """How long to wait before retrying after a lost connection; re-raises when
-    it must not be retried: no attempts left, or a request that is not safe to
-    repeat (no idempotency key) and may have reached the server."""
-    if attempt == retries or not (safe or isinstance(exc, httpx.ConnectError)):
-        raise exc
-    return _backoff(attempt)
-
-
-def _retry_after_response(
-    response: httpx.Response, attempt: int, retries: int, safe: bool
-) -> float | None:
-    """How long to wait before retrying this answer, or None to take it as it is."""
-    if response.status_code in RETRY_STATUSES and safe and attempt < retries:
-        return _backoff(attempt, response.headers.get("retry-after"))
-    return None
+# The core: requests, answers, retries and stream positions, without I/O.
 
 
 def _checked(response: httpx.Response) -> Any:
+    """The answer's JSON, or ``SsehubError`` with the server's ``detail``."""
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail")
@@ -161,31 +152,114 @@ def _item(sse: ServerSentEvent) -> Event | Notice | None:
     )
 
 
-def _publish_request(
-    data: Any, type: str, key: str | None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The body and headers of one publish (a new random key unless one is given)."""
-    return {"type": type, "data": data}, {"Idempotency-Key": key or uuid.uuid4().hex}
+def _bearer(token: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-class _Position:
-    """Where a stream stands, and what of it to yield: both clients follow it.
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One API request as the shells send it, and how its answer is read.
+
+    Built once, so every retry repeats it byte for byte: in particular the same
+    ``Idempotency-Key``. ``safe``: it may be sent again after it may have
+    reached the server. ``retries``: None for the client's own count."""
+
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, int] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    safe: bool = False
+    retries: int | None = None
+    unwrap: str | None = None  # the member of the answer that is the result
+
+    def result(self, response: httpx.Response) -> Any:
+        checked = _checked(response)
+        return checked if self.unwrap is None else checked[self.unwrap]
+
+
+def _publish(kind: str, name: str, data: Any, type: str, key: str | None) -> _Call:
+    """One event to a channel (``kind`` "channels") or a user ("users"), with
+    an Idempotency-Key (a new random one unless given) that makes it safe to
+    repeat: the server answers a repeated key with the first event."""
+    return _Call(
+        "POST",
+        api_path(kind, name, "events"),
+        json={"type": type, "data": data},
+        headers={"Idempotency-Key": key or uuid.uuid4().hex},
+        safe=True,
+    )
+
+
+def _batch(channel: str, events: Sequence[dict[str, Any]]) -> _Call:
+    """A batch carries no key: repeated only when nothing of it was sent."""
+    path = api_path("channels", channel, "events", "batch")
+    return _Call("POST", path, json={"events": list(events)}, unwrap="events")
+
+
+def _history(channel: str, after: int, limit: int) -> _Call:
+    """Asked once (``retries=0``): a reader that pages asks again anyway."""
+    params = {"after": after, "limit": limit}
+    return _Call("GET", api_path("channels", channel, "events"), params=params, retries=0)
+
+
+class _Retry:
+    """The retry policy of one ``_Call``: after each attempt, wait or stop.
+
+    A 502/503/504 or a lost connection leaves open whether the server acted,
+    so only a ``safe`` call is repeated then; a connection that failed to open
+    sent nothing, so any call is repeated after it."""
+
+    __slots__ = ("_attempt", "_retries", "_safe")
+
+    def __init__(self, call: _Call, retries: int) -> None:
+        self._attempt, self._safe = 0, call.safe
+        self._retries = retries if call.retries is None else call.retries
+
+    def after(self, outcome: httpx.Response | httpx.TransportError) -> httpx.Response | float:
+        """The answer to take, or the seconds to wait before the next attempt;
+        re-raises a transport error that must not (or no longer) be retried."""
+        attempt, self._attempt = self._attempt, self._attempt + 1
+        last = attempt >= self._retries
+        if isinstance(outcome, httpx.TransportError):
+            if last or not (self._safe or isinstance(outcome, httpx.ConnectError)):
+                raise outcome
+            return _backoff(attempt)
+        if outcome.status_code in RETRY_STATUSES and self._safe and not last:
+            return _backoff(attempt, outcome.headers.get("retry-after"))
+        return outcome
+
+
+class _Stream:
+    """Where one stream stands, what of it to yield, and when to reconnect.
 
     The position is the id of the last event yielded; an event at or below it
     was yielded already (a reconnection's replay) and is skipped. A
     ``ssehub.reset`` notice moves it to the notice's ``last_event_id``: the
     server went on from there, and a position left above it would skip every
-    newer event as seen."""
+    newer event as seen. The backoff restarts at each accepted connection, so
+    a stream that ran for hours and drops reconnects within a second."""
 
-    __slots__ = ("last_event_id",)
+    __slots__ = ("_attempt", "last_event_id", "path")
 
-    def __init__(self, last_event_id: int | None) -> None:
-        self.last_event_id = last_event_id
+    def __init__(self, path: str, last_event_id: int | None) -> None:
+        self.path, self.last_event_id, self._attempt = path, last_event_id, 0
 
-    def headers(self) -> dict[str, str]:
-        """``Last-Event-ID`` for the next connection, if there is a position."""
+    def headers(self, auth: dict[str, str]) -> dict[str, str]:
+        """The credentials and ``Last-Event-ID`` for the next connection."""
         position = self.last_event_id
-        return {} if position is None else {"Last-Event-ID": str(position)}
+        return auth if position is None else {**auth, "Last-Event-ID": str(position)}
+
+    def connected(self, response: httpx.Response) -> bool:
+        """Whether this answer is the stream to read. Otherwise (its body read)
+        a refusal retrying cannot change (401, 403, 404) raises ``SsehubError``,
+        and False means: unavailable, wait and reconnect."""
+        if response.status_code == 200:
+            self._attempt = 0
+            return True
+        if response.status_code not in RETRY_STATUSES:
+            _checked(response)
+        return False
 
     def take(self, sse: ServerSentEvent) -> Event | Notice | None:
         """The item this frame yields, if any, with the position moved past it."""
@@ -200,18 +274,17 @@ class _Position:
                 self.last_event_id = reset_to
         return item
 
-
-class _Base:
-    def __init__(self, api_key: str | None, token: Token, retries: int) -> None:
-        if api_key and token:
-            raise ValueError("give an API key or a token, not both")
-        self._api_key = api_key
-        self._token = token
-        self.retries = retries
+    def pause(self) -> float:
+        """Seconds to wait before reconnecting, longer after each failure."""
+        self._attempt += 1
+        return _backoff(self._attempt - 1)
 
 
-class Client(_Base):
-    """A synchronous client (``with Client(url, api_key=...) as hub: ...``)."""
+class _Base(Generic[H]):
+    """What both shells hold: the credentials, the retry count and the HTTP
+    client (``httpx.Client`` or ``httpx.AsyncClient``, by ``_http_class``)."""
+
+    _http_class: type[H]
 
     def __init__(
         self,
@@ -221,10 +294,28 @@ class Client(_Base):
         token: Token = None,
         retries: int = DEFAULT_RETRIES,
         timeout: float = 30.0,
-        http: httpx.Client | None = None,
+        http: H | None = None,
     ) -> None:
-        super().__init__(api_key, token, retries)
-        self.http = http or httpx.Client(base_url=url, timeout=timeout)
+        if api_key and token:
+            raise ValueError("give an API key or a token, not both")
+        self._api_key = api_key
+        self._token = token
+        self.retries = retries
+        self.http: H = http or self._http_class(base_url=url, timeout=timeout)
+
+    def _credential(self) -> object:
+        """The key or token, or what the token provider returns (maybe awaitable)."""
+        given = self._api_key or self._token
+        return given() if callable(given) else given
+
+
+# The shells: each only sends, reads and sleeps.
+
+
+class Client(_Base[httpx.Client]):
+    """A synchronous client (``with Client(url, api_key=...) as hub: ...``)."""
+
+    _http_class = httpx.Client
 
     def __enter__(self) -> Client:
         return self
@@ -236,58 +327,47 @@ class Client(_Base):
         self.http.close()
 
     def _auth(self) -> dict[str, str]:
-        given = self._api_key or self._token
-        token = given() if callable(given) else given
+        token = self._credential()
         if inspect.isawaitable(token):
             raise TypeError("Client takes a sync token provider; use AsyncClient for async")
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return _bearer(token)
 
     def publish(
         self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Publish one event; returns it (the first one, if the key was used before)."""
-        body, headers = _publish_request(data, type, idempotency_key)
-        path = api_path("channels", channel, "events")
-        return self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+        call = _publish("channels", channel, data, type, idempotency_key)
+        return self._send(call)  # type: ignore[no-any-return]
 
     def publish_to_user(
         self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Push one event to a user's personal channel (``@USERNAME``)."""
-        body, headers = _publish_request(data, type, idempotency_key)
-        path = api_path("users", username, "events")
-        return self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+        call = _publish("users", username, data, type, idempotency_key)
+        return self._send(call)  # type: ignore[no-any-return]
 
     def publish_batch(self, channel: str, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
-        body = {"events": list(events)}
-        path = api_path("channels", channel, "events", "batch")
-        result = self._retrying("POST", path, body, {}, safe=False)
-        return result["events"]  # type: ignore[no-any-return]
+        return self._send(_batch(channel, events))  # type: ignore[no-any-return]
 
     def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
         """One page of a channel's history: ``{"events", "next_after"}``."""
-        params = {"after": after, "limit": limit}
-        path = api_path("channels", channel, "events")
-        response = self.http.get(path, params=params, headers=self._auth())
-        return _checked(response)  # type: ignore[no-any-return]
+        return self._send(_history(channel, after, limit))  # type: ignore[no-any-return]
 
-    def _retrying(
-        self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
-    ) -> Any:
-        for attempt in range(self.retries + 1):
+    def _send(self, call: _Call) -> Any:
+        retry = _Retry(call, self.retries)
+        while True:
+            headers = {**call.headers, **self._auth()}
             try:
-                response = self.http.request(
-                    method, path, json=body, headers={**headers, **self._auth()}
+                outcome: httpx.Response | httpx.TransportError = self.http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=headers
                 )
             except httpx.TransportError as exc:
-                time.sleep(_retry_after_error(exc, attempt, self.retries, safe))
-                continue
-            delay = _retry_after_response(response, attempt, self.retries, safe)
-            if delay is None:
-                return _checked(response)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+                outcome = exc
+            step = retry.after(outcome)
+            if isinstance(step, httpx.Response):
+                return call.result(step)
+            time.sleep(step)
 
     def stream(
         self, channels: str | Sequence[str] | None = None, *, last_event_id: int | None = None
@@ -295,42 +375,28 @@ class Client(_Base):
         """Events (and notices) of a channel, or of the caller's subscriptions and
         personal channel (``None``), resuming after ``last_event_id``; reconnects
         by itself and goes on from the last event it yielded."""
-        path, position, attempt = stream_path(channels), _Position(last_event_id), 0
+        state = _Stream(stream_path(channels), last_event_id)
         while True:
-            headers = {**self._auth(), **position.headers()}
+            headers = state.headers(self._auth())
             try:
-                with connect_sse(self.http, "GET", path, headers=headers, timeout=None) as source:
+                with connect_sse(
+                    self.http, "GET", state.path, headers=headers, timeout=None
+                ) as source:
                     if source.response.status_code != 200:
                         source.response.read()
-                        if source.response.status_code not in RETRY_STATUSES:
-                            _checked(source.response)
-                        raise httpx.TransportError("server unavailable")
-                    attempt = 0
-                    for sse in source.iter_sse():
-                        item = position.take(sse)
-                        if item is not None:
-                            yield item
+                    if state.connected(source.response):
+                        for sse in source.iter_sse():
+                            if (item := state.take(sse)) is not None:
+                                yield item
             except httpx.TransportError:
                 pass
-            time.sleep(_backoff(attempt))
-            attempt += 1
+            time.sleep(state.pause())
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base[httpx.AsyncClient]):
     """An asyncio client (``async with AsyncClient(url, token=...) as hub: ...``)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        api_key: str | None = None,
-        token: Token = None,
-        retries: int = DEFAULT_RETRIES,
-        timeout: float = 30.0,
-        http: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(api_key, token, retries)
-        self.http = http or httpx.AsyncClient(base_url=url, timeout=timeout)
+    _http_class = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -342,61 +408,49 @@ class AsyncClient(_Base):
         await self.http.aclose()
 
     async def _auth(self) -> dict[str, str]:
-        given = self._api_key or self._token
-        token = given() if callable(given) else given
+        token = self._credential()
         if inspect.isawaitable(token):
             token = await token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return _bearer(token)
 
     async def publish(
         self, channel: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Publish one event; returns it (the first one, if the key was used before)."""
-        body, headers = _publish_request(data, type, idempotency_key)
-        path = api_path("channels", channel, "events")
-        return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+        call = _publish("channels", channel, data, type, idempotency_key)
+        return await self._send(call)  # type: ignore[no-any-return]
 
     async def publish_to_user(
         self, username: str, data: Any, *, type: str = "message", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Push one event to a user's personal channel (``@USERNAME``)."""
-        body, headers = _publish_request(data, type, idempotency_key)
-        path = api_path("users", username, "events")
-        return await self._retrying("POST", path, body, headers, safe=True)  # type: ignore[no-any-return]
+        call = _publish("users", username, data, type, idempotency_key)
+        return await self._send(call)  # type: ignore[no-any-return]
 
     async def publish_batch(
         self, channel: str, events: Sequence[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """Publish 1 to 1000 events (``{"type", "data"}``) at once, all or nothing."""
-        body = {"events": list(events)}
-        path = api_path("channels", channel, "events", "batch")
-        result = await self._retrying("POST", path, body, {}, safe=False)
-        return result["events"]  # type: ignore[no-any-return]
+        return await self._send(_batch(channel, events))  # type: ignore[no-any-return]
 
     async def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
         """One page of a channel's history: ``{"events", "next_after"}``."""
-        params = {"after": after, "limit": limit}
-        headers = await self._auth()
-        path = api_path("channels", channel, "events")
-        response = await self.http.get(path, params=params, headers=headers)
-        return _checked(response)  # type: ignore[no-any-return]
+        return await self._send(_history(channel, after, limit))  # type: ignore[no-any-return]
 
-    async def _retrying(
-        self, method: str, path: str, body: Any, headers: dict[str, str], *, safe: bool
-    ) -> Any:
-        for attempt in range(self.retries + 1):
+    async def _send(self, call: _Call) -> Any:
+        retry = _Retry(call, self.retries)
+        while True:
+            headers = {**call.headers, **await self._auth()}
             try:
-                response = await self.http.request(
-                    method, path, json=body, headers={**headers, **await self._auth()}
+                outcome: httpx.Response | httpx.TransportError = await self.http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=headers
                 )
             except httpx.TransportError as exc:
-                await asyncio.sleep(_retry_after_error(exc, attempt, self.retries, safe))
-                continue
-            delay = _retry_after_response(response, attempt, self.retries, safe)
-            if delay is None:
-                return _checked(response)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+                outcome = exc
+            step = retry.after(outcome)
+            if isinstance(step, httpx.Response):
+                return call.result(step)
+            await asyncio.sleep(step)
 
     async def stream(
         self, channels: str | Sequence[str] | None = None, *, last_event_id: int | None = None
@@ -430,24 +484,19 @@ class AsyncClient(_Base):
                 task.cancel()
 
     async def _stream(self, path: str, last_event_id: int | None) -> AsyncIterator[Event | Notice]:
-        position, attempt = _Position(last_event_id), 0
+        state = _Stream(path, last_event_id)
         while True:
-            headers = {**await self._auth(), **position.headers()}
+            headers = state.headers(await self._auth())
             try:
                 async with aconnect_sse(
-                    self.http, "GET", path, headers=headers, timeout=None
+                    self.http, "GET", state.path, headers=headers, timeout=None
                 ) as source:
                     if source.response.status_code != 200:
                         await source.response.aread()
-                        if source.response.status_code not in RETRY_STATUSES:
-                            _checked(source.response)
-                        raise httpx.TransportError("server unavailable")
-                    attempt = 0
-                    async for sse in source.aiter_sse():
-                        item = position.take(sse)
-                        if item is not None:
-                            yield item
+                    if state.connected(source.response):
+                        async for sse in source.aiter_sse():
+                            if (item := state.take(sse)) is not None:
+                                yield item
             except httpx.TransportError:
                 pass
-            await asyncio.sleep(_backoff(attempt))
-            attempt += 1
+            await asyncio.sleep(state.pause())
