@@ -55,10 +55,17 @@ class Stack:
         return httpx.Client(base_url=self.url, verify=self.tls, timeout=30)
 
     def channel(self) -> str:
+        """A new channel; a 503 ("retry shortly") from an instance whose database
+        connections are still warming up is retried, as the answer asks."""
         name = f"deploy-{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + 30
         with self.http() as http:
-            r = http.post("/channels", json={"name": name}, headers=self.admin)
-        assert r.status_code == 201, r.text
+            while True:
+                r = http.post("/channels", json={"name": name}, headers=self.admin)
+                if r.status_code not in (502, 503) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        assert r.status_code in (201, 409), r.text
         return name
 
     def publish(self, channel: str, n: int) -> int:
