@@ -18,6 +18,7 @@ from app.realtime.broker import Broker, PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.listener import Listener
+from app.realtime.presence import Presence
 from app.realtime.replay import SharedPages
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -42,14 +43,26 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     app.state.publisher.on_commit = broker.committed
     app.state.hub, app.state.broker, app.state.listener = hub, broker, listener
     ticker = asyncio.create_task(hub.tick_forever(settings.heartbeat_seconds), name="hub-ticker")
+    presence = Presence(
+        app.state.pool,
+        hub,
+        app.state.metrics,
+        settings.presence_grace_seconds,
+        settings.presence_ttl_seconds,
+    )
+    app.state.presence = presence
+    presence_turns = asyncio.create_task(presence.run(), name="presence")
     try:
         with streams_closed_on_signal(hub):
             yield
     finally:
         hub.close_all("shutdown")
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
+        for task in (ticker, presence_turns):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await presence.retire()
         await listener.stop()
         await broker.stop()
 

@@ -196,6 +196,8 @@ class EventStream(Response):
                 sub.position = position  # in flight: it has them, live drops them
         if sub.closed is None:
             frames.append(notice_frame("ssehub.live", {"replayed": replayed}))
+            # Then the presence lists; from here on their joins and leaves are queued.
+            frames.append(await self._state.presence.snapshots(sub, sub.channels))
         if frames:
             await self._write(send, b"".join(frames))
 
