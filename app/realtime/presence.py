@@ -403,6 +403,8 @@ class Presence:
             lists = await self._read(conn, stale)
             for channel_id in stale:
                 self._apply(channel_id, lists.get(channel_id, {}), versions.get(channel_id))
+        for channel_id in carried:
+            self._tell_newcomers(channel_id)
 
     async def _load(self, channels: list[int]) -> None:
         """Read lists no view holds yet, once however many streams wait for them."""
@@ -426,25 +428,30 @@ class Presence:
             await asyncio.shield(waiting)
 
     def _apply(self, channel_id: int, users: dict[str, Present], version: int | None) -> None:
-        """The view holds ``users`` now; its streams that still carry the channel are
-        told the difference (streams that left are forgotten)."""
+        """The view holds ``users`` now; the streams it told are told the difference."""
         name = self._enabled.get(channel_id)
         if name is None:
             return
         view = self._views.get(channel_id)
-        carrying = set(self._hub.subscribers_of(channel_id))
         if view is None:
-            # A list this instance did not hold: its streams get it now (those
-            # opening get it queued, after their ``ssehub.live``).
-            view = self._views[channel_id] = View(name, users, version)
-            for stream in carrying:
-                stream.notify(view.snapshot(stream))
+            self._views[channel_id] = View(name, users, version)
             return
         notices = view.replace(users, version)
-        view.watchers &= carrying
         if notices:
             for stream in view.watchers:
                 stream.notify(notices)
+
+    def _tell_newcomers(self, channel_id: int) -> None:
+        """Streams that carry the channel but were never told its list (it was
+        turned on, or they subscribed since) get it now, queued; streams that no
+        longer carry it are forgotten."""
+        view = self._views.get(channel_id)
+        if view is None:
+            return
+        carrying = set(self._hub.subscribers_of(channel_id))
+        view.watchers &= carrying
+        for stream in carrying - view.watchers:
+            stream.notify(view.snapshot(stream))
 
     async def _read(self, conn: Any, channels: list[int]) -> dict[int, dict[str, Present]]:
         return await read_lists(conn, channels, self._ttl)

@@ -7,15 +7,18 @@ read over HTTP from either instance.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
+from ssehub_client import Client, SsehubError
 
 from tests.e2e.conftest import Hubs
 from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server
+from tests.support import Api, Server, run_cli
 
 FAST = {"SSEHUB_PRESENCE_GRACE_SECONDS": "1", "SSEHUB_PRESENCE_TTL_SECONDS": "3"}
 
@@ -267,3 +270,37 @@ def test_presence_is_not_for_personal_channels_and_needs_a_reader(api: Api) -> N
     }
     assert api.http.get("/channels/room/presence").status_code == 401
     assert api.http.get("/channels/nope/presence", headers=bob).status_code == 404
+
+
+def test_python_client_and_cli_show_who_is_online(
+    start_server: Callable[..., Server], database_url: str
+) -> None:
+    srv = start_server(**FAST)
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("room", presence=True)
+    hubs.channel("plain")
+    people = People(hubs, ["ann", "bob"])
+    token = people.headers["ann"]["Authorization"].removeprefix("Bearer ")
+    try:
+        people.open("ann", "room", srv)
+        people.open("bob", "room", srv)
+        people.open("bob", "room", srv)
+        wait_until(lambda: listed(srv.url, "room", hubs.admin) == {"ann": 1, "bob": 2}, 3, "listed")
+        with Client(srv.url, token=token) as client:
+            shown = client.presence("room")
+            assert shown["channel"] == "room"
+            assert [(u["username"], u["streams"]) for u in shown["users"]] == [
+                ("ann", 1),
+                ("bob", 2),
+            ]
+            with pytest.raises(SsehubError) as refused:
+                client.presence("plain")
+            assert refused.value.status == 409
+        done = run_cli(
+            "presence", "room", database_url=database_url, SSEHUB_URL=srv.url, SSEHUB_TOKEN=token
+        )
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [(u["username"], u["streams"]) for u in lines] == [("ann", 1), ("bob", 2)]
+    finally:
+        hubs.close_all()
