@@ -99,6 +99,11 @@ class Metrics:
             "Presence leases this instance wrote or deleted (a turn's in one transaction)",
             registry=r,
         )
+        self.presence_write_transactions = Counter(
+            "ssehub_presence_write_transactions",
+            "Transactions in which this instance wrote presence leases (one a turn at most)",
+            registry=r,
+        )
         self.presence_dead_leaves = Counter(
             "ssehub_presence_dead_leaves",
             "Users who left a presence channel because their instance stopped renewing "

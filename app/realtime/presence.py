@@ -379,6 +379,7 @@ class Presence:
             del self._leases[key]
         self._unwritten.clear()
         self._metrics.presence_lease_writes.inc(len(keys))
+        self._metrics.presence_write_transactions.inc()
 
     async def _follow_lists(self, conn: Any, now: float) -> None:
         """Re-read the lists of the carried presence channels whose version moved
