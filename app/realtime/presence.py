@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from app.channels.readable import readable
 from app.db import raw_connection
+from app.events.log import format_timestamp
 from app.metrics import Metrics
 from app.realtime.sse import notice_frame
 
@@ -150,7 +151,8 @@ class Present:
     since: datetime
 
     def as_json(self) -> dict[str, Any]:
-        return {"username": self.username, "streams": self.streams, "since": self.since}
+        since = format_timestamp(self.since)  # as events' published_at
+        return {"username": self.username, "streams": self.streams, "since": since}
 
 
 def listing(channel: str, users: Iterable[Present]) -> dict[str, Any]:
