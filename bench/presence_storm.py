@@ -8,8 +8,9 @@ with presence on, N users with one stream each. Two phases:
 
 1. **first connect**: all N streams open at once; every stream must come to
    hold all N users (its ``ssehub.presence`` list plus the joins after it);
-2. **reconnect**: all N close and open again at once, within the grace;
-   nobody leaves or joins, and every new stream must hold all N users again.
+2. **reconnect**: all N close at once and, a second later (four turns: every
+   lease is in its grace by then), open again at once; nobody leaves or
+   joins, and every new stream must hold all N users again.
 
 For each phase it prints the lease rows written, the write transactions, the
 join and leave notices the streams received, and the seconds from the first
@@ -60,6 +61,7 @@ class PresenceReader(asyncio.Protocol):
         for kind, payload in FRAME.findall(complete):
             body = json.loads(payload)
             if kind == b"ssehub.presence":
+                self.tally["ssehub.presence"] += 1
                 self.users = {user["username"] for user in body["users"]}
             elif self.users is not None:
                 self.tally[kind.decode()] += 1
@@ -87,13 +89,16 @@ def metric(base: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def phase(target: Ssehub, tokens: list[str], label: str) -> dict[str, Any]:
+async def phase(target: Ssehub, tokens: list[str], label: str, reconnect: bool) -> dict[str, Any]:
     base = f"http://{HOST}:{target.port}"
     writes = metric(base, "ssehub_presence_lease_writes_total")
     batches = metric(base, "ssehub_presence_write_transactions_total")
+    if reconnect:
+        close_all()
+        await asyncio.sleep(1.0)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    tally = {"ssehub.join": 0, "ssehub.leave": 0}
+    tally = {"ssehub.presence": 0, "ssehub.join": 0, "ssehub.leave": 0}
     READERS.clear()
     began = time.monotonic()
     gate = asyncio.Semaphore(500)
@@ -119,6 +124,7 @@ async def phase(target: Ssehub, tokens: list[str], label: str) -> dict[str, Any]
         "write_transactions": int(
             metric(base, "ssehub_presence_write_transactions_total") - batches
         ),
+        "lists_received": tally["ssehub.presence"],
         "joins_received": tally["ssehub.join"],
         "leaves_received": tally["ssehub.leave"],
     }
@@ -161,9 +167,8 @@ async def run(streams: int) -> list[dict[str, Any]]:
             await conn.close()
         settings = Settings(secret_key=SECRET, database_url=database_url(database))
         tokens = [issue_token(settings, row[0], "stream")[0] for row in ids]
-        first = await phase(target, tokens, "first connect")
-        close_all()
-        again = await phase(target, tokens, "reconnect within the grace")
+        first = await phase(target, tokens, "first connect", reconnect=False)
+        again = await phase(target, tokens, "reconnect within the grace", reconnect=True)
         close_all()
         return [first, again]
     finally:

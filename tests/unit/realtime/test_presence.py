@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from app.realtime.presence import Present, View, listing
+from app.realtime.presence import MAX_NOTICES, Present, View, listing
 
 SINCE = datetime(2026, 12, 7, tzinfo=UTC)
 
@@ -50,9 +50,14 @@ def test_snapshot_follows_the_list_it_holds() -> None:
 def test_a_snapshot_plus_its_notices_is_the_list_now() -> None:
     view = View("room", users("ann"))
     told: set[str] = {u["username"] for u in frames(view.snapshot(object()))[0][1]["users"]}  # type: ignore[index]
-    for step in (users("ann", "bob"), users("bob"), users("bob", "cyd", "dee"), users()):
+    crowd = users(*(f"user{n:03}" for n in range(40)))
+    steps = (users("ann", "bob"), users("bob"), crowd, users("bob", "cyd", "dee"), users())
+    for step in steps:
         for kind, body in frames(view.replace(step, None)):
-            (told.add if kind == "ssehub.join" else told.discard)(str(body["username"]))
+            if kind == "ssehub.presence":
+                told = {u["username"] for u in body["users"]}  # type: ignore[union-attr]
+            else:
+                (told.add if kind == "ssehub.join" else told.discard)(str(body["username"]))
         assert told == set(step)
 
 
@@ -61,3 +66,16 @@ def test_listing_is_in_username_order_by_bytes() -> None:
     assert [u["username"] for u in body["users"]] == ["Zed", "bob"]
     since = "2026-12-07T00:00:00.000000Z"
     assert body["users"][1] == {"username": "bob", "streams": 2, "since": since}
+
+
+def test_many_changes_in_one_turn_are_the_list_again() -> None:
+    view = View("room", users("ann"))
+    view.snapshot(object())
+    crowd = users("ann", *(f"user{n:03}" for n in range(MAX_NOTICES + 1)))
+    ((kind, body),) = frames(view.replace(crowd, 2))
+    assert kind == "ssehub.presence"
+    assert len(body["users"]) == MAX_NOTICES + 2  # type: ignore[arg-type]
+    assert frames(view.replace(users("ann"), 3))[0][0] == "ssehub.presence"
+    assert frames(view.replace(users("ann", "bob"), 4)) == [
+        ("ssehub.join", {"channel": "room", "username": "bob"})
+    ]
