@@ -26,7 +26,10 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
-    hub = Hub(app.state.metrics, settings.max_streams_per_user, settings.send_timeout_seconds)
+    broker = _broker(app)
+    hub = Hub(
+        app.state.metrics, broker, settings.max_streams_per_user, settings.send_timeout_seconds
+    )
     app.state.stream_access = StreamAccessCache()
     app.state.replays = SharedPages(app.state.pool, hub)
     handlers = [
@@ -34,10 +37,10 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         app.state.publish_rights,
         app.state.identity,
     ]
-    broker = _broker(app, hub)
-    await broker.start(app.state.pool)
+    await broker.start(hub)
+    running_broker = asyncio.create_task(broker.run(), name="broker")
     listen_url = settings.listen_database_url or settings.database_url
-    listener = Listener(listen_url, broker, handlers, app.state.publisher.inbox_due)
+    listener = Listener(listen_url, broker.log_tail(), handlers, app.state.publisher.inbox_due)
     listener.start()
     app.state.publisher.on_commit = broker.committed
     app.state.hub, app.state.broker, app.state.listener = hub, broker, listener
@@ -51,10 +54,13 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
         await listener.stop()
+        running_broker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running_broker
         await broker.stop()
 
 
-def _broker(app: FastAPI, hub: Hub) -> Broker:
+def _broker(app: FastAPI) -> Broker:
     """The engine ``SSEHUB_BROKER`` names, chosen once here."""
     settings, metrics = app.state.settings, app.state.metrics
     if settings.broker == "nats":
@@ -64,7 +70,6 @@ def _broker(app: FastAPI, hub: Hub) -> Broker:
         assert key, "ensure_secret_key() runs before the app is built"
         return NatsBroker(
             settings.nats_url,
-            hub,
             app.state.pool,
             metrics,
             key,
@@ -72,7 +77,7 @@ def _broker(app: FastAPI, hub: Hub) -> Broker:
             creds=settings.nats_creds,
             ca_file=settings.nats_tls_ca_file,
         )
-    return PostgresBroker(hub, metrics)
+    return PostgresBroker(app.state.pool, metrics)
 
 
 @contextmanager
