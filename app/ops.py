@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from app.db import raw_connection
 from app.realtime.broker import STUCK_SECONDS
+from app.runtime import runtime
 
 router = APIRouter(tags=["operations"])
 
@@ -42,7 +43,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """200 when the database answers, the cross-instance listener is up, the
     broker delivers (``Broker.health``) and the writer is not stuck; else 503."""
-    state, now = request.app.state, time.monotonic()
+    state, now = runtime(request), time.monotonic()
     checks = {
         "database": await _database_ok(request),
         "listener": state.listener.listening and state.listener.stuck_for(now) < STUCK_SECONDS,
@@ -58,7 +59,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def _database_ok(request: Request) -> bool:
     """One query on the hot paths' pool, within 2 s."""
     try:
-        async with asyncio.timeout(2), raw_connection(request.app.state.pool) as conn:
+        async with asyncio.timeout(2), raw_connection(runtime(request).pool) as conn:
             await conn.fetchval("SELECT 1")
         return True
     except Exception:
@@ -68,5 +69,5 @@ async def _database_ok(request: Request) -> bool:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
-    body = generate_latest(request.app.state.metrics.registry)
+    body = generate_latest(runtime(request).metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -68,26 +68,17 @@ class Listener:
         self._hints = Hints()  # what the next turn applies
         self._ignored = 0  # control messages ssehub does not send, not logged yet
         self._ignored_told_at = -IGNORED_LOG_SECONDS
-        self._task: asyncio.Task[None] | None = None
         self.listening = False
         self.alive_at = time.monotonic()
-
-    def start(self) -> None:
-        self.alive_at = time.monotonic()
-        self._task = asyncio.create_task(self._run_forever(), name="listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def stuck_for(self, now: float) -> float:
         """How long since the loop last turned: it turns at least every
         ``HEALTH_CHECK_SECONDS`` (and every page) while connected."""
         return now - self.alive_at
 
-    async def _run_forever(self) -> None:
+    async def run(self) -> None:
+        """Listen, reconnecting for ever, until cancelled."""
+        self.alive_at = time.monotonic()
         backoff = 0.1
         while True:
             try:
