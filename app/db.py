@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from app.errors import Conflict
+from app.runtime import runtime
 
 log = logging.getLogger("ssehub")
 
@@ -105,7 +106,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     *before* the response is sent: a client that gets its 201 can rely on the
     row being visible to its very next request.
     """
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    sessionmaker = runtime(request).sessionmaker
     async with sessionmaker() as session:
         try:
             yield session

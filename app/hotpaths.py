@@ -40,6 +40,7 @@ from app.events import routes as events
 from app.limits import BodyLimit
 from app.realtime import routes as streams
 from app.route_table import Endpoint, Route, parse_route
+from app.runtime import runtime
 
 log = logging.getLogger("ssehub")
 Handler = Callable[[Request, str], Awaitable[Response]]
@@ -58,7 +59,7 @@ async def _publishing(endpoint: PublishEndpoint, request: Request, name: str) ->
     """Call a publish endpoint with what FastAPI would resolve for it."""
     caller = await publisher_caller(request)
     key = request.headers.get("idempotency-key")
-    return await endpoint(name, request, request.app.state.settings, caller, key)
+    return await endpoint(name, request, runtime(request).settings, caller, key)
 
 
 async def _stream_channel(request: Request, name: str) -> Response:

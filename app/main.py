@@ -1,18 +1,15 @@
 """``create_app(settings)``: wiring and lifespan, nothing else.
 
-The lifespan builds the shared objects once per process and hangs them on
-``app.state``: the engine and sessionmaker, the hot paths' pool, the metrics,
-then (in this order) the signing key's claim (``app.auth.signing_key``), the
-login throttle and the identity verifiers (``app.auth.lifespan``), the event
-log's writer, publish rights and retention (``app.events.lifespan``) and the
-real-time side, hub and broker (``app.realtime.lifespan``).
+The lifespan builds the runtime once per process (``app.lifespan.running``:
+every shared part, typed, in ``app.runtime.Runtime``) and keeps it on
+``app.state.runtime``, the only thing the app's state holds.
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,21 +22,17 @@ from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import ops
-from app.auth import lifespan as auth_lifespan
-from app.auth import signing_key
 from app.auth.api_key_routes import router as api_keys_router
 from app.auth.routes import router as auth_router
 from app.channels.routes import router as channels_router
 from app.config import Settings, ensure_secret_key
-from app.db import create_engine, create_pool, create_sessionmaker, split_budget
 from app.errors import error_responses, install_error_handlers
-from app.events import lifespan as events_lifespan
 from app.events.routes import router as events_router
 from app.hotpaths import HotPaths
+from app.lifespan import running
 from app.limits import BodyLimit
 from app.logs import install_token_redaction
 from app.metrics import Metrics
-from app.realtime import lifespan as realtime_lifespan
 from app.realtime.routes import router as realtime_router
 from app.users.routes import router as users_router
 
@@ -72,25 +65,14 @@ def create_app(settings: Settings) -> ASGIApp:
             "create_app needs settings.database_url (the CLI resolves the embedded one)"
         )
     settings = ensure_secret_key(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_token_redaction()
         tune_garbage_collector()
-        assert settings.database_url
-        orm_size, raw_size = split_budget(settings.db_pool_size)
-        pgbouncer = settings.behind_pgbouncer
-        engine = create_engine(settings.database_url, orm_size, pgbouncer)
-        app.state.engine = engine
-        app.state.sessionmaker = create_sessionmaker(engine)
-        async with AsyncExitStack() as stack:
-            stack.push_async_callback(engine.dispose)
-            app.state.pool = await create_pool(settings.database_url, raw_size, pgbouncer)
-            stack.push_async_callback(app.state.pool.close)
-            await stack.enter_async_context(signing_key.claimed(app))
-            await stack.enter_async_context(auth_lifespan.running(app))
-            await stack.enter_async_context(events_lifespan.running(app))
-            await stack.enter_async_context(realtime_lifespan.running(app))
+        async with running(settings, metrics) as runtime:
+            app.state.runtime = runtime
             yield
 
     app = FastAPI(
@@ -99,8 +81,6 @@ def create_app(settings: Settings) -> ASGIApp:
         default_response_class=JSONResponse,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(ops.router)
     for router, errors in ROUTER_ERRORS:

@@ -11,13 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from app.db import raw_connection
+from app.realtime.broker import STUCK_SECONDS
+from app.runtime import runtime
 
 router = APIRouter(tags=["operations"])
-# The writer's statements wait for the publish lock, and the broker's reads for
-# nothing but an exclusive lock on the log: either busy this long means this
-# instance cannot publish or deliver now, and it leaves its load balancer
-# (their queries time out at ``app.db.QUERY_TIMEOUT_SECONDS`` and retry).
-STUCK_SECONDS = 5.0
 
 
 class Readiness(BaseModel):
@@ -44,13 +41,13 @@ async def healthz() -> dict[str, str]:
     },
 )
 async def readyz(request: Request) -> JSONResponse:
-    """200 when the database answers, the cross-instance listener is up, and
-    neither the writer nor the listener's loop is stuck; else 503."""
-    state, now = request.app.state, time.monotonic()
+    """200 when the database answers, the cross-instance listener is up, the
+    broker delivers (``Broker.health``) and the writer is not stuck; else 503."""
+    state, now = runtime(request), time.monotonic()
     checks = {
         "database": await _database_ok(request),
-        "listener": bool(state.listener.listening),
-        "broker": state.listener.stuck_for(now) < STUCK_SECONDS,
+        "listener": state.listener.listening and state.listener.stuck_for(now) < STUCK_SECONDS,
+        "broker": state.broker.health().ok,
         "writer": state.publisher.stuck_for(now) < STUCK_SECONDS,
     }
     ok = all(checks.values())
@@ -62,7 +59,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def _database_ok(request: Request) -> bool:
     """One query on the hot paths' pool, within 2 s."""
     try:
-        async with asyncio.timeout(2), raw_connection(request.app.state.pool) as conn:
+        async with asyncio.timeout(2), raw_connection(runtime(request).pool) as conn:
             await conn.fetchval("SELECT 1")
         return True
     except Exception:
@@ -72,5 +69,5 @@ async def _database_ok(request: Request) -> bool:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
-    body = generate_latest(request.app.state.metrics.registry)
+    body = generate_latest(runtime(request).metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

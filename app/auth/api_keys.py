@@ -146,7 +146,6 @@ class ApiKeys:
         self._pool = pool
         self._checked: dict[str, ApiKeyGrant] = {}
         self._used: dict[int, float] = {}
-        self._flusher: asyncio.Task[None] | None = None
         self._revocations = 0  # a look-up that a revocation overtook is not remembered
 
     async def grant(self, key: str) -> ApiKeyGrant:
@@ -187,14 +186,8 @@ class ApiKeys:
 
     # -- last_used_at ---------------------------------------------------------
 
-    def start(self) -> None:
-        self._flusher = asyncio.create_task(self._flush_forever(), name="api-key-usage")
-
-    async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+    async def close(self) -> None:
+        """The last flush, once ``flush_forever`` has stopped."""
         with contextlib.suppress(Exception):
             await self.flush()
 
@@ -212,7 +205,7 @@ class ApiKeys:
                 self._used[key_id] = max(t, self._used.get(key_id, 0.0))
             raise
 
-    async def _flush_forever(self) -> None:
+    async def flush_forever(self) -> None:
         while True:
             await asyncio.sleep(USAGE_FLUSH_SECONDS)
             try:

@@ -26,6 +26,7 @@ from app.config import Settings
 from app.db import SessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
+from app.runtime import runtime
 
 STREAM_COOKIE = "ssehub_stream"
 bearer_scheme = OAuth2PasswordBearer(
@@ -57,16 +58,14 @@ ACCESS_OR_STREAM: frozenset[Scope] = frozenset({"access", "stream"})
 
 
 async def settings_of(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return runtime(request).settings
 
 
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 
 
 def _identity(request: Request) -> Identity:
-    identity: Identity = request.app.state.identity
-    return identity
+    return runtime(request).identity
 
 
 def _bearer(request: Request) -> str:

@@ -58,11 +58,12 @@ class Identity:
         claims = decode_token(self._settings, token, accept)
         return Caller(claims.user_id, None, claims.expires_at, claims.scope)
 
-    def start(self) -> None:
-        self.api_keys.start()
+    async def run(self) -> None:
+        """Record API keys' use, until cancelled."""
+        await self.api_keys.flush_forever()
 
-    async def stop(self) -> None:
-        await self.api_keys.stop()
+    async def close(self) -> None:
+        await self.api_keys.close()
 
     async def apply(self, conn: Any, hints: Hints) -> None:
         await self.api_keys.apply(conn, hints)

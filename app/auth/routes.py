@@ -16,12 +16,13 @@ from app.auth.tokens import issue_token
 from app.db import SessionDep
 from app.errors import Conflict, Forbidden, Unauthorized
 from app.models import User
+from app.runtime import runtime
 
 router = APIRouter(tags=["auth"])
 
 
 def _throttle(request: Request) -> LoginThrottle:
-    throttle: LoginThrottle = request.app.state.login_throttle
+    throttle = runtime(request).login_throttle
     return throttle
 
 
@@ -55,7 +56,7 @@ async def token(
     with throttle.slot():
         try:
             user_id = await service.authenticate(
-                request.app.state.pool, throttle, form.username, form.password
+                runtime(request).pool, throttle, form.username, form.password
             )
         except Unauthorized:
             throttle.failed(address, form.username)

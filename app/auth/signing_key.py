@@ -20,15 +20,10 @@ again once ``FRESH_SECONDS`` have passed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
-
-from fastapi import FastAPI
 
 from app.db import raw_connection
 
@@ -108,22 +103,14 @@ async def keep_fresh(pool: Any, fp: str) -> None:
             log.error("%s", conflict_message(age))
 
 
-@asynccontextmanager
-async def claimed(app: FastAPI) -> AsyncIterator[None]:
-    """Claim this process's key on ``app.state.pool`` and keep it fresh while the app runs."""
-    key = app.state.settings.secret_key
-    assert key, "ensure_secret_key() runs before the app is built"
+async def claim_key(pool: Any, key: str) -> str:
+    """Claim this process's key on ``pool``; its fingerprint, for ``keep_fresh``.
+    Raises ``SigningKeyConflict`` while another key is in use."""
     fp = fingerprint(key)
     try:
-        async with raw_connection(app.state.pool) as conn:
+        async with raw_connection(pool) as conn:
             await claim(conn, fp)
     except SigningKeyConflict as exc:
         log.error("%s", exc)  # a line of its own above the lifespan's traceback
         raise
-    refresher = asyncio.create_task(keep_fresh(app.state.pool, fp), name="signing-key")
-    try:
-        yield
-    finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+    return fp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from app.auth.deps import AdminUser, CurrentUser
 from app.channels import service
@@ -19,6 +19,7 @@ from app.channels.schemas import (
 from app.db import SessionDep, raw_connection
 from app.errors import Conflict
 from app.realtime.presence import listing, read_lists
+from app.runtime import RuntimeDep
 from app.text import Text
 
 router = APIRouter(tags=["channels"])
@@ -73,15 +74,14 @@ async def delete_channel(name: ChannelName, session: SessionDep, _: AdminUser) -
 
 @router.get("/channels/{name}/presence", response_model=PresenceOut)
 async def get_presence(
-    name: ChannelName, request: Request, session: SessionDep, user: CurrentUser
+    name: ChannelName, parts: RuntimeDep, session: SessionDep, user: CurrentUser
 ) -> PresenceOut:
     """Who has a stream carrying the channel, on every instance (409 if presence is off)."""
     channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
     if not channel.presence:
         raise Conflict(f"Presence is off for channel {name!r}")
-    state = request.app.state
-    async with raw_connection(state.pool) as conn:
-        lists = await read_lists(conn, [channel.id], state.settings.presence_ttl_seconds)
+    async with raw_connection(parts.pool) as conn:
+        lists = await read_lists(conn, [channel.id], parts.settings.presence_ttl_seconds)
     return PresenceOut.model_validate(listing(channel.name, lists[channel.id].values()))
 
 

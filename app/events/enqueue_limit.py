@@ -20,11 +20,8 @@ stopped (at once) or was killed (within ``LAPSE_SECONDS``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from app.db import raw_connection
@@ -48,7 +45,7 @@ async def _declare(pool: Any, instance: uuid.UUID, max_event_bytes: int) -> None
         await conn.execute(_DECLARE, instance, max_event_bytes, LAPSE_SECONDS)
 
 
-async def _keep_renewed(pool: Any, instance: uuid.UUID, max_event_bytes: int) -> None:
+async def keep_renewed(pool: Any, instance: uuid.UUID, max_event_bytes: int) -> None:
     """Renew forever; a failure (the database away) is logged and retried, never fatal."""
     while True:
         await asyncio.sleep(RENEW_SECONDS)
@@ -59,20 +56,17 @@ async def _keep_renewed(pool: Any, instance: uuid.UUID, max_event_bytes: int) ->
             log.warning("could not renew this instance's event size limit: %s", exc)
 
 
-@asynccontextmanager
-async def declared(pool: Any, max_event_bytes: int) -> AsyncIterator[None]:
-    """This instance's limit counts for ``ssehub_enqueue`` while the block runs."""
+async def declare(pool: Any, max_event_bytes: int) -> uuid.UUID:
+    """This instance's limit counts for ``ssehub_enqueue`` from now on, while
+    ``keep_renewed`` runs, until ``withdraw``; returns the instance's id."""
     instance = uuid.uuid4()
     await _declare(pool, instance, max_event_bytes)
-    renewer = asyncio.create_task(_keep_renewed(pool, instance, max_event_bytes), name="limit")
+    return instance
+
+
+async def withdraw(pool: Any, instance: uuid.UUID) -> None:
     try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
-        try:
-            async with asyncio.timeout(RENEW_SECONDS), raw_connection(pool) as conn:
-                await conn.execute(_WITHDRAW, instance)
-        except Exception as exc:  # it lapses by itself
-            log.warning("could not withdraw this instance's event size limit: %s", exc)
+        async with asyncio.timeout(RENEW_SECONDS), raw_connection(pool) as conn:
+            await conn.execute(_WITHDRAW, instance)
+    except Exception as exc:  # it lapses by itself
+        log.warning("could not withdraw this instance's event size limit: %s", exc)

@@ -133,14 +133,19 @@ class _Request:
 class Publisher:
     """Coalesces concurrent publishes into ordered transactions (see module docstring)."""
 
-    def __init__(self, database_url: str, metrics: Metrics, pgbouncer: bool = False) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        metrics: Metrics,
+        on_commit: Callable[[list[StoredEvent], int], None],
+        pgbouncer: bool = False,
+    ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._options = connection_options(WRITER_NAME, WRITE_TIMEOUT_SECONDS, pgbouncer)
         self._metrics = metrics
         self._conn: asyncpg.Connection | None = None
         self._pending: deque[_Request] = deque()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._inbox_due = True  # rows may have waited while no instance ran
         self._pending_events = 0
@@ -148,7 +153,7 @@ class Publisher:
         self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
         # Called with each committed transaction's new events (in id order) and the
         # log's head before them: see ``Broker.committed``.
-        self.on_commit: Callable[[list[StoredEvent], int], None] | None = None
+        self.on_commit = on_commit
 
     async def publish(
         self,
@@ -186,18 +191,19 @@ class Publisher:
         readiness fails when the writer is stuck."""
         return now - self.busy_since if self.busy_since else 0.0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ssehub-publisher")
+    async def run(self) -> None:
+        """Write until ``close``; then finish what is pending, and return."""
         self._wake.set()
+        try:
+            await self._run()
+        finally:
+            if self._conn is not None:
+                await self._conn.close()
 
-    async def stop(self) -> None:
-        """Finish what is pending, then stop."""
+    def close(self) -> None:
+        """Take no more publishes: ``run`` finishes those pending and returns."""
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
-        if self._conn is not None:
-            await self._conn.close()
 
     def inbox_due(self) -> None:
         """Rows enqueued from SQL may be waiting (``app.events.inbox``): move them."""
@@ -352,7 +358,7 @@ class Publisher:
             for event in result[0]
         ]
         self._metrics.events_published.inc(len(created))
-        if created and self.on_commit is not None:
+        if created:
             created.sort(key=lambda event: event.id)
             head = next(row["tx_prev"] for row in statuses if row["status"] == "created")
             self.on_commit(created, head)

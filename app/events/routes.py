@@ -27,8 +27,8 @@ from app.db import raw_connection
 from app.errors import BadRequest, Forbidden, Invalid, NotFound, PayloadTooLarge, Unauthorized
 from app.events.log import Page, StoredEvent, read_page
 from app.events.publisher import NewEvent, Publisher
-from app.events.rights import PublishRights
 from app.events.schemas import BatchIn, BatchOut, EventIn, EventOut, EventPage
+from app.runtime import runtime
 from app.text import Text, storable
 
 router = APIRouter(tags=["events"])
@@ -82,13 +82,13 @@ def _new_event(event: EventIn, max_bytes: int) -> NewEvent:
 
 
 def _publisher(request: Request) -> Publisher:
-    publisher: Publisher = request.app.state.publisher
+    publisher = runtime(request).publisher
     return publisher
 
 
 async def _may_publish(request: Request, caller: Caller, name: str) -> None:
     """Rights before work: 401/403/404 before the body is read (``app.events.rights``)."""
-    rights: PublishRights = request.app.state.publish_rights
+    rights = runtime(request).publish_rights
     await rights.check(caller, name)
 
 
@@ -206,7 +206,7 @@ async def history(
     of data: follow ``next_after``."""
     if caller.api_key is not None and not caller.api_key.allows(name):
         raise Forbidden("This API key may not read this channel")
-    async with raw_connection(request.app.state.pool) as conn:
+    async with raw_connection(runtime(request).pool) as conn:
         channel_id = await history_channel(conn, name, caller.user_id)
         page = await read_page(conn, [channel_id], after, limit)
     return _page_response(page)
@@ -217,7 +217,7 @@ async def my_events(
     request: Request, caller: UserCaller, after: After = 0, limit: Limit = 100
 ) -> Response:
     """The caller's personal history (``@USERNAME``), like a channel's."""
-    async with raw_connection(request.app.state.pool) as conn:
+    async with raw_connection(runtime(request).pool) as conn:
         page = await read_page(
             conn, [await _personal_channel_id(conn, caller.user())], after, limit
         )

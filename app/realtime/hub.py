@@ -3,7 +3,8 @@
 Fan-out encodes a frame once per event and hands the same bytes to every
 subscriber, without awaiting any of them (see ``fan_out``). The
 hub's ``position`` is the highest id it has fanned out: a stream opened
-without a resume position starts there.
+without a resume position starts there. Only the hub moves it, when its
+broker delivers (``deliver``; ``app.realtime.broker`` argues why here).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import groupby
 
 from app.errors import TooManyRequests
 from app.events.log import Gap, StoredEvent
 from app.metrics import Metrics
+from app.realtime.broker import Follower
 from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.subscriber import Subscriber
 
@@ -27,18 +29,19 @@ class Hub:
     def __init__(
         self,
         metrics: Metrics,
+        broker: Follower,
         max_streams_per_user: int,
         send_timeout: float = SEND_TIMEOUT_SECONDS,
     ) -> None:
         self.position = 0
+        # Told when a channel gains its first stream or loses its last: the NATS
+        # broker subscribes only to what is carried.
+        self._broker = broker
         self._metrics = metrics
         self._max_per_user = max_streams_per_user
         self._send_timeout = send_timeout
         self._by_channel: defaultdict[int, set[Subscriber]] = defaultdict(set)
         self._by_user: defaultdict[int, set[Subscriber]] = defaultdict(set)
-        # Told when a channel gains its first stream (True) or loses its last
-        # (False): the NATS broker subscribes only to what is carried.
-        self.interest: Callable[[int, bool], None] | None = None
 
     def register(self, sub: Subscriber) -> None:
         """Start routing live events to ``sub``; 429 past the per-user limit."""
@@ -97,6 +100,15 @@ class Hub:
             deliveries.observe(now, published, copies=written)
         if overflowed:
             self._metrics.slow_reader_catchups.inc(overflowed)
+
+    def deliver(self, events: list[StoredEvent], through: int) -> None:
+        """The broker hands over ``events`` (in id order) and every other id up to
+        ``through``: fan them out, and move the position, in one step with no
+        await, so a stream registering takes a position whose every later event
+        it gets live or by its replay."""
+        if events:
+            self.fan_out(events)
+        self.position = max(self.position, through)
 
     def mark_gap(self, gap: Gap) -> None:
         """Retention removed events of a channel before they were fanned out: every
@@ -189,8 +201,8 @@ class Hub:
 
     def _route(self, sub: Subscriber, channel_id: int) -> None:
         subscribers = self._by_channel[channel_id]
-        if not subscribers and self.interest is not None:
-            self.interest(channel_id, True)
+        if not subscribers:
+            self._broker.follow(channel_id)
         subscribers.add(sub)
 
     def _unroute(self, sub: Subscriber, channel_id: int) -> None:
@@ -199,5 +211,4 @@ class Hub:
             subscribers.discard(sub)
             if not subscribers:
                 del self._by_channel[channel_id]
-                if self.interest is not None:
-                    self.interest(channel_id, False)
+                self._broker.unfollow(channel_id)

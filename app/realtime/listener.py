@@ -3,11 +3,11 @@
 It LISTENs to ``ssehub_control`` (``app.notify``: changes open streams must
 react to), to ``ssehub_inbox`` (rows enqueued from SQL, handed to the writer:
 ``on_inbox``, also on every quiet turn, in case a notification was missed) and,
-when the broker wants it, to ``ssehub_events``. Every turn
-(on a notification, and at least every ``HEALTH_CHECK_SECONDS``) it applies
-the pending control messages, then lets the broker catch up
-(``Broker.catch_up``, ``app.realtime.broker``), on this connection: live
-delivery never waits behind a reconnect storm's queries on the pool. The
+when the broker reads the log's tail here (``LogTail``, the Postgres broker's:
+``app.realtime.broker``), to ``ssehub_events``. Every turn (on a
+notification, and at least every ``HEALTH_CHECK_SECONDS``) it applies the
+pending control messages, then lets the tail catch up, on this connection:
+live delivery never waits behind a reconnect storm's queries on the pool. The
 connection is ``SSEHUB_LISTEN_DATABASE_URL``'s when set (a direct connection
 where the others go through PgBouncer, whose transaction mode cannot LISTEN).
 
@@ -35,16 +35,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import orjson
 
 from app.db import QUERY_TIMEOUT_SECONDS, asyncpg_dsn, connection_options
 from app.notify import CONTROL_CHANNEL, EVENTS_CHANNEL, INBOX_CHANNEL, ControlHandler, Hints
-
-if TYPE_CHECKING:
-    from app.realtime.broker import Broker
+from app.realtime.broker import LogTail
 
 log = logging.getLogger("ssehub")
 
@@ -57,12 +55,12 @@ class Listener:
     def __init__(
         self,
         database_url: str,
-        broker: Broker,
+        tail: LogTail | None,
         handlers: Sequence[ControlHandler],
         on_inbox: Callable[[], None],
     ) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._broker = broker
+        self._tail = tail
         self._handlers = list(handlers)
         self._on_inbox = on_inbox
         self._dirty = asyncio.Event()
@@ -70,26 +68,17 @@ class Listener:
         self._hints = Hints()  # what the next turn applies
         self._ignored = 0  # control messages ssehub does not send, not logged yet
         self._ignored_told_at = -IGNORED_LOG_SECONDS
-        self._task: asyncio.Task[None] | None = None
         self.listening = False
         self.alive_at = time.monotonic()
-
-    def start(self) -> None:
-        self.alive_at = time.monotonic()
-        self._task = asyncio.create_task(self._run_forever(), name="listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def stuck_for(self, now: float) -> float:
         """How long since the loop last turned: it turns at least every
         ``HEALTH_CHECK_SECONDS`` (and every page) while connected."""
         return now - self.alive_at
 
-    async def _run_forever(self) -> None:
+    async def run(self) -> None:
+        """Listen, reconnecting for ever, until cancelled."""
+        self.alive_at = time.monotonic()
         backoff = 0.1
         while True:
             try:
@@ -112,7 +101,7 @@ class Listener:
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
             self._hints = Hints(everything=True)  # what was lost: all of it, read afresh
-            if self._broker.wants_notify:
+            if self._tail is not None:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_events)
             await conn.add_listener(CONTROL_CHANNEL, self._on_control)
             await conn.add_listener(INBOX_CHANNEL, self._on_inbox_notified)
@@ -125,7 +114,8 @@ class Listener:
                 if quiet:
                     self._on_inbox()  # a safety net, not a query per event's wake-up
                 await self._apply_control(conn)
-                await self._broker.catch_up(conn, self._between_pages)
+                if self._tail is not None:
+                    await self._tail.catch_up(conn, self._between_pages)
                 quiet = False
                 try:
                     await asyncio.wait_for(self._dirty.wait(), HEALTH_CHECK_SECONDS)
@@ -140,7 +130,7 @@ class Listener:
         log.warning("listener: connection lost")
 
     async def _between_pages(self, conn: Any) -> None:
-        """Before each page the broker reads: the loop is alive, control applied."""
+        """Before each page the tail reads: the loop is alive, control applied."""
         self.alive_at = time.monotonic()
         await self._apply_control(conn)
 

@@ -4,7 +4,7 @@ With the Postgres broker every instance reads every event from the log: with
 k instances the log is read k times. Here the instance that commits a
 publishing transaction sends its events over core NATS, and each instance
 receives only the channels its open streams carry (it subscribes to a
-channel's subject when the hub's first stream carries it, ``Hub.interest``).
+channel's subject when the hub's first stream carries it: ``follow``).
 Postgres stays the source of truth and the ordering authority; NATS only
 carries copies, and anything NATS loses is noticed and read from the log.
 
@@ -23,8 +23,9 @@ NATS delivers one publisher's messages to a subscriber in the order sent, so a
 transaction's channel messages come before its ``ssehub.tx`` unless lost.
 
 **Why every carried event reaches the hub once, in id order, with no gap.**
-The broker applies transactions strictly along the chain from its
-``position`` (every id up to it handed to the hub, for every carried channel):
+The broker applies transactions strictly along the chain from the hub's
+``position`` (every id up to it handed to the hub, for every carried channel;
+the decisions are ``app.realtime.nats_chain``'s):
 
 - ``max <= position``: seen already (a duplicate, two relays for a moment, or
   this instance's own shortcut): dropped.
@@ -37,9 +38,9 @@ The broker applies transactions strictly along the chain from its
   reads the carried channels' events in ``(position, prev]`` from the log and
   goes on.
 - Nothing arrives at all (the last transactions' messages were lost, NATS is
-  down): on the listener's turn the log's head is compared with ``position``;
-  behind on two turns running, the carried channels are read from the log up
-  to the head.
+  down): every ``SAFETY_NET_SECONDS`` the log's head is compared with
+  ``position``; behind on two looks running, the carried channels are read
+  from the log up to the head.
 
 Which channels are carried is decided at the hand-over, after the last log
 read: a stream that registers during a read starts at the hub's position,
@@ -55,7 +56,8 @@ per transaction), which is what lets an instance know what it missed.
 
 **What NATS's other clients can do: nothing.** A NATS server may be shared,
 and any of its clients can read and publish ssehub's subjects. Every message
-is sealed (``app.realtime.seal``): a client without ``SSEHUB_SECRET_KEY``
+is sealed (``app.realtime.seal``, written and checked by
+``app.realtime.nats_wire``): a client without ``SSEHUB_SECRET_KEY``
 reads nothing of it, and what such a client publishes is dropped before the
 chain sees it, counted in ``ssehub_nats_dropped_total`` by reason:
 
@@ -81,92 +83,52 @@ not remove the need for the chain: a committer that dies between its commit
 and its publish leaves a hole only the log can fill. The chain makes core
 NATS exact at the cost of the log reads that losses need, without a second
 store to operate.
+**Health.** ``health`` is not ok while NATS is disconnected, while a
+channel's subscription failed and is not in place yet, or while a
+transaction has waited ``STUCK_SECONDS`` without being handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from app.db import raw_connection
-from app.events.log import (
-    StoredEvent,
-    format_timestamp,
-    last_event_id,
-    last_issued_id,
-    read_page,
-)
+from app.events.log import StoredEvent, last_event_id, last_issued_id, read_page
 from app.metrics import Metrics
 from app.realtime import nats_client
-from app.realtime.broker import BetweenPages
-from app.realtime.hub import Hub
-from app.realtime.seal import ReplayGuard, Sealer, Unsealable
+from app.realtime.broker import STUCK_SECONDS, Health, LogTail, Sink
+from app.realtime.nats_chain import Apply, Chain, Fill, SafetyNet, Verify, fresh
+from app.realtime.nats_wire import (
+    MALFORMED,
+    Wire,
+    database_identity,
+    decode_channel_events,
+    decode_transaction,
+    subject_namespace,
+)
 
 log = logging.getLogger("ssehub")
 
-REORDER_SECONDS = 0.2
 DROP_REASONS = ("unsealed", "replayed", "malformed", "beyond_head")
 # Drops are logged at most this often per reason (a flood must not flood the log).
 DROP_LOG_SECONDS = 10.0
-
-
-def subject_namespace(key: str, cluster: str, database: str) -> str:
-    """The part of every subject that sets deployments sharing one NATS apart.
-
-    Channel ids repeat across databases, so two deployments must not share
-    subjects: each would receive, and have to drop, the other's messages. The
-    instances of one deployment share their database and
-    (``app.auth.signing_key`` enforces it) their signing key; another
-    deployment differs in the Postgres cluster (its system identifier), the
-    database's name or the key. An HMAC keyed with the signing key, so a
-    subject reveals none of them. Subjects only route: what keeps a
-    deployment's messages its own is the seal, which binds this namespace
-    (``app.realtime.seal``)."""
-    label = f"ssehub nats subjects v1|{cluster}|{database}".encode()
-    return hmac.new(key.encode(), label, hashlib.sha256).hexdigest()[:16]
-
-
-async def _database_identity(conn: Any) -> tuple[str, str]:
-    """The Postgres cluster's system identifier ("" where a provider hides it)
-    and the database's name."""
-    database = await conn.fetchval("SELECT current_database()")
-    try:
-        cluster = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
-    except asyncpg.PostgresError:
-        cluster = ""
-    return str(cluster), str(database)
-
-
-@dataclass(frozen=True, slots=True)
-class _Tx:
-    max: int
-    prev: int
-    channels: tuple[int, ...]
-    arrived: float
+SAFETY_NET_SECONDS = 2.0  # how often the log's head is compared with the position
+RETRY_SECONDS = 0.2  # after a failed subscription or log read
 
 
 class NatsBroker:
-    wants_notify = False  # events come over NATS; the log only fills gaps
-
     def __init__(
         self,
         url: str,
-        hub: Hub,
         pool: Any,
         metrics: Metrics,
         secret_key: str,
@@ -178,45 +140,36 @@ class NatsBroker:
         self._creds = creds
         self._ca_file = ca_file
         self._key = secret_key
-        self._sealer: Sealer | None = None  # set in start: the namespace depends on the database
-        self._replays = ReplayGuard()
-        self._tx_subject = ""  # set in start: they depend on the database
-        self._events_subject = ""
+        self._wire: Wire | None = None  # set in start: the namespace depends on the database
         # Past this many unprocessed messages a subscription drops the next ones
         # (nats-py's slow consumer): the chain notices, the log fills them.
         self._pending_limit = pending_limit
-        self._hub = hub
         self._pool = pool
         self._metrics = metrics
+        self._sink: Sink | None = None
         self._nc: NatsClient | None = None
         self._subs: dict[int, Subscription] = {}
+        self._follow_due: set[int] = set()  # channels whose subscription may be wrong
+        self._follow_wake = asyncio.Event()
+        self._follow_failed = False  # the last subscription change failed
         self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._txs: dict[int, _Tx] = {}  # by max: transactions not applied yet
-        self._events: dict[tuple[int, int], list[StoredEvent]] = {}  # (tx max, channel)
+        self._chain = Chain()
+        self._net = SafetyNet()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        # Held while position moves by way of an await (a log read): the
-        # committer's shortcut and the safety net wait their turn.
+        # Held while the position moves by way of an await (a log read): the
+        # committer's shortcut waits its turn.
         self._moving = asyncio.Lock()
-        self._following = asyncio.Lock()
-        self._head_seen = (0, 0)  # (position, log head) at the listener's last turn
-        # The highest id the database is known to have issued: a transaction
-        # naming more is checked with the database before it is applied.
-        self._issued = 0
         self._drops_logged: dict[str, float] = {}
         for reason in DROP_REASONS:
             metrics.nats_dropped.labels(reason)
-        self.position = 0
 
-    async def start(self, pool: Any) -> None:
-        async with raw_connection(pool) as conn:
-            self.position = await last_event_id(conn)
-            self._issued = await last_issued_id(conn)
-            namespace = subject_namespace(self._key, *await _database_identity(conn))
-        self._sealer = Sealer(self._key, namespace)
-        self._tx_subject = f"ssehub.{namespace}.tx"
-        self._events_subject = f"ssehub.{namespace}.ev."
-        self._hub.position = self.position
+    async def start(self, sink: Sink) -> None:
+        async with raw_connection(self._pool) as conn:
+            sink.deliver([], await last_event_id(conn))
+            self._chain.issued = await last_issued_id(conn)
+            namespace = subject_namespace(self._key, *await database_identity(conn))
+        self._wire = Wire(self._key, namespace)
+        self._sink = sink
         self._nc = await nats_client.connect(
             self._url,
             self._creds,
@@ -231,99 +184,111 @@ class NatsBroker:
             reconnected_cb=self._on_reconnected,
         )
         await self._nc.subscribe(
-            self._tx_subject, cb=self._on_tx, pending_msgs_limit=self._pending_limit
+            self._wire.tx_subject, cb=self._on_tx, pending_msgs_limit=self._pending_limit
         )
-        self._hub.interest = self._interest
-        self._tasks = [
-            asyncio.create_task(self._send_forever(), name="nats-send"),
-            asyncio.create_task(self._apply_forever(), name="nats-apply"),
-        ]
+
+    async def run(self) -> None:
+        """Send, apply the chain, and follow channels, until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._send_forever(), name="nats-send")
+            tasks.create_task(self._apply_forever(), name="nats-apply")
+            tasks.create_task(self._follow_forever(), name="nats-follow")
 
     async def stop(self) -> None:
-        self._hub.interest = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.drain(), 2)
 
-    def _subject(self, channel_id: int) -> str:
-        return f"{self._events_subject}{channel_id}"
+    def log_tail(self) -> LogTail | None:
+        return None  # events come over NATS; the log only fills gaps, from the pool
+
+    def health(self) -> Health:
+        if self._nc is None or not self._nc.is_connected:
+            return Health(False, "not connected to NATS")
+        if self._follow_failed:
+            return Health(False, "subscribing to a carried channel failed")
+        waiting = self._chain.waiting_since()
+        if waiting is not None and time.monotonic() - waiting >= STUCK_SECONDS:
+            return Health(False, "the chain of transactions has not moved")
+        return Health(True, "connected to NATS")
 
     # -- publishing (the committer) ---------------------------------------------
 
     def committed(self, events: list[StoredEvent], tx_prev: int) -> None:
         """Send the transaction to every interested instance, and hand it to this
         instance's hub at once if nothing can come between (position == tx_prev)."""
-        if not events:
+        if not events or self._wire is None or self._sink is None:
             return
-        by_channel: defaultdict[int, list[StoredEvent]] = defaultdict(list)
-        for event in events:
-            by_channel[event.channel_id].append(event)
-        top = events[-1].id
-        self._issued = max(self._issued, top)
-        for channel_id, mine in by_channel.items():
-            rows = [
-                [e.id, e.channel, e.type, e.data, format_timestamp(e.published_at)] for e in mine
-            ]
-            self._outbox.put_nowait((self._subject(channel_id), {"tx": top, "e": rows}))
-        tx = {"max": top, "prev": tx_prev, "ch": list(by_channel)}
-        self._outbox.put_nowait((self._tx_subject, tx))
-        if not self._moving.locked() and self.position == tx_prev:
+        self._chain.committed_here(events[-1].id)
+        for message in self._wire.transaction(events, tx_prev):
+            self._outbox.put_nowait(message)
+        if not self._moving.locked() and self._sink.position == tx_prev:
             self._metrics.broker_events.labels("commit").inc(len(events))
-            self._hand_over(events, top)
+            self._sink.deliver(events, events[-1].id)
 
     async def _send_forever(self) -> None:
-        """One sender, so one connection's messages keep their order."""
+        """One sender, so one connection's messages keep their order (and their
+        seals' counters rise in that order)."""
         while True:
             subject, payload = await self._outbox.get()
             try:
-                assert self._nc is not None and self._sealer is not None
-                await self._nc.publish(subject, self._sealer.seal(subject, orjson.dumps(payload)))
+                assert self._nc is not None and self._wire is not None
+                await self._nc.publish(subject, self._wire.seal(subject, payload))
             except Exception as exc:  # the others notice the hole and read the log
                 log.warning("nats: publishing %s failed (%s)", subject, exc)
 
+    # -- following channels -----------------------------------------------------
+
+    def follow(self, channel_id: int) -> None:
+        self._follow_due.add(channel_id)
+        self._follow_wake.set()
+
+    def unfollow(self, channel_id: int) -> None:
+        self._follow_due.add(channel_id)
+        self._follow_wake.set()
+
+    async def _follow_forever(self) -> None:
+        """Subscribe to a channel its first stream carries; unsubscribe after its
+        last. One channel at a time, each on the hub's state when its turn comes,
+        so a stream that comes and goes quickly costs at most one of each."""
+        while True:
+            await self._follow_wake.wait()
+            self._follow_wake.clear()
+            while self._follow_due:
+                channel_id = self._follow_due.pop()
+                try:
+                    await self._follow(channel_id)
+                    self._follow_failed = False
+                except Exception as exc:  # a message not received is read from the log
+                    log.warning("nats: following channel %s failed (%s)", channel_id, exc)
+                    self._follow_failed = True
+                    self._follow_due.add(channel_id)
+                    await asyncio.sleep(RETRY_SECONDS)
+
+    async def _follow(self, channel_id: int) -> None:
+        assert self._nc is not None and self._wire is not None and self._sink is not None
+        carried = self._sink.carries(channel_id)
+        if carried and channel_id not in self._subs:
+            self._subs[channel_id] = await self._nc.subscribe(
+                self._wire.subject(channel_id),
+                cb=self._on_events,
+                pending_msgs_limit=self._pending_limit,
+            )
+        elif not carried and channel_id in self._subs:
+            await self._subs.pop(channel_id).unsubscribe()
+            self._wire.forget(channel_id)
+
     # -- receiving --------------------------------------------------------------
-
-    def _interest(self, channel_id: int, carried: bool) -> None:
-        asyncio.get_running_loop().create_task(self._follow(channel_id, carried))
-
-    async def _follow(self, channel_id: int, carried: bool) -> None:
-        """Subscribe to a channel its first stream carries; unsubscribe after its last."""
-        if self._nc is None:
-            return
-        async with self._following:  # one at a time, each on the hub's state now
-            carried = self._hub.carries(channel_id)
-            try:
-                if carried and channel_id not in self._subs:
-                    self._subs[channel_id] = await self._nc.subscribe(
-                        self._subject(channel_id),
-                        cb=self._on_events,
-                        pending_msgs_limit=self._pending_limit,
-                    )
-                elif not carried and channel_id in self._subs:
-                    await self._subs.pop(channel_id).unsubscribe()
-                    self._replays.forget(self._subject(channel_id))
-            except Exception as exc:  # a message not received is read from the log
-                log.warning("nats: following channel %s failed (%s)", channel_id, exc)
 
     def _open(self, msg: Msg) -> bytes | None:
         """The message's payload if it is a fresh one of this deployment's, else
-        None (dropped and counted). No await: the replay check and its record
-        happen in the order the subscription delivers (``app.realtime.seal``)."""
-        assert self._sealer is not None
-        try:
-            opened = self._sealer.open(msg.subject, msg.data)
-        except Unsealable:
-            self._drop("unsealed", msg.subject)
+        None (dropped and counted)."""
+        assert self._wire is not None
+        opened = self._wire.open(msg.subject, msg.data)
+        if isinstance(opened, str):
+            self._drop(opened, msg.subject)
             return None
-        if not self._replays.fresh(msg.subject, opened):
-            self._drop("replayed", msg.subject)
-            return None
-        return opened.payload
+        return opened
 
     def _drop(self, reason: str, subject: str) -> None:
         self._metrics.nats_dropped.labels(reason).inc()
@@ -343,12 +308,12 @@ class NatsBroker:
         if payload is None:
             return
         try:
-            tx = _transaction(payload)
-        except _MALFORMED:
+            tx = decode_transaction(payload, time.monotonic())
+        except MALFORMED:
             self._drop("malformed", msg.subject)
             return
-        if tx.max > self.position:
-            self._txs[tx.max] = tx
+        assert self._sink is not None
+        if self._chain.add_transaction(tx, self._sink.position):
             self._wake.set()
 
     async def _on_events(self, msg: Msg) -> None:
@@ -356,103 +321,88 @@ class NatsBroker:
         if payload is None:
             return
         try:
-            channel_id = int(msg.subject.rsplit(".", 1)[1])
-            top, events = _channel_events(payload, channel_id)
-        except _MALFORMED:
+            channel_id = Wire.channel_of(msg.subject)
+            top, events = decode_channel_events(payload, channel_id)
+        except MALFORMED:
             self._drop("malformed", msg.subject)
             return
-        if top > self.position:
-            self._events[(top, channel_id)] = events
+        assert self._sink is not None
+        if self._chain.add_events(top, channel_id, events, self._sink.position):
             self._metrics.broker_events.labels("nats").inc(len(events))
 
+    # -- applying the chain -----------------------------------------------------
+
     async def _apply_forever(self) -> None:
+        looked_at = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), REORDER_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), self._chain.reorder_seconds)
             self._wake.clear()
             try:
-                await self._apply_ready()
+                async with self._moving:
+                    await self._apply_chain()
+                    if time.monotonic() - looked_at >= SAFETY_NET_SECONDS:
+                        looked_at = time.monotonic()
+                        await self._safety_net()
+                assert self._sink is not None
+                self._chain.forget_through(self._sink.position)
             except Exception as exc:  # the database away: the next turn retries
                 log.warning("nats: applying transactions failed (%s: %s)", type(exc).__name__, exc)
-                await asyncio.sleep(0.2)
-
-    async def _apply_ready(self) -> None:
-        """Apply transactions along the chain (module docstring)."""
-        async with self._moving:
-            await self._apply_chain()
-        self._forget_old_events()
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _apply_chain(self) -> None:
-        while self._txs:
-            tx = self._txs[min(self._txs)]
-            if tx.max <= self.position:
-                del self._txs[tx.max]
-                continue
-            if tx.max > self._issued and not await self._issued_up_to(tx.max):
-                del self._txs[tx.max]
-                self._drop("beyond_head", self._tx_subject)
-                for key in [key for key in self._events if key[0] > self._issued]:
-                    del self._events[key]
-                continue
-            if tx.prev > self.position:
-                if time.monotonic() - tx.arrived < REORDER_SECONDS:
-                    return  # a transaction before it may still come
-                await self._fill(self.position, tx.prev)
-                continue
-            del self._txs[tx.max]
-            await self._apply(tx)
+        """Apply transactions along the chain (module docstring), holding ``_moving``."""
+        assert self._sink is not None and self._wire is not None
+        while step := self._chain.next_step(self._sink.position, time.monotonic()):
+            if isinstance(step, Verify):
+                async with raw_connection(self._pool) as conn:
+                    issued = await last_issued_id(conn)
+                if not self._chain.issued_now(issued):
+                    self._drop("beyond_head", self._wire.tx_subject)
+            elif isinstance(step, Fill):
+                await self._fill(step.after, step.until)
+            elif isinstance(step, Apply):
+                await self._apply(step)
 
-    async def _issued_up_to(self, up_to: int) -> bool:
-        """Whether the database has issued ``up_to`` (its sequence, asked now).
-
-        A genuine transaction message is sent after its commit, so the sequence
-        has passed its ``max`` by the time it arrives: only a message that no
-        instance of this database sent names more. One question covers every
-        transaction waiting up to the answer."""
-        async with raw_connection(self._pool) as conn:
-            self._issued = max(self._issued, await last_issued_id(conn))
-        return up_to <= self._issued
-
-    async def _apply(self, tx: _Tx) -> None:
+    async def _apply(self, step: Apply) -> None:
         """The transaction's events of every channel carried when it is handed over.
 
         Which channels are carried is asked again after each log read: a stream
         that registered during the read (at the hub's position, below
         ``tx.max``) may carry a channel that was not carried before it, and
         nothing else would ever send it that channel's events of ``tx``."""
+        assert self._sink is not None
+        tx, sink = step.tx, self._sink
         events: list[StoredEvent] = []
         covered: set[int] = set()
-        while wanted := [c for c in tx.channels if c not in covered and self._hub.carries(c)]:
+        while wanted := [c for c in tx.channels if c not in covered and sink.carries(c)]:
             covered.update(wanted)
-            missing: list[int] = []
-            for channel_id in wanted:
-                received = self._events.pop((tx.max, channel_id), None)
-                if received is None:
-                    missing.append(channel_id)
-                else:
-                    events += received
+            received, missing = self._chain.take(tx, wanted)
+            events += received
             if missing:
-                events += await self._read_log(missing, self.position, tx.max)
-        self._hand_over(sorted(events, key=lambda e: e.id), tx.max)
+                events += await self._read_log(missing, sink.position, tx.max)
+        self._hand_over(events, tx.max)
 
     async def _fill(self, after: int, until: int) -> None:
         """Everything of the carried channels in ``(after, until]``, from the log
         (called holding ``_moving``); the carried channels asked again after each
         read, as in ``_apply``."""
+        assert self._sink is not None
         events: list[StoredEvent] = []
         covered: set[int] = set()
-        while wanted := [c for c in self._hub.carried_channels() if c not in covered]:
+        while wanted := [c for c in self._sink.carried_channels() if c not in covered]:
             covered.update(wanted)
             events += await self._read_log(wanted, after, until)
-        self._hand_over(sorted(events, key=lambda e: e.id), until)
+        self._hand_over(events, until)
 
     async def _read_log(self, channels: list[int], after: int, until: int) -> list[StoredEvent]:
+        assert self._sink is not None
         events: list[StoredEvent] = []
         async with raw_connection(self._pool) as conn:
             while True:
                 page = await read_page(conn, channels, after, until_id=until)
                 for gap in page.gaps:
-                    self._hub.mark_gap(gap)
+                    self._sink.mark_gap(gap)
                 events += page.events
                 if not page.more or not page.events:
                     break
@@ -460,31 +410,22 @@ class NatsBroker:
         self._metrics.broker_events.labels("log").inc(len(events))
         return events
 
-    def _hand_over(self, events: list[StoredEvent], up_to: int) -> None:
-        if up_to <= self.position:
-            return
-        fresh = [e for e in events if e.id > self.position]
-        if fresh:
-            self._hub.fan_out(fresh)
-        self.position = up_to
-        self._hub.position = max(self._hub.position, up_to)
+    def _hand_over(self, events: list[StoredEvent], through: int) -> None:
+        assert self._sink is not None
+        handed = fresh(events, self._sink.position, through)
+        if handed is not None:
+            self._sink.deliver(handed, through)
 
-    def _forget_old_events(self) -> None:
-        for key in [key for key in self._events if key[0] <= self.position]:
-            del self._events[key]
-
-    # -- the safety net, on the listener's turn ----------------------------------
-
-    async def catch_up(self, conn: Any, between_pages: BetweenPages) -> None:
-        """If the log's head is ahead of ``position`` on two turns running with no
-        progress, the last transactions' messages were lost: read them."""
-        await between_pages(conn)
-        head = await last_event_id(conn)
-        lagging = head > self.position and self._head_seen[0] == self.position
-        if lagging and self._head_seen[1] > self.position and not self._moving.locked():
-            async with self._moving:
-                await self._fill(self.position, self._head_seen[1])
-        self._head_seen = (self.position, head)
+    async def _safety_net(self) -> None:
+        """If the log's head is ahead of the position on two looks running with
+        no progress, the last transactions' messages were lost: read them."""
+        assert self._sink is not None
+        async with raw_connection(self._pool) as conn:
+            head = await last_event_id(conn)
+        until = self._net.fill_until(self._sink.position, head)
+        if until is not None:
+            await self._fill(self._sink.position, until)
+        self._net.looked(self._sink.position, head)
 
     # -- connection events ------------------------------------------------------
 
@@ -497,72 +438,3 @@ class NatsBroker:
     async def _on_reconnected(self) -> None:
         log.info("nats: reconnected")
         self._wake.set()
-
-
-# What a sealed message that is not of the shape ssehub sends raises in the checks
-# (orjson's JSONDecodeError is a ValueError).
-_MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
-
-
-def _int(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"not an id: {value!r}")
-    return value
-
-
-def _text(value: Any) -> str:
-    if type(value) is not str:
-        raise TypeError(f"not a string: {value!r}")
-    return value
-
-
-def _transaction(payload: bytes) -> _Tx:
-    """``{"max", "prev", "ch"}``, checked: ``prev < max``, channel ids."""
-    data = orjson.loads(payload)
-    tx = _Tx(
-        _int(data["max"]),
-        _int(data["prev"]),
-        tuple(_int(c) for c in data["ch"]),
-        time.monotonic(),
-    )
-    if tx.prev >= tx.max:
-        raise ValueError("a transaction ends after the one before it")
-    return tx
-
-
-def _channel_events(payload: bytes, channel_id: int) -> tuple[int, list[StoredEvent]]:
-    """``{"tx", "e": [[id, channel, type, data, published_at], ...]}``, checked:
-    ids increasing up to ``tx``, strings where strings go, ``data`` one line
-    of valid JSON, a timestamp with its zone."""
-    data = orjson.loads(payload)
-    top = _int(data["tx"])
-    events: list[StoredEvent] = []
-    for row in data["e"]:
-        event_id, channel, type_, text, published = row
-        event = StoredEvent(
-            _int(event_id),
-            channel_id,
-            _text(channel),
-            _text(type_),
-            _json_line(text),
-            _timestamp(published),
-        )
-        if event.id > top or (events and event.id <= events[-1].id):
-            raise ValueError("event ids out of order")
-        events.append(event)
-    return top, events
-
-
-def _json_line(value: Any) -> str:
-    text = _text(value)
-    if "\n" in text or "\r" in text:
-        raise ValueError("data is not one line")
-    orjson.loads(text)
-    return text
-
-
-def _timestamp(value: Any) -> datetime:
-    at = datetime.fromisoformat(_text(value))
-    if at.tzinfo is None:
-        raise ValueError("a timestamp without its zone")
-    return at

@@ -18,6 +18,7 @@ from app.auth.identity import Caller
 from app.errors import BadRequest
 from app.realtime.stream import EventStream
 from app.realtime.subscriber import Subscriber
+from app.runtime import runtime
 
 router = APIRouter(tags=["streams"])
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
@@ -64,7 +65,7 @@ def resume_position(request: Request) -> int | None:
 async def _open(
     request: Request, caller: Caller, name: str | None, position: int | None
 ) -> EventStream:
-    state = request.app.state
+    state = runtime(request)
     user_id = caller.user()
     access, as_of = await state.stream_access.get(state.pool, user_id, name)
     # From here to the comparison below, no wait: see app.realtime.access.

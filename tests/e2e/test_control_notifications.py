@@ -32,6 +32,7 @@ from app.db import asyncpg_dsn
 from app.metrics import Metrics
 from app.notify import Hints
 from app.realtime.access import StreamAccessCache
+from app.realtime.broker import PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.subscriber import Subscriber
@@ -334,7 +335,7 @@ async def test_answer_read_before_a_revocation_is_rechecked_once_registered(
     )
     pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2)
     try:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         cache = StreamAccessCache()
         control = StreamControl(hub, cache)
         access, as_of = await cache.get(pool, bob_id, None)

@@ -425,6 +425,29 @@ def test_two_deployments_on_one_nats_server_stay_apart(
             other.stop()
 
 
+def test_readyz_reports_nats_going_away_and_coming_back(database_url: str) -> None:
+    """nats-server stopped under a running instance: ``/readyz`` says the broker
+    is not ready (503) while it is away, and ready again once it is back."""
+    nats = NatsServer().start()
+    env = {"SSEHUB_BROKER": "nats", "SSEHUB_NATS_URL": nats.url}
+    srv = Server(database_url, env=env).start()
+
+    def broker_ready() -> bool:
+        r = httpx.get(f"{srv.url}/readyz", timeout=5)
+        return r.status_code == 200 and r.json()["broker"] is True
+
+    try:
+        wait_until(broker_ready, "the broker ready")
+        nats.stop()
+        wait_until(lambda: not broker_ready(), "the broker not ready")
+        assert httpx.get(f"{srv.url}/readyz", timeout=5).json()["database"] is True
+        nats.start()
+        wait_until(broker_ready, "the broker ready again")
+    finally:
+        srv.stop()
+        nats.stop()
+
+
 def _same_channel_id(database_url: str, theirs: Hubs, other_url: str) -> None:
     """Their channel ``shared`` gets the id ours has: the same subject, were
     subjects not kept apart."""

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from app.events.log import StoredEvent
 from app.metrics import Metrics
 from app.notify import MAX_HINTS, Hints
+from app.realtime.broker import PostgresBroker
 from app.realtime.hub import SEND_TIMEOUT_SECONDS, Hub
 from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.stream import uvicorn_cycle
@@ -62,7 +63,7 @@ def test_raw_newlines_in_data_cannot_inject_a_frame() -> None:
 
 
 def test_fan_out_encodes_once_and_shares_the_bytes() -> None:
-    hub = Hub(Metrics(), max_streams_per_user=5)
+    hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
     subs = [Subscriber(i, False, {1: "news"}, False) for i in range(3)]
     for sub in subs:
         hub.register(sub)
@@ -93,7 +94,7 @@ def test_stale_frames_are_dropped_after_replay() -> None:
 
 
 def test_per_user_limit_and_unregister() -> None:
-    hub = Hub(Metrics(), max_streams_per_user=1)
+    hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=1)
     first = Subscriber(1, False, {1: "news"}, False)
     hub.register(first)
     try:
@@ -106,7 +107,7 @@ def test_per_user_limit_and_unregister() -> None:
 
 
 def test_revoke_tells_and_ends_single_channel_streams() -> None:
-    hub = Hub(Metrics(), max_streams_per_user=5)
+    hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
     single = Subscriber(1, False, {1: "news"}, False)
     multi = Subscriber(1, False, {1: "news", 2: "other"}, True)
     hub.register(single)
@@ -121,7 +122,7 @@ def test_revoke_tells_and_ends_single_channel_streams() -> None:
 
 def test_a_fan_out_wakes_a_waiting_writer() -> None:
     async def scenario() -> None:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         sub = Subscriber(1, False, {1: "news"}, False)  # no write_now: always the writer
         hub.register(sub)
         loop = asyncio.get_running_loop()
@@ -135,7 +136,7 @@ def test_a_fan_out_wakes_a_waiting_writer() -> None:
 
 def test_tick_wakes_heartbeats_and_closes_expired_streams() -> None:
     async def scenario() -> None:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         idle = Subscriber(1, False, {1: "news"}, False, last_write=time.monotonic() - 10)
         fresh = Subscriber(2, False, {1: "news"}, False)
         expired = Subscriber(3, False, {1: "news"}, False, expires_at=time.time() - 1)
@@ -154,7 +155,7 @@ def test_tick_wakes_heartbeats_and_closes_expired_streams() -> None:
 
 def test_tick_cancels_a_send_stuck_past_the_timeout() -> None:
     async def scenario() -> None:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         stuck, sending = (Subscriber(i, False, {1: "news"}, False) for i in (1, 2))
         for sub in (stuck, sending):
             hub.register(sub)
@@ -185,7 +186,7 @@ def test_delivery_metrics_count_and_bucket_latencies() -> None:
 
 def test_an_idle_stream_is_written_to_without_waking_its_writer() -> None:
     async def scenario() -> None:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         socket: list[bytes] = []
         takes = True
 
@@ -222,7 +223,7 @@ def test_runs_on_several_channels_reach_a_stream_in_id_order() -> None:
     the writer, later runs queue behind it instead of overtaking it."""
 
     async def scenario() -> None:
-        hub = Hub(Metrics(), max_streams_per_user=5)
+        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
         socket: list[bytes] = []
         refuse = 0  # how many writes the socket refuses next
 
