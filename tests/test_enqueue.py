@@ -787,7 +787,9 @@ async def test_grant_publisher_grants_enqueue_and_nothing_else(
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await app.execute(statement)
             for call in (
-                "SELECT ssehub_move_inbox(1000, 1000)",
+                "SELECT ssehub_move_inbox(1000, 1000, true, NULL)",
+                "SELECT ssehub_inbox_sleep()",
+                "SELECT setval('ssehub_inbox_asleep', 0)",  # enqueues would wake nobody
                 "SELECT * FROM ssehub_publish_as(ARRAY[1]::bigint[], ARRAY[NULL]::bigint[], "
                 "ARRAY['orders'], ARRAY['message'], ARRAY['1'], ARRAY[NULL], ARRAY[1], 1000)",
                 "SELECT * FROM ssehub_append(ARRAY[1]::bigint[], ARRAY['message'], "
