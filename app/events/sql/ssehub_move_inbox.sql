@@ -19,11 +19,10 @@ AS $function$
 -- ssehub_enqueue reads is then cleared, and enqueues notify nobody.
 DECLARE
     skip xid8[];       -- transactions set aside, not due yet
-    tx xid8;
     first_tx xid8;     -- the transaction first in line
+    txs xid8[];        -- the whole transactions taken, in line order
+    pick bigint[];     -- the rows taken
     n_txs integer;
-    room integer;
-    fits integer;
     ids bigint[];      -- the rows taken, in move order
     cids bigint[];
     types text[];
@@ -60,37 +59,50 @@ BEGIN
                   WHERE s.retry_at > clock_timestamp());
     FOR attempt IN 1..2 LOOP
         BEGIN
-            ids := '{}'; cids := '{}'; types := '{}'; datas := '{}'; keys := '{}';
-            n_txs := 0;
-            first_tx := NULL;
-            room := p_rows;
-            LOOP
-                SELECT i.txid INTO tx FROM public.ssehub_inbox i
-                WHERE i.txid <> ALL (skip) ORDER BY i.id LIMIT 1;
-                EXIT WHEN NOT FOUND;
-                SELECT count(*) INTO fits
-                FROM (SELECT 1 FROM public.ssehub_inbox i WHERE i.txid = tx LIMIT room + 1) r;
-                -- A transaction that would not fit waits to be first in line: one of
-                -- up to p_rows rows is then moved whole, so its events are adjacent.
-                EXIT WHEN n_txs > 0 AND fits > room;
-                first_tx := coalesce(first_tx, tx);
-                WITH taken AS (
-                    DELETE FROM public.ssehub_inbox i WHERE i.id IN (
-                        SELECT j.id FROM public.ssehub_inbox j WHERE j.txid = tx
-                        ORDER BY j.id LIMIT room)
-                    RETURNING i.id, i.channel_id, i.type, i.data, i.idempotency_key
-                )
-                SELECT ids || array_agg(t.id ORDER BY t.id),
-                       cids || array_agg(t.channel_id ORDER BY t.id),
-                       types || array_agg(t.type::text ORDER BY t.id),
-                       datas || array_agg(public.ssehub_compact_json(t.data::jsonb) ORDER BY t.id),
-                       keys || array_agg(t.idempotency_key::text ORDER BY t.id)
-                INTO ids, cids, types, datas, keys
-                FROM taken t;
-                n_txs := n_txs + 1;
-                room := p_rows - cardinality(ids);
-                EXIT WHEN room <= 0 OR attempt = 2;  -- a second attempt: the first transaction alone
-            END LOOP;
+            -- The transactions in line: those of the p_rows oldest movable rows (no
+            -- other one's oldest row comes before them), in the order of their oldest
+            -- row, with the rows up to and including each. Whole ones while they fit;
+            -- one that would not fit waits to be first in line: one of up to p_rows
+            -- rows is then moved whole, so its events are adjacent. A larger one
+            -- first in line gives its p_rows oldest rows. A second attempt: the first
+            -- transaction alone.
+            WITH oldest AS (
+                SELECT i.id, i.txid FROM public.ssehub_inbox i
+                WHERE i.txid <> ALL (skip) ORDER BY i.id LIMIT p_rows
+            ), line AS (
+                SELECT o.txid, min(o.id) AS first_id,
+                       (SELECT count(*) FROM public.ssehub_inbox i WHERE i.txid = o.txid) AS size
+                FROM oldest o GROUP BY o.txid
+            ), running AS (
+                SELECT l.txid, row_number() OVER w AS k, sum(l.size) OVER w AS upto
+                FROM line l WINDOW w AS (ORDER BY l.first_id)
+            )
+            SELECT (array_agg(r.txid ORDER BY r.k))[1],
+                   coalesce(array_agg(r.txid ORDER BY r.k)
+                            FILTER (WHERE r.upto <= p_rows AND (attempt = 1 OR r.k = 1)), '{}')
+            INTO first_tx, txs
+            FROM running r;
+            n_txs := greatest(cardinality(txs), 1);
+            IF cardinality(txs) > 0 THEN
+                pick := ARRAY(SELECT j.id FROM public.ssehub_inbox j WHERE j.txid = ANY (txs));
+            ELSE
+                pick := ARRAY(SELECT j.id FROM public.ssehub_inbox j WHERE j.txid = first_tx
+                              ORDER BY j.id LIMIT p_rows);
+            END IF;
+            WITH taken AS (
+                DELETE FROM public.ssehub_inbox i WHERE i.id = ANY (pick)
+                RETURNING i.id, i.txid, i.channel_id, i.type, i.data, i.idempotency_key
+            ), ordered AS (
+                SELECT t.*, coalesce(o.k, 1) AS k
+                FROM taken t LEFT JOIN unnest(txs) WITH ORDINALITY AS o(txid, k) ON o.txid = t.txid
+            )
+            SELECT coalesce(array_agg(t.id ORDER BY t.k, t.id), '{}'),
+                   coalesce(array_agg(t.channel_id ORDER BY t.k, t.id), '{}'),
+                   coalesce(array_agg(t.type::text ORDER BY t.k, t.id), '{}'),
+                   coalesce(array_agg(public.ssehub_compact_json(t.data::jsonb) ORDER BY t.k, t.id), '{}'),
+                   coalesce(array_agg(t.idempotency_key::text ORDER BY t.k, t.id), '{}')
+            INTO ids, cids, types, datas, keys
+            FROM ordered t;
             -- The channels stay until this transaction ends; rows of a channel
             -- deleted meanwhile leave the inbox with the others, unpublished.
             PERFORM 1 FROM public.channels c WHERE c.id = ANY (cids) FOR KEY SHARE;
