@@ -15,7 +15,11 @@ Create Date: 2026-12-10
   Rows enqueued before this migration are compact already, and compacting them
   again leaves them as they are.
 - ``ssehub_move_inbox`` takes whether its caller is awake and the horizon it
-  waits for, and says whether the caller may sleep.
+  waits for, and says whether the caller may sleep; it reads the line of
+  transactions in one query, not one transaction at a time.
+- ``ssehub_event_type_valid``, ``ssehub_idempotency_key_valid`` and
+  ``ssehub_max_event_bytes`` are PL/pgSQL: as SQL functions called from
+  ``ssehub_enqueue`` they were parsed and planned again in every transaction.
 
 Instances of the previous release call ``ssehub_move_inbox`` with its old
 arguments, which go: all instances must run this release once it is migrated.
@@ -237,6 +241,52 @@ END
 $function$
 """
 
+EVENT_TYPE_VALID = r"""CREATE OR REPLACE FUNCTION public.ssehub_event_type_valid(p_type text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+-- An event type: 1-64 of A-Z a-z 0-9 . _ : -, not beginning with the reserved
+-- 'ssehub.' (app.events.schemas.EVENT_TYPE_PATTERN and RESERVED_PREFIX).
+SELECT p_type IS NOT NULL
+    AND p_type ~ '^[A-Za-z0-9.:_-]{1,64}$'
+    AND NOT starts_with(p_type, 'ssehub.')
+$function$
+"""
+
+IDEMPOTENCY_KEY_VALID = r"""CREATE OR REPLACE FUNCTION public.ssehub_idempotency_key_valid(p_key text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+-- An idempotency key: none, or 1-200 characters that are not all whitespace.
+-- Whitespace is what Python's str.isspace() calls so, as the HTTP header's check
+-- (app.events.routes): every one of those characters is listed here.
+SELECT p_key IS NULL OR (
+    length(p_key) <= 200
+    AND btrim(p_key, U&'\0009\000A\000B\000C\000D\001C\001D\001E\001F\0020\0085\00A0\1680\2000\2001\2002\2003\2004\2005\2006\2007\2008\2009\200A\2028\2029\202F\205F\3000')
+        <> '')
+$function$
+"""
+
+MAX_EVENT_BYTES = r"""CREATE OR REPLACE FUNCTION public.ssehub_max_event_bytes()
+ RETURNS integer
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+-- The largest data ssehub_enqueue accepts, in bytes of compact JSON: the smallest
+-- SSEHUB_MAX_EVENT_BYTES of the instances running (each declares its own and
+-- keeps it fresh: app/events/enqueue_limit.py), so an enqueued event is one that
+-- every instance would have accepted over HTTP. With no instance running, the
+-- setting's default.
+SELECT coalesce(min(l.max_event_bytes), 65536)
+FROM public.ssehub_instance_limits l
+WHERE l.expires_at > clock_timestamp()
+$function$
+"""
+
 
 def downgrade() -> None:
     sql = _sql()
@@ -247,6 +297,9 @@ def downgrade() -> None:
         "DROP FUNCTION public.ssehub_move_inbox(integer, integer, boolean, xid8)",
         "SET LOCAL check_function_bodies = off",
         ENQUEUE,  # same arguments: replaced, so grants on it stay
+        EVENT_TYPE_VALID,
+        IDEMPOTENCY_KEY_VALID,
+        MAX_EVENT_BYTES,
         MOVE_INBOX,
         "REVOKE ALL ON FUNCTION public.ssehub_move_inbox(integer, integer) FROM PUBLIC",
         "DROP SEQUENCE public.ssehub_inbox_asleep",
