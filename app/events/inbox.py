@@ -96,6 +96,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
 from app.events.log import StoredEvent
 
 log = logging.getLogger("ssehub")
@@ -104,12 +106,15 @@ MOVE_ROWS = 1000  # rows per move at most; a transaction of at most this many is
 POLL_SECONDS = 0.001  # awake: from one move to the next poll
 IDLE_POLLS = 20  # empty polls in a row before an awake mover settles
 SETTLE_MAX_SECONDS = 0.05  # settling: polls back off up to this
+VACUUM_ROWS = 5000  # rows a mover moves between two vacuums of the inbox
 # Named with its schema and typed: an overload someone else defined cannot be
 # picked for arguments of unknown type.
 _MOVE = (
     "SELECT * FROM public.ssehub_move_inbox($1::integer, $2::integer, $3::boolean, $4::text::xid8)"
 )
 _SLEEP = "SELECT public.ssehub_inbox_sleep()::text"
+# Another instance's vacuum of it is enough: this one does not wait for it.
+_VACUUM = "VACUUM (SKIP_LOCKED) public.ssehub_inbox"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,7 @@ class Mover:
         self._horizon: str | None = None  # settling: the xid8 every older transaction must pass
         self._empty_polls = 0
         self._settle_wait = POLL_SECONDS
+        self._moved_since_vacuum = 0
 
     @property
     def asleep(self) -> bool:
@@ -177,7 +183,20 @@ class Mover:
             committed(events, moved[0]["moved_tx_prev"])
         busy = head["moved_taken"] > 0 or head["moved_more"]
         await self._next_state(conn, busy, head["moved_may_sleep"])
+        await self._tidy(conn, head["moved_taken"])
         return Moved(len(events), bool(head["moved_more"]))
+
+    async def _tidy(self, conn: Any, taken: int) -> None:
+        """Every row moved leaves a dead one, which every poll and every move
+        scans past until a vacuum removes it; autovacuum comes by about once a
+        minute, when a busy inbox has left hundreds of thousands."""
+        self._moved_since_vacuum += taken
+        if self._moved_since_vacuum >= VACUUM_ROWS:
+            self._moved_since_vacuum = 0
+            try:
+                await conn.execute(_VACUUM)
+            except asyncpg.PostgresError as exc:  # the move is done: only the tidying failed
+                log.warning("vacuuming the inbox failed (%s: %s)", type(exc).__name__, exc)
 
     async def _next_state(self, conn: Any, busy: bool, may_sleep: bool) -> None:
         if busy:
