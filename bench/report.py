@@ -637,7 +637,7 @@ def _enqueue(results: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Why the figures are what they are: see the profile under *Publishing from SQL* below.",
+        "Why the figures are what they are: *Publishing from SQL: what the figures say*, below.",
     ]
     return [*lines, ""]
 
