@@ -15,7 +15,8 @@ delays them by one move at most.
 ``NOTIFY`` from every enqueue would cost every enqueueing commit a lock that
 all notifying commits wait for, one after the other. So a mover that is
 *awake* polls the inbox every ``POLL_SECONDS`` (a query that finds it empty
-costs no lock) and says so: its moves clear the flag ``ssehub_inbox_asleep``,
+costs no lock; ``BUSY_POLL_SECONDS`` after a move of ``BUSY_ROWS`` or more,
+so a busy inbox is moved in fewer, larger moves) and says so: its moves clear the flag ``ssehub_inbox_asleep``,
 and while the flag is clear ``ssehub_enqueue`` notifies nobody. After
 ``IDLE_POLLS`` empty polls in a row the mover *settles*: ``ssehub_inbox_sleep()``
 sets the flag and returns a horizon, the next transaction id to be assigned;
@@ -104,6 +105,10 @@ log = logging.getLogger("ssehub")
 
 MOVE_ROWS = 1000  # rows per move at most; a transaction of at most this many is adjacent
 POLL_SECONDS = 0.001  # awake: from one move to the next poll
+# Awake and busy (the last move took at least BUSY_ROWS): fewer, larger moves,
+# each costing the writer one round trip and the publish lock once.
+BUSY_POLL_SECONDS = 0.005
+BUSY_ROWS = 8
 IDLE_POLLS = 20  # empty polls in a row before an awake mover settles
 SETTLE_MAX_SECONDS = 0.05  # settling: polls back off up to this
 VACUUM_ROWS = 5000  # rows a mover moves between two vacuums of the inbox
@@ -137,6 +142,7 @@ class Mover:
         self._empty_polls = 0
         self._settle_wait = POLL_SECONDS
         self._moved_since_vacuum = 0
+        self._last_taken = 0
 
     @property
     def asleep(self) -> bool:
@@ -146,7 +152,9 @@ class Mover:
         """Seconds until the next poll, None while asleep."""
         if self._horizon is not None:
             return self._settle_wait
-        return POLL_SECONDS if self._awake else None
+        if not self._awake:
+            return None
+        return BUSY_POLL_SECONDS if self._last_taken >= BUSY_ROWS else POLL_SECONDS
 
     async def move(
         self,
@@ -181,6 +189,7 @@ class Mover:
         ]
         if events and committed is not None:
             committed(events, moved[0]["moved_tx_prev"])
+        self._last_taken = head["moved_taken"]
         busy = head["moved_taken"] > 0 or head["moved_more"]
         await self._next_state(conn, busy, head["moved_may_sleep"])
         await self._tidy(conn, head["moved_taken"])
