@@ -196,7 +196,7 @@ class InboxRow(Base):
     txid: Mapped[int] = mapped_column(XID8, server_default=text("pg_current_xact_id()"))
     channel_id: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(64))
-    data: Mapped[str] = mapped_column(Text)  # compact JSON text
+    data: Mapped[str] = mapped_column(Text)  # jsonb's text; the move stores it compact
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     enqueued_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.clock_timestamp()

@@ -1,9 +1,10 @@
-"""Run every scenario against ssehub, Nchan and the FastAPI tutorial, and pgbench for
-the publish ceiling; write docs/BENCHMARKS.md.
+"""Run every scenario against ssehub, Nchan and the FastAPI tutorial, pgbench for
+the publish ceiling, and ssehub_enqueue against pgbench's INSERT; write docs/BENCHMARKS.md.
 
     python -m bench             # the full plan (about 7 minutes on 2 cores)
     python -m bench --quick     # a smoke run with small numbers (bench/results/quick.md)
     python -m bench --lean      # also the tutorial with a lean response (+2 min)
+    python -m bench --only enqueue   # publishing from SQL alone (bench.enqueue)
 
 Each server runs pinned to CPU 0 (taskset), one process or worker; this load
 generator runs on CPU 1; Postgres is the machine's own, unpinned. The plan
@@ -30,7 +31,7 @@ from typing import Any
 
 import uvloop
 
-from bench import pgbench
+from bench import enqueue, pgbench
 from bench.scenarios import (
     fan_out,
     idle_memory,
@@ -45,9 +46,11 @@ from bench.targets import ROOT, Target, start
 # figures from the last run only if they are in this shape.
 RESULTS_FORMAT = 2
 
-DEFAULT_TARGETS = ["ssehub", "nchan", "baseline", "pgbench"]
+DEFAULT_TARGETS = ["ssehub", "nchan", "baseline", "pgbench", "enqueue"]
 LEAN_TARGETS = ["lean"]
 WITH_HISTORY = {"ssehub", "nchan"}
+# Not servers the scenarios run against: measured beside the publishing step.
+BESIDE = {"pgbench", "enqueue"}
 
 
 @dataclass
@@ -179,7 +182,7 @@ def run(names: list[str], plan: Plan, results: dict[str, Any]) -> None:
         results.setdefault("measured_at", {})[name] = now
     for step in steps(plan):
         for name in names:
-            if name == "pgbench" or not step.applies(name):
+            if name in BESIDE or not step.applies(name):
                 continue
             value = _run_step(step, name)
             if step.key == "fan_out":
@@ -191,6 +194,11 @@ def run(names: list[str], plan: Plan, results: dict[str, Any]) -> None:
             began = time.monotonic()
             results["pgbench"] = pgbench.run(plan.publish_seconds, plan.reps)
             print(f"[pgbench]   took {time.monotonic() - began:.0f} s", flush=True)
+        if step.key == "publish" and "enqueue" in names:
+            print("[enqueue] ssehub_enqueue against INSERT, then commit -> stream", flush=True)
+            began = time.monotonic()
+            results["enqueue"] = enqueue.run(plan.publish_seconds, plan.reps)
+            print(f"[enqueue]   took {time.monotonic() - began:.0f} s", flush=True)
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ SELECT 1, 'message', '{"i":' || g || '}', now() FROM generate_series(0, 999) AS 
 MODES = {"single": (SINGLE, 1, 32), "batch": (BATCH, 1000, 4), "batch_one": (BATCH, 1000, 1)}
 
 
-async def _create_table(database: str) -> None:
+async def create_table(database: str) -> None:
     conn = await asyncpg.connect(database_url(database))
     try:
         await conn.execute(TABLE)
@@ -79,7 +79,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(database: str, script: Path, clients: int, seconds: float) -> dict[str, float]:
+def run_script(database: str, script: Path, clients: int, seconds: float) -> dict[str, float]:
     """One pgbench run: transactions per second, and pgbench's own CPU (% of a core)."""
     url = urlsplit(PG)
     command = ["taskset", "-c", "1", PGBENCH, "-n", "-M", "prepared", "-f", str(script)]
@@ -101,14 +101,14 @@ def run(seconds: float, reps: int) -> dict[str, list[dict[str, Any]]]:
     asyncio.run(admin_sql(f'CREATE DATABASE "{database}"'))
     results: dict[str, list[dict[str, Any]]] = {}
     try:
-        asyncio.run(_create_table(database))
+        asyncio.run(create_table(database))
         with tempfile.TemporaryDirectory(prefix="ssehub-pgbench-") as tmp:
             for mode, (sql, rows, clients) in MODES.items():
                 script = Path(tmp) / f"{mode}.sql"
                 script.write_text(sql)
                 results[mode] = []
                 for _ in range(reps):
-                    one = _run(database, script, clients, seconds)
+                    one = run_script(database, script, clients, seconds)
                     results[mode].append({"per_s": one["tps"] * rows, "clients": clients, **one})
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))

@@ -148,6 +148,8 @@ class Publisher:
         self._wake = asyncio.Event()
         self._closed = False
         self._inbox_due = True  # rows may have waited while no instance ran
+        self._mover = inbox.Mover()
+        self._poll: asyncio.TimerHandle | None = None  # the mover's next poll
         self._pending_events = 0
         self._pending_bytes = 0
         self.busy_since = 0.0  # monotonic start of the transaction in flight, 0 if none
@@ -197,13 +199,27 @@ class Publisher:
         try:
             await self._run()
         finally:
+            if self._poll is not None:
+                self._poll.cancel()
             if self._conn is not None:
+                await self._leave_inbox(self._conn)
                 await self._conn.close()
 
     def close(self) -> None:
         """Take no more publishes: ``run`` finishes those pending and returns."""
         self._closed = True
         self._wake.set()
+
+    async def _leave_inbox(self, conn: asyncpg.Connection) -> None:
+        """Enqueues notify again once this mover stops polling (the flag set is
+        never wrong, only a cost): else they would wait for another instance's
+        safety net."""
+        if self._mover.asleep or conn.is_closed():
+            return
+        try:
+            await self._mover.settle(conn)
+        except Exception as exc:
+            log.warning("could not tell enqueues to notify (%s: %s)", type(exc).__name__, exc)
 
     def inbox_due(self) -> None:
         """Rows enqueued from SQL may be waiting (``app.events.inbox``): move them."""
@@ -237,7 +253,7 @@ class Publisher:
         self.busy_since = time.monotonic()
         try:
             conn = await self._connection()
-            moved = await inbox.move(conn, self.on_commit, _LOCK_WAIT_MS)
+            moved = await self._mover.move(conn, self.on_commit, _LOCK_WAIT_MS)
             self._metrics.events_published.inc(moved.appended)
             self._inbox_due = self._inbox_due or moved.more
         except Exception as exc:
@@ -246,6 +262,16 @@ class Publisher:
                 await self._after_unknown_outcome()
         finally:
             self.busy_since = 0.0
+            self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        """The mover's next poll, one timer for the writer (none while asleep)."""
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        delay = self._mover.next_poll()
+        if delay is not None and not self._closed:
+            self._poll = asyncio.get_running_loop().call_later(delay, self.inbox_due)
 
     def _take(self) -> list[_Request]:
         """Pending requests for one transaction (at least one, however large)."""
