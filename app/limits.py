@@ -61,6 +61,7 @@ from uvicorn.server import ServerState
 
 from app.config import Settings
 from app.errors import error_response
+from app.realtime.direct_write import client_left
 from app.route_table import KIB, Route
 
 HEAD_BYTES = 16 * KIB  # request line and headers
@@ -95,7 +96,7 @@ class BodyLimit:
     with neither header has none, so checking the declared length bounds
     every other body. This also leaves ``receive`` and ``send`` of all other
     requests untouched, which the streams' direct writes rely on
-    (``app.realtime.stream.uvicorn_cycle`` needs uvicorn's own ``send``).
+    (``app.realtime.direct_write`` needs uvicorn's own ``send``).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -330,9 +331,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         # An open stream learns at once that its client left, with no task of its
         # own waiting for it (``app.realtime.stream``).
-        on_disconnect = getattr(self.cycle, "on_disconnect", None)
-        if on_disconnect is not None:
-            on_disconnect()
+        client_left(self.cycle)
 
     def _enforce_deadlines(self, now: float) -> None:
         """Act on every deadline of this connection that has passed (``_sweep``)."""

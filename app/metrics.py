@@ -19,10 +19,15 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Deliveries:
-    """``ssehub_events_delivered_total`` and ``ssehub_delivery_latency_seconds``."""
+    """``ssehub_events_delivered_total``, ``ssehub_delivery_latency_seconds`` and
+    ``ssehub_direct_writes_total``."""
 
     def __init__(self) -> None:
         self.total = 0
+        # Runs of live events the hub wrote straight to a stream's socket, one per
+        # stream and run (``Hub.fan_out``): it stays at 0 if the direct write
+        # (``app.realtime.direct_write``) stops engaging.
+        self.direct_writes = 0
         self._counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last is +Inf only
         self._latency_sum = 0.0
 
@@ -60,6 +65,12 @@ class Deliveries:
             "Publish (commit) to write on the stream socket",
             buckets=buckets,
             sum_value=self._latency_sum,
+        )
+        yield CounterMetricFamily(
+            "ssehub_direct_writes",
+            "Runs of live events written straight to a stream's socket by the fan-out, "
+            "without waking the stream's writer task",
+            value=self.direct_writes,
         )
 
 

@@ -406,6 +406,13 @@ def counter_by_label(base: str, name: str, label: str) -> defaultdict[str, float
     return counts
 
 
+def metric_value(base: str, name: str) -> float:
+    """An unlabelled sample of one instance's ``/metrics`` (0 if it shows none)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def broker_events(base: str) -> dict[str, float]:
     """``ssehub_broker_events_total`` of one instance, by source (``app.metrics``)."""
     return counter_by_label(base, "ssehub_broker_events_total", "source")

@@ -1,1 +1,1 @@
-"""Live delivery: hub, subscribers, the cross-instance broker, SSE framing and routes."""
+"""Live delivery: hub, streams, the cross-instance broker, SSE framing and routes."""

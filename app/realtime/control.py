@@ -40,7 +40,7 @@ from app.channels.service import UserAccess, streams_access
 from app.notify import Hints
 from app.realtime.access import StreamAccessCache
 from app.realtime.hub import Hub
-from app.realtime.subscriber import Subscriber
+from app.realtime.stream import Stream
 
 
 class StreamControl:
@@ -56,19 +56,19 @@ class StreamControl:
             self._access.forget(hints)  # first, and with no wait before collecting
         await self.recheck(conn, self._affected(hints))
 
-    def _affected(self, hints: Hints) -> list[Subscriber]:
+    def _affected(self, hints: Hints) -> list[Stream]:
         """The open streams ``hints`` name: those of its users, those carrying its channels."""
         hub = self._hub
         if hints.everything:
             return hub.all_streams()
-        streams: dict[int, Subscriber] = {}
+        streams: dict[int, Stream] = {}
         for user_id in hints.users | hints.subscribers | hints.recheck:
             streams.update((id(sub), sub) for sub in hub.streams_of(user_id))
         for channel_id in hints.channels:
             streams.update((id(sub), sub) for sub in hub.subscribers_of(channel_id))
         return list(streams.values())
 
-    async def recheck(self, conn: Any, streams: list[Subscriber]) -> None:
+    async def recheck(self, conn: Any, streams: list[Stream]) -> None:
         """Make each stream carry exactly what its user may read now (and, for a
         ``/stream``, is subscribed to); a user that no longer exists loses its streams."""
         if not streams:
@@ -81,10 +81,9 @@ class StreamControl:
             if user is None:
                 sub.close("user deleted")
                 continue
-            sub.is_admin = user.is_admin
             self._narrow(sub, user)
 
-    def _narrow(self, sub: Subscriber, user: UserAccess) -> None:
+    def _narrow(self, sub: Stream, user: UserAccess) -> None:
         """Drop what ``sub`` may no longer carry (with ``ssehub.channel_removed``
         if it became unreadable, silently if only unsubscribed); a ``/stream``
         also takes up the subscriptions it does not carry yet."""

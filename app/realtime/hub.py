@@ -1,10 +1,12 @@
-"""The in-process hub: fans each live event out to the subscribers of its channel.
+"""The in-process hub: fans each live event out to the streams of its channel.
 
 Fan-out encodes a frame once per event and hands the same bytes to every
-subscriber, without awaiting any of them (see ``fan_out``). The
-hub's ``position`` is the highest id it has fanned out: a stream opened
-without a resume position starts there. Only the hub moves it, when its
-broker delivers (``deliver``; ``app.realtime.broker`` argues why here).
+stream, without awaiting any of them (see ``fan_out``). The hub owns the open
+streams (``app.realtime.stream.Stream``) and routes events to them; it changes
+a stream only through the stream's methods. The hub's ``position`` is the
+highest id it has fanned out: a stream opened without a resume position
+starts there. Only the hub moves it, when its broker delivers (``deliver``;
+``app.realtime.broker`` argues why here).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from app.events.log import Gap, StoredEvent
 from app.metrics import Metrics
 from app.realtime.broker import Follower
 from app.realtime.sse import event_frame, http_chunk, notice_frame
-from app.realtime.subscriber import Subscriber
+from app.realtime.stream import Stream
 
 SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go (default)
 
@@ -40,66 +42,58 @@ class Hub:
         self._metrics = metrics
         self._max_per_user = max_streams_per_user
         self._send_timeout = send_timeout
-        self._by_channel: defaultdict[int, set[Subscriber]] = defaultdict(set)
-        self._by_user: defaultdict[int, set[Subscriber]] = defaultdict(set)
+        self._by_channel: defaultdict[int, set[Stream]] = defaultdict(set)
+        self._by_user: defaultdict[int, set[Stream]] = defaultdict(set)
 
-    def register(self, sub: Subscriber) -> None:
-        """Start routing live events to ``sub``; 429 past the per-user limit."""
-        streams = self._by_user[sub.user_id]
-        if len(streams) >= self._max_per_user:
+    def register(self, stream: Stream) -> None:
+        """Start routing live events to ``stream``; 429 past the per-user limit."""
+        of_user = self._by_user[stream.user_id]
+        if len(of_user) >= self._max_per_user:
             raise TooManyRequests(
                 f"At most {self._max_per_user} open streams per user on this instance"
             )
-        streams.add(sub)
-        for channel_id in sub.channels:
-            self._route(sub, channel_id)
+        of_user.add(stream)
+        for channel_id in stream.channels:
+            self._route(stream, channel_id)
         self._metrics.streams_open.inc()
 
-    def unregister(self, sub: Subscriber) -> None:
-        streams = self._by_user.get(sub.user_id)
-        if streams is None or sub not in streams:
+    def unregister(self, stream: Stream) -> None:
+        of_user = self._by_user.get(stream.user_id)
+        if of_user is None or stream not in of_user:
             return
-        streams.discard(sub)
-        if not streams:
-            del self._by_user[sub.user_id]
-        for channel_id in sub.channels:
-            self._unroute(sub, channel_id)
+        of_user.discard(stream)
+        if not of_user:
+            del self._by_user[stream.user_id]
+        for channel_id in stream.channels:
+            self._unroute(stream, channel_id)
         self._metrics.streams_open.dec()
 
     def fan_out(self, events: Iterable[StoredEvent]) -> None:
-        """Hand a page of events to the subscribers of their channels, in order.
+        """Hand a page of events to the streams of their channels, in order.
 
         Each run of consecutive events on one channel is encoded once, as the
-        bytes its sockets need, and the same bytes go to every subscriber of the
-        channel: written straight to the sockets of idle streams
-        (``Subscriber.write_run``), else queued one event at a time for the
-        stream's writer (``Subscriber.offer``), which writes all it finds in one
-        ``send``. A subscriber gets the runs in page order, so ids stay increasing
-        on every stream."""
+        bytes its sockets need, and the same bytes go to every stream of the
+        channel (``Stream.deliver``): written straight to the sockets of idle
+        streams, else queued one event at a time for the stream's writer, which
+        writes all it finds in one ``send``. A stream gets the runs in page
+        order, so ids stay increasing on every stream."""
         deliveries = self._metrics.deliveries
         now, monotonic = time.time(), time.monotonic()
-        overflowed = 0
         for channel_id, grouped in groupby(events, key=lambda event: event.channel_id):
             run = list(grouped)
             self.position = max(self.position, run[-1].id)
-            subscribers = self._by_channel.get(channel_id)
-            if not subscribers:
+            streams = self._by_channel.get(channel_id)
+            if not streams:
                 continue
             frames = [event_frame(event) for event in run]
             published = [event.published_at.timestamp() for event in run]
             chunk = http_chunk(frames[0] if len(frames) == 1 else b"".join(frames))
-            first_id, last_id = run[0].id, run[-1].id
             written = 0
-            for sub in subscribers:
-                if sub.write_run(chunk, first_id, last_id, monotonic):
+            for stream in streams:
+                if stream.deliver(run, frames, published, chunk, monotonic):
                     written += 1
-                    continue
-                for event, frame, at in zip(run, frames, published, strict=True):
-                    if sub.offer(event.id, frame, at):
-                        overflowed += 1
             deliveries.observe(now, published, copies=written)
-        if overflowed:
-            self._metrics.slow_reader_catchups.inc(overflowed)
+            deliveries.direct_writes += written
 
     def deliver(self, events: list[StoredEvent], through: int) -> None:
         """The broker hands over ``events`` (in id order) and every other id up to
@@ -115,47 +109,42 @@ class Hub:
         stream of the channel that may have missed some catches up from the log,
         whose replay tells it (``ssehub.truncated``) before the first event after
         the gap. A stream never skips ids silently."""
-        for sub in self._by_channel.get(gap.channel_id, ()):
-            if sub.position < gap.pruned_through:
-                sub.catch_up()
+        for stream in self._by_channel.get(gap.channel_id, ()):
+            stream.mark_gap(gap.pruned_through)
 
-    def carry(self, sub: Subscriber, channel_id: int, name: str) -> None:
-        """``sub`` carries the channel's live events from now on, if it is still
+    def carry(self, stream: Stream, channel_id: int, name: str) -> None:
+        """``stream`` carries the channel's live events from now on, if it is still
         registered (a re-check may end after its stream did: routing it then would
         keep it in the routes for good)."""
-        if channel_id not in sub.channels and sub in self._by_user.get(sub.user_id, ()):
-            sub.channels[channel_id] = name
-            self._route(sub, channel_id)
+        if stream in self._by_user.get(stream.user_id, ()) and stream.carry(channel_id, name):
+            self._route(stream, channel_id)
 
-    def uncarry(self, sub: Subscriber, channel_id: int) -> None:
-        """``sub`` stops carrying the channel, without a notice."""
-        if sub.channels.pop(channel_id, None) is not None:
-            self._unroute(sub, channel_id)
+    def uncarry(self, stream: Stream, channel_id: int) -> None:
+        """``stream`` stops carrying the channel, without a notice."""
+        if stream.uncarry(channel_id):
+            self._unroute(stream, channel_id)
 
-    def revoke(self, subscribers: Iterable[Subscriber], channel_id: int, name: str) -> None:
-        """The channel is gone or no longer readable for these subscribers:
-        tell them, stop carrying it, and end single-channel streams."""
+    def revoke(self, streams: Iterable[Stream], channel_id: int, name: str) -> None:
+        """The channel is gone or no longer readable for these streams: each
+        tells its client, stops carrying it, and ends if it carried only that
+        one (``Stream.revoke``)."""
         frame = notice_frame("ssehub.channel_removed", {"channel": name})
-        for sub in list(subscribers):
-            if channel_id not in sub.channels:
-                continue
-            self.uncarry(sub, channel_id)
-            sub.notify(frame)
-            if not sub.follows_subscriptions:
-                sub.close("channel removed")
+        for stream in list(streams):
+            if stream.revoke(channel_id, frame):
+                self._unroute(stream, channel_id)
 
     def carries_any(self) -> bool:
         """Whether any open stream carries any channel."""
         return bool(self._by_channel)
 
-    def subscribers_of(self, channel_id: int) -> list[Subscriber]:
+    def subscribers_of(self, channel_id: int) -> list[Stream]:
         return list(self._by_channel.get(channel_id, ()))
 
-    def streams_of(self, user_id: int) -> list[Subscriber]:
+    def streams_of(self, user_id: int) -> list[Stream]:
         return list(self._by_user.get(user_id, ()))
 
-    def all_streams(self) -> list[Subscriber]:
-        return [sub for streams in self._by_user.values() for sub in streams]
+    def all_streams(self) -> list[Stream]:
+        return [stream for streams in self._by_user.values() for stream in streams]
 
     async def tick_forever(self, heartbeat: float) -> None:
         """Run ``tick`` a few times per heartbeat interval (at most a second apart)."""
@@ -165,33 +154,23 @@ class Hub:
             self.tick(heartbeat, interval)
 
     def tick(self, heartbeat: float, slack: float) -> None:
-        """The one timer of all streams (see ``app.realtime.subscriber``): cancel
-        writes stuck for the send timeout (``SSEHUB_SEND_TIMEOUT_SECONDS``), end
-        streams whose client left (read on uvicorn's cycle, instead of a task per
-        stream waiting for it) or whose token has expired, and wake those due a
+        """The one timer of all streams (see ``app.realtime.stream``): each stream
+        cancels a write stuck for the send timeout (``SSEHUB_SEND_TIMEOUT_SECONDS``),
+        ends if its client left (read on uvicorn's cycle, instead of a task per
+        stream waiting for it) or its token has expired, and wakes for a
         heartbeat (``slack`` early, so none is late)."""
         mono, wall = time.monotonic(), time.time()
+        stuck_since = mono - self._send_timeout
+        quiet_since = mono - (heartbeat - slack)
         for streams in self._by_user.values():
-            for sub in streams:
-                if sub.sending_since and mono - sub.sending_since >= self._send_timeout:
-                    if sub.closed != "stalled" and sub.writer is not None:
-                        sub.closed = "stalled"
-                        sub.writer.cancel()
-                elif sub.closed:
-                    continue
-                elif sub.cycle is not None and sub.cycle.disconnected:
-                    sub.close("disconnected")
-                elif sub.expires_at <= wall:
-                    sub.close("expired")
-                elif mono - sub.last_write >= heartbeat - slack:
-                    sub.heartbeat_due = True
-                    sub.wake()
+            for stream in streams:
+                stream.tick(wall, stuck_since, quiet_since)
 
     def close_all(self, reason: str) -> None:
         """End every stream (shutdown): clients reconnect to another instance."""
         for streams in list(self._by_user.values()):
-            for sub in list(streams):
-                sub.close(reason)
+            for stream in list(streams):
+                stream.close(reason)
 
     def carries(self, channel_id: int) -> bool:
         return channel_id in self._by_channel
@@ -199,13 +178,13 @@ class Hub:
     def carried_channels(self) -> list[int]:
         return list(self._by_channel)
 
-    def _route(self, sub: Subscriber, channel_id: int) -> None:
+    def _route(self, sub: Stream, channel_id: int) -> None:
         subscribers = self._by_channel[channel_id]
         if not subscribers:
             self._broker.follow(channel_id)
         subscribers.add(sub)
 
-    def _unroute(self, sub: Subscriber, channel_id: int) -> None:
+    def _unroute(self, sub: Stream, channel_id: int) -> None:
         subscribers = self._by_channel.get(channel_id)
         if subscribers is not None:
             subscribers.discard(sub)

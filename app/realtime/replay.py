@@ -14,7 +14,7 @@ every later one reaches it live. A page read when the hub's position was P
 holds every event of its range up to P. So it serves any stream that
 registered at a position up to P (``covers``); a stream registered later asks
 for a fresh read. Anything the page holds beyond a stream's position is
-dropped as a duplicate when the live frames come (``Subscriber.take``), as for
+dropped as a duplicate when the live frames come (``Stream.take``), as for
 a page of its own.
 
 **Why the pages held stay few.** A page is worth keeping only while it may be
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,9 @@ class SharedPages:
         self.held = 0  # bytes of the finished pages kept
         self._expiry: asyncio.TimerHandle | None = None
 
-    async def page(self, channel_ids: Sequence[int], after: int, registered_at: int) -> SharedPage:
+    async def page(
+        self, channel_ids: Collection[int], after: int, registered_at: int
+    ) -> SharedPage:
         """The page of ``channel_ids`` after ``after``, for a stream that registered
         with the hub at position ``registered_at``."""
         key = (tuple(sorted(channel_ids)), after)

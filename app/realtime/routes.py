@@ -16,8 +16,7 @@ from fastapi import APIRouter, Request, Response
 from app.auth.deps import StreamCaller
 from app.auth.identity import Caller
 from app.errors import BadRequest
-from app.realtime.stream import EventStream
-from app.realtime.subscriber import Subscriber
+from app.realtime.stream import EventStream, Stream
 from app.runtime import runtime
 
 router = APIRouter(tags=["streams"])
@@ -70,14 +69,23 @@ async def _open(
     access, as_of = await state.stream_access.get(state.pool, user_id, name)
     # From here to the comparison below, no wait: see app.realtime.access.
     channels = dict(access.channels)  # the stream's own: it changes as it lives
-    sub = Subscriber(user_id, access.is_admin, channels, name is None, caller.expires_at)
-    sub.position = state.hub.position
-    state.hub.register(sub)  # before any replay: see app.realtime.stream
+    stream = Stream(
+        user_id,
+        channels,
+        name is None,
+        caller.expires_at,
+        position,
+        hub=state.hub,
+        replays=state.replays,
+        pool=state.pool,
+        metrics=state.metrics,
+    )
+    state.hub.register(stream)  # at the hub's position, before any replay: app.realtime.stream
     if as_of != state.stream_access.generation:
         # A hint was applied since the answer was read, and its re-check may
         # have looked at the streams before this one registered.
         state.listener.recheck_streams_of(user_id)
-    return EventStream(state, sub, position)
+    return EventStream(stream)
 
 
 @router.get("/stream", status_code=200, response_class=Response, responses=STREAM_RESPONSE)

@@ -50,5 +50,5 @@ def notice_frame(type_: str, data: dict[str, Any]) -> bytes:
 def http_chunk(body: bytes) -> bytes:
     """``body`` as one HTTP/1.1 chunk, the framing the server puts around each
     ``send`` of a streamed response: built once per run of events, so the same
-    bytes can be written to every subscriber's socket (``Hub.fan_out``)."""
+    bytes can be written to every stream's socket (``Hub.fan_out``)."""
     return b"%x\r\n%b\r\n" % (len(body), body)

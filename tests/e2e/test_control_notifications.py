@@ -35,7 +35,8 @@ from app.realtime.access import StreamAccessCache
 from app.realtime.broker import PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
-from app.realtime.subscriber import Subscriber
+from app.realtime.replay import SharedPages
+from app.realtime.stream import Stream
 from tests.e2e.conftest import Db, Hubs
 from tests.e2e.sse_client import SseStream
 from tests.support import Api, as_role, run_cli, sql
@@ -335,7 +336,8 @@ async def test_answer_read_before_a_revocation_is_rechecked_once_registered(
     )
     pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2)
     try:
-        hub = Hub(Metrics(), PostgresBroker(None, Metrics()), max_streams_per_user=5)
+        metrics = Metrics()
+        hub = Hub(metrics, PostgresBroker(None, metrics), max_streams_per_user=5)
         cache = StreamAccessCache()
         control = StreamControl(hub, cache)
         access, as_of = await cache.get(pool, bob_id, None)
@@ -346,7 +348,17 @@ async def test_answer_read_before_a_revocation_is_rechecked_once_registered(
         assert removed.add({"op": "access_changed", "channel_id": vip_id, "channel": "vip"})
         async with pool.acquire() as conn:
             await control.apply(conn, removed)
-        sub = Subscriber(bob_id, False, dict(access.channels), True)
+        sub = Stream(
+            bob_id,
+            dict(access.channels),
+            True,
+            float("inf"),
+            None,
+            hub=hub,
+            replays=SharedPages(pool, hub),
+            pool=pool,
+            metrics=metrics,
+        )
         hub.register(sub)
         assert as_of != cache.generation, "a stale answer looks current at registration"
         again, _ = await cache.get(pool, bob_id, None)

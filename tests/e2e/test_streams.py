@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from tests.e2e.conftest import Hubs
-from tests.support import Api, auth, broker_events
+from tests.support import Api, auth, broker_events, metric_value
 
 
 def test_frames_are_byte_exact_and_headers_right(api: Api, hubs: Hubs, admin_token: str) -> None:
@@ -237,9 +237,27 @@ def test_metrics_expose_the_stream_figures(api: Api, hubs: Hubs, admin_token: st
         "ssehub_events_delivered_total",
         "ssehub_delivery_latency_seconds_bucket",
         "ssehub_slow_reader_catchups_total",
+        "ssehub_direct_writes_total",
     ):
         assert name in text
     assert "ssehub_streams_open 1.0" in text
+
+
+def test_live_events_are_written_straight_to_an_idle_streams_socket(
+    api: Api, hubs: Hubs, admin_token: str
+) -> None:
+    """Under ``ssehub serve`` (uvicorn's httptools protocol) the fan-out writes a
+    parked stream's live events to its socket itself (``app.realtime.direct_write``).
+    If uvicorn changes and that stops engaging, streams still work, through
+    their writer task, so only this counter can tell."""
+    hubs.channel("news")
+    s = hubs.open("/channels/news/stream", admin_token)
+    s.wait_for(lambda st: bool(st.notices("ssehub.live")))
+    before = metric_value(api.base_url, "ssehub_direct_writes_total")
+    for n in range(3):
+        hubs.publish("news", n)
+        s.wait_ids(n + 1)
+    assert metric_value(api.base_url, "ssehub_direct_writes_total") - before >= 3
 
 
 def test_a_publishing_instance_hands_its_own_events_to_its_hub_once(
