@@ -308,12 +308,15 @@ def create_admin(settings: Settings, username: str) -> None:
     print(f"created admin {username}" if created else f"promoted admin {username}, password reset")
 
 
+CLIENT_COMMANDS = ("publish", "tail", "presence")
+
+
 def client_commands(commands: Any) -> None:
-    """``publish`` and ``tail``: the Python client's (``ssehub_client.cli``)."""
+    """``publish``, ``tail`` and ``presence``: the Python client's (``ssehub_client.cli``)."""
     try:
         from ssehub_client.cli import add_commands
     except ImportError:  # the server without its client: say how to get them
-        for name in ("publish", "tail"):
+        for name in CLIENT_COMMANDS:
             commands.add_parser(name, help="needs the ssehub-client package (clients/python)")
         return
     add_commands(commands)
@@ -323,7 +326,7 @@ def run_client(args: argparse.Namespace) -> None:
     try:
         from ssehub_client.cli import run
     except ImportError:
-        sys.exit("ssehub publish/tail need the client: pip install ./clients/python")
+        sys.exit("ssehub publish/tail/presence need the client: pip install ./clients/python")
     run(args)
 
 
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     grant_p.add_argument("role")
     client_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in ("publish", "tail"):
+    if args.command in CLIENT_COMMANDS:
         run_client(args)  # an HTTP client of a running server: no database here
         return
 

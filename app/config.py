@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     admin_password: str | None = None
     registration_open: bool = True
     heartbeat_seconds: float = Field(default=15, gt=0)
+    # Presence (app.realtime.presence): a stream back within the grace moves nobody;
+    # an instance silent for the TTL is dead, and the others announce its users' leaves.
+    presence_grace_seconds: float = Field(default=5, ge=0)
+    presence_ttl_seconds: float = Field(default=15, gt=0)
     max_event_bytes: PositiveInt = 65536
     max_streams_per_user: PositiveInt = 20
     cors_origins: str = ""

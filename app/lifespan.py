@@ -10,11 +10,13 @@ publish rights; this instance's say in ``ssehub_enqueue``'s size limit; the
 hub, which tells the broker what it carries; the broker started with the
 hub as its sink; the listener, which applies control hints to the open
 streams, the opening streams' access cache, the publish rights and the
-identity verifiers, and drives the broker's log tail, if it has one.
+identity verifiers, and drives the broker's log tail, if it has one;
+presence, which counts the hub's streams.
 
 **Shutdown.** On SIGTERM or SIGINT every stream is closed at once
 (``streams_closed_on_signal``): uvicorn waits for open responses, which
-for streams would be forever. Then, in order: the hub's ticker, the
+for streams would be forever. Then, in order: the hub's ticker, presence
+(its leases then lapse after the grace: ``Presence.retire``), the
 listener and the broker (nothing live is delivered any more), the writer
 (it finishes the publishes it holds), the other loops, and last the pool
 and the engine, which all of them used.
@@ -44,6 +46,7 @@ from app.realtime.broker import Broker, PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.listener import Listener
+from app.realtime.presence import Presence
 from app.realtime.replay import SharedPages
 from app.runtime import Runtime
 
@@ -121,6 +124,13 @@ async def running(settings: Settings, metrics: Metrics) -> AsyncIterator[Runtime
             listener=listener,
             replays=SharedPages(pool, hub),
             stream_access=stream_access,
+            presence=Presence(
+                pool,
+                hub,
+                metrics,
+                settings.presence_grace_seconds,
+                settings.presence_ttl_seconds,
+            ),
         )
         async with asyncio.TaskGroup() as group:
             loops = Loops(group)
@@ -133,12 +143,15 @@ async def running(settings: Settings, metrics: Metrics) -> AsyncIterator[Runtime
             loops.run("broker", broker.run())
             loops.run("listener", listener.run())
             loops.run("hub-ticker", hub.tick_forever(settings.heartbeat_seconds))
+            loops.run("presence", runtime.presence.run())
             try:
                 with streams_closed_on_signal(hub):
                     yield runtime
             finally:
                 hub.close_all("shutdown")
-                await loops.stop("hub-ticker", "listener", "broker")
+                await loops.stop("hub-ticker", "presence")
+                await runtime.presence.retire()
+                await loops.stop("listener", "broker")
                 publisher.close()
                 await loops.finish("writer")
                 await loops.stop()

@@ -100,6 +100,27 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.presence_users = Gauge(
+            "ssehub_presence_users",
+            "Users with a stream on this instance in a presence channel (app.realtime.presence)",
+            registry=r,
+        )
+        self.presence_lease_writes = Counter(
+            "ssehub_presence_lease_writes",
+            "Presence leases this instance wrote or deleted (a turn's in one transaction)",
+            registry=r,
+        )
+        self.presence_write_transactions = Counter(
+            "ssehub_presence_write_transactions",
+            "Transactions in which this instance wrote presence leases (one a turn at most)",
+            registry=r,
+        )
+        self.presence_dead_leaves = Counter(
+            "ssehub_presence_dead_leaves",
+            "Users who left a presence channel because their instance stopped renewing "
+            "its heartbeat, as found by this instance",
+            registry=r,
+        )
         self.nats_dropped = Counter(
             "ssehub_nats_dropped",
             "Messages on ssehub's NATS subjects that the NATS broker dropped, by reason: "

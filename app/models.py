@@ -73,6 +73,8 @@ class Channel(Base):
     name: Mapped[str] = mapped_column(String(65), unique=True)  # "@" + a username: personal
     description: Mapped[str] = mapped_column(Text, server_default="")
     private: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Who is online in it is kept (app.realtime.presence).
+    presence: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     max_events: Mapped[int | None] = mapped_column(Integer)
     max_age_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -222,3 +224,42 @@ class InstanceLimit(Base):
     instance: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     max_event_bytes: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PresenceInstance(Base):
+    """A running instance's heartbeat: older than ``SSEHUB_PRESENCE_TTL_SECONDS``,
+    the instance is dead and its leases go (``app.realtime.presence``)."""
+
+    __tablename__ = "presence_instances"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PresenceLease(Base):
+    """How many of a user's streams on one instance carry a presence channel."""
+
+    __tablename__ = "presence_leases"
+
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("presence_instances.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    streams: Mapped[int] = mapped_column(Integer)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PresenceVersion(Base):
+    """Raised by every change of a channel's leases: instances re-read only what changed."""
+
+    __tablename__ = "presence_versions"
+
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(BigInteger)

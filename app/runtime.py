@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from app.realtime.broker import Broker
     from app.realtime.hub import Hub
     from app.realtime.listener import Listener
+    from app.realtime.presence import Presence
     from app.realtime.replay import SharedPages
 
 
@@ -50,7 +51,7 @@ class Runtime:
     listener: Listener
     replays: SharedPages
     stream_access: StreamAccessCache
-    # Presence, when it comes, is one more part here, built in ``app.lifespan``.
+    presence: Presence  # who is online in the presence channels, as leases
 
 
 def runtime(request: Request) -> Runtime:

@@ -12,6 +12,7 @@ CHANNEL_FIELDS = {
     "name",
     "description",
     "private",
+    "presence",
     "max_events",
     "max_age_seconds",
     "created_at",
@@ -31,6 +32,7 @@ def test_create_returns_the_channel_object(api: Api) -> None:
     assert set(body) == CHANNEL_FIELDS
     assert body["name"] == "news" and body["description"] == "Headlines"
     assert body["private"] is False and body["max_events"] == 10
+    assert body["presence"] is False
     assert body["max_age_seconds"] is None and body["last_event_id"] is None
     r = api.http.post("/channels", json={"name": "news"}, headers=api.admin())
     assert r.status_code == 409

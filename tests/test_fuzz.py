@@ -173,7 +173,7 @@ class Fuzzing:
     @staticmethod
     async def _forget_all_but_our_users(conn: asyncpg.Connection) -> None:
         await conn.execute(
-            "TRUNCATE idempotency_keys, events, subscriptions, channel_members, channels"
+            "TRUNCATE idempotency_keys, events, subscriptions, channel_members, channels CASCADE"
         )
         await conn.execute("DELETE FROM users WHERE username <> ALL($1)", PROTECTED_USERS)
 

@@ -29,6 +29,9 @@ TABLES = {
     "ssehub_inbox",
     "ssehub_inbox_stalled",
     "ssehub_instance_limits",
+    "presence_instances",
+    "presence_leases",
+    "presence_versions",
 }
 
 

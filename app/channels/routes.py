@@ -13,9 +13,13 @@ from app.channels.schemas import (
     ChannelOut,
     ChannelPatch,
     MemberOut,
+    PresenceOut,
     SubscriptionOut,
 )
-from app.db import SessionDep
+from app.db import SessionDep, raw_connection
+from app.errors import Conflict
+from app.realtime.presence import listing, read_lists
+from app.runtime import RuntimeDep
 from app.text import Text
 
 router = APIRouter(tags=["channels"])
@@ -66,6 +70,19 @@ async def delete_channel(name: ChannelName, session: SessionDep, _: AdminUser) -
     """Delete a channel with its events, members and subscriptions (admin)."""
     await service.delete_channel(session, await service.get_channel(session, name))
     return Response(status_code=204)
+
+
+@router.get("/channels/{name}/presence", response_model=PresenceOut)
+async def get_presence(
+    name: ChannelName, parts: RuntimeDep, session: SessionDep, user: CurrentUser
+) -> PresenceOut:
+    """Who has a stream carrying the channel, on every instance (409 if presence is off)."""
+    channel = await service.get_readable_channel(session, user.id, user.is_admin, name)
+    if not channel.presence:
+        raise Conflict(f"Presence is off for channel {name!r}")
+    async with raw_connection(parts.pool) as conn:
+        lists = await read_lists(conn, [channel.id], parts.settings.presence_ttl_seconds)
+    return PresenceOut.model_validate(listing(channel.name, lists[channel.id].values()))
 
 
 @router.get("/channels/{name}/members", response_model=list[MemberOut])

@@ -22,6 +22,7 @@ class ChannelIn(BaseModel):
     name: str = Field(pattern=CHANNEL_NAME_PATTERN, examples=["news"])
     description: Text = Field(default="", max_length=1000)
     private: bool = False
+    presence: bool = False
     max_events: Bound | None = None
     max_age_seconds: Bound | None = None
 
@@ -33,6 +34,7 @@ class ChannelPatch(BaseModel):
 
     description: Text | None = Field(default=None, max_length=1000)
     private: bool | None = None
+    presence: bool | None = None
     max_events: Bound | None = None
     max_age_seconds: Bound | None = None
 
@@ -41,10 +43,22 @@ class ChannelOut(BaseModel):
     name: str
     description: str
     private: bool
+    presence: bool
     max_events: int | None
     max_age_seconds: int | None
     created_at: datetime
     last_event_id: int | None
+
+
+class PresentOut(BaseModel):
+    username: str
+    streams: int  # open streams carrying the channel, on every instance
+    since: datetime  # when the first of them opened
+
+
+class PresenceOut(BaseModel):
+    channel: str
+    users: list[PresentOut]  # in username order
 
 
 class MemberOut(BaseModel):

@@ -20,7 +20,7 @@ from app.channels.readable import READABLE, readable_by
 from app.channels.schemas import CHANNEL_NAME_PATTERN, ChannelIn, ChannelOut
 from app.db import insert_unique
 from app.errors import Forbidden, NotFound, Unauthorized
-from app.models import Channel, ChannelMember, Event, Subscription, User
+from app.models import Channel, ChannelMember, Event, PresenceLease, Subscription, User
 from app.notify import notify_control
 
 # Opening a stream, in bare SQL on the hot paths' pool: a reconnect storm opens
@@ -211,6 +211,7 @@ async def describe(session: AsyncSession, channels: list[Channel]) -> list[Chann
             name=c.name,
             description=c.description,
             private=c.private,
+            presence=c.presence,
             max_events=c.max_events,
             max_age_seconds=c.max_age_seconds,
             created_at=c.created_at,
@@ -232,11 +233,13 @@ async def update_channel(session: AsyncSession, channel: Channel, changes: dict[
     for field, value in changes.items():
         if field == "description" and value is None:
             value = ""
-        if field == "private" and value is None:
+        if field in ("private", "presence") and value is None:
             continue
         setattr(channel, field, value)
     await session.flush()
     await session.refresh(channel)
+    if not channel.presence:  # off: nobody is listed any more (app.realtime.presence)
+        await session.execute(delete(PresenceLease).where(PresenceLease.channel_id == channel.id))
     if became_private:
         await notify_control(session, "access_changed", channel_id=channel.id, channel=channel.name)
 

@@ -79,6 +79,7 @@ async def _open(
         replays=state.replays,
         pool=state.pool,
         metrics=state.metrics,
+        presence=state.presence,
     )
     state.hub.register(stream)  # at the hub's position, before any replay: app.realtime.stream
     if as_of != state.stream_access.generation:

@@ -78,6 +78,7 @@ from app.realtime.sse import HEARTBEAT, RETRY, event_frame, notice_frame
 
 if TYPE_CHECKING:
     from app.realtime.hub import Hub
+    from app.realtime.presence import Presence
     from app.realtime.replay import SharedPage
 
 MAX_OUTBOX_FRAMES = 1000
@@ -119,6 +120,7 @@ class Stream:
         "_outbox_times",
         "_pool",
         "_position",
+        "_presence",
         "_replays",
         "_resume_from",
         "_sending_since",
@@ -139,6 +141,7 @@ class Stream:
         replays: ReplayPages,
         pool: Any,
         metrics: Metrics,
+        presence: Presence,
     ) -> None:
         """A stream at the hub's position now: register it with the hub before
         anything is awaited (module docstring, "From history to live")."""
@@ -173,6 +176,7 @@ class Stream:
         self._replays = replays
         self._pool = pool  # for ``last_issued_id`` only
         self._metrics = metrics
+        self._presence = presence
 
     # What others read.
 
@@ -477,6 +481,8 @@ class Stream:
                 self._position = resume_from  # in flight: it has them, live drops them
         if self._closed is None:
             frames.append(notice_frame("ssehub.live", {"replayed": replayed}))
+            # Then the presence lists; from here on their joins and leaves are queued.
+            frames.append(await self._presence.snapshots(self, self._channels))
         if frames:
             await self._write(send, b"".join(frames))
 

@@ -102,6 +102,49 @@ async function loadChannels() {
   const chosen = select.value;
   select.replaceChildren(...channels.map((c) => new Option(c.name, c.name)));
   if (chosen) select.value = chosen;
+  await loadPresence(channels);
+}
+
+// --- presence: who is online --------------------------------------------------
+
+// channel -> Set of usernames, for the subscribed channels that keep presence. Seeded
+// from GET /channels/{name}/presence (a tab that follows another's stream has not
+// seen the snapshot), then kept by the ssehub.presence, .join and .leave notices.
+page.presence = new Map();
+
+async function loadPresence(channels) {
+  const watched = channels.filter((c) => c.presence && page.subscribed.has(c.name));
+  const lists = await Promise.all(
+    watched.map((c) => api('GET', `/channels/${encodeURIComponent(c.name)}/presence`).catch(() => null)),
+  );
+  page.presence = new Map(
+    lists.filter(Boolean).map((list) => [list.channel, new Set(list.users.map((u) => u.username))]),
+  );
+  renderPresence();
+}
+
+function updatePresence(type, data) {
+  if (type === 'ssehub.presence') {
+    page.presence.set(data.channel, new Set(data.users.map((u) => u.username)));
+  } else if (page.presence.has(data.channel)) {
+    const users = page.presence.get(data.channel);
+    if (type === 'ssehub.join') users.add(data.username); else users.delete(data.username);
+  }
+  renderPresence();
+}
+
+function renderPresence() {
+  const rows = [];
+  for (const [channel, users] of [...page.presence].sort(([a], [b]) => (a < b ? -1 : 1))) {
+    const dt = document.createElement('dt');
+    dt.textContent = channel;
+    const dd = document.createElement('dd');
+    dd.dataset.channel = channel;
+    dd.textContent = [...users].sort().join(', ') || 'nobody';
+    rows.push(dt, dd);
+  }
+  $('presence-list').replaceChildren(...rows);
+  $('presence').hidden = rows.length === 0;
 }
 
 function channelRow(channel) {
@@ -149,7 +192,8 @@ $('channel-form').addEventListener('submit', async (e) => {
   const name = $('channel-name').value.trim();
   try {
     await api('POST', '/channels', {
-      json: { name, description: $('channel-description').value, private: $('channel-private').checked },
+      json: { name, description: $('channel-description').value, private: $('channel-private').checked,
+        presence: $('channel-presence').checked },
     });
     say('channel-message', `Created ${name}.`, 'ok');
     e.target.reset();
@@ -208,8 +252,11 @@ function showEvent(event) {
   li.dataset.id = String(event.id);
 }
 
+const PRESENCE_NOTICES = new Set(['ssehub.presence', 'ssehub.join', 'ssehub.leave']);
+
 function showNotice({ type, data }) {
   if (type === 'ssehub.live') return; // shown as the connection state instead
+  if (PRESENCE_NOTICES.has(type)) return updatePresence(type, data);
   // The stream was refused for the token: the login expired.
   if (type === 'ssehub-client.error' && data.status === 401) return logout('Your session expired; please log in again.');
   const body = typeof data.message === 'string' ? data.message : JSON.stringify(data);

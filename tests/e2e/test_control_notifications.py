@@ -35,6 +35,7 @@ from app.realtime.access import StreamAccessCache
 from app.realtime.broker import PostgresBroker
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
+from app.realtime.presence import Presence
 from app.realtime.replay import SharedPages
 from app.realtime.stream import Stream
 from tests.e2e.conftest import Db, Hubs
@@ -358,6 +359,7 @@ async def test_answer_read_before_a_revocation_is_rechecked_once_registered(
             replays=SharedPages(pool, hub),
             pool=pool,
             metrics=metrics,
+            presence=Presence(pool, hub, metrics, grace=5, ttl=15),
         )
         hub.register(sub)
         assert as_of != cache.generation, "a stale answer looks current at registration"

@@ -1,5 +1,5 @@
-"""``publish`` and ``tail`` from a shell: ``ssehub publish`` / ``ssehub tail`` (and
-``ssehub-client``, where only this package is installed).
+"""``publish``, ``tail`` and ``presence`` from a shell: ``ssehub publish`` and so on
+(and ``ssehub-client``, where only this package is installed).
 
 The server and the credentials come from ``SSEHUB_URL`` (default
 http://127.0.0.1:8000) and ``SSEHUB_API_KEY`` or ``SSEHUB_TOKEN``.
@@ -10,6 +10,8 @@ http://127.0.0.1:8000) and ``SSEHUB_API_KEY`` or ``SSEHUB_TOKEN``.
   token it follows the channels' streams (several are merged as they arrive:
   in id order per channel); with only an API key, which may read history but
   not open a stream, it polls the history every second.
+- ``presence CHANNEL`` prints who is online in a presence channel, one JSON
+  line per user (``{"username", "streams", "since"}``), in username order.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ async def tail(channels: Sequence[str], position: int | None) -> None:
             await _poll(hub, channels, position or 0)
 
 
+async def presence(channel: str) -> None:
+    async with _client() as hub:
+        for user in (await hub.presence(channel))["users"]:
+            _line(user)
+
+
 async def _poll(hub: AsyncClient, channels: Sequence[str], after: int) -> None:
     """An API key reads history: follow each channel's ``next_after`` for ever."""
     positions = dict.fromkeys(channels, after)
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """``publish`` and ``tail``, for this CLI and the server's ``ssehub``."""
+    """``publish``, ``tail`` and ``presence``, for this CLI and the server's ``ssehub``."""
     publish_p = commands.add_parser("publish", help="publish one event (JSON data)")
     publish_p.add_argument("channel")
     publish_p.add_argument("data", help="the event's data, as JSON")
@@ -108,12 +116,16 @@ def add_commands(commands: Any) -> None:
     tail_p = commands.add_parser("tail", help="print events as JSON lines, live")
     tail_p.add_argument("channels", nargs="+", metavar="CHANNEL")
     tail_p.add_argument("--from", dest="position", type=int, help="start after this event id")
+    presence_p = commands.add_parser("presence", help="who is online in a channel")
+    presence_p.add_argument("channel")
 
 
 def run(args: argparse.Namespace) -> None:
     try:
         if args.command == "publish":
             asyncio.run(publish(args.channel, args.data, args.type, args.key))
+        elif args.command == "presence":
+            asyncio.run(presence(args.channel))
         else:
             asyncio.run(tail(args.channels, args.position))
     except SsehubError as exc:

@@ -203,6 +203,11 @@ def _history(channel: str, after: int, limit: int) -> _Call:
     return _Call("GET", api_path("channels", channel, "events"), params=params, retries=0)
 
 
+def _presence(channel: str) -> _Call:
+    """Reading only: safe to repeat."""
+    return _Call("GET", api_path("channels", channel, "presence"), safe=True)
+
+
 class _Retry:
     """The retry policy of one ``_Call``: after each attempt, wait or stop.
 
@@ -354,6 +359,11 @@ class Client(_Base[httpx.Client]):
         """One page of a channel's history: ``{"events", "next_after"}``."""
         return self._send(_history(channel, after, limit))  # type: ignore[no-any-return]
 
+    def presence(self, channel: str) -> dict[str, Any]:
+        """Who is online in a presence channel: ``{"channel", "users"}``, each user
+        ``{"username", "streams", "since"}``; 409 (``SsehubError``) if presence is off."""
+        return self._send(_presence(channel))  # type: ignore[no-any-return]
+
     def _send(self, call: _Call) -> Any:
         retry = _Retry(call, self.retries)
         while True:
@@ -436,6 +446,10 @@ class AsyncClient(_Base[httpx.AsyncClient]):
     async def history(self, channel: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
         """One page of a channel's history: ``{"events", "next_after"}``."""
         return await self._send(_history(channel, after, limit))  # type: ignore[no-any-return]
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        """Who is online in a presence channel (see ``Client.presence``)."""
+        return await self._send(_presence(channel))  # type: ignore[no-any-return]
 
     async def _send(self, call: _Call) -> Any:
         retry = _Retry(call, self.retries)

@@ -14,6 +14,7 @@ from app.metrics import Metrics
 from app.realtime.broker import PostgresBroker
 from app.realtime.direct_write import client_left
 from app.realtime.hub import Hub
+from app.realtime.presence import Presence
 from app.realtime.replay import SharedPage
 from app.realtime.stream import MAX_OUTBOX_FRAMES, Stream
 from tests.unit.realtime.cycle import Socket, uvicorn_cycle
@@ -63,6 +64,7 @@ def _stream(
         replays=pages or Pages([]),
         pool=None,
         metrics=hub._metrics,
+        presence=Presence(None, hub, hub._metrics, grace=5, ttl=15),  # no presence channel
     )
     hub.register(stream)
     return stream

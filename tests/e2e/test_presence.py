@@ -1,0 +1,306 @@
+"""Presence across real instances: lists, joins and leaves, grace, a killed
+instance, revocation, and a channel without presence.
+
+Every stream here is a real socket on a real ``ssehub serve``; the lists are
+read over HTTP from either instance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from ssehub_client import Client, SsehubError
+
+from tests.e2e.conftest import Hubs
+from tests.e2e.sse_client import SseStream
+from tests.support import Api, Server, run_cli
+
+FAST = {"SSEHUB_PRESENCE_GRACE_SECONDS": "1", "SSEHUB_PRESENCE_TTL_SECONDS": "3"}
+
+
+def told(stream: SseStream, channel: str) -> list[str]:
+    """The list a client keeps from its stream's notices: the snapshot, then
+    each join and leave, in order. Fails on a join of someone listed or a leave
+    of someone not listed (a notice told twice, or one missed)."""
+    users: list[str] | None = None
+    for frame in stream.notices():
+        if frame.event not in ("ssehub.presence", "ssehub.join", "ssehub.leave"):
+            continue
+        data = frame.json
+        if not isinstance(data, dict) or data.get("channel") != channel:
+            continue
+        if frame.event == "ssehub.presence":
+            users = [user["username"] for user in data["users"]]
+        elif frame.event == "ssehub.join":
+            assert users is not None, "a join before the list"
+            assert data["username"] not in users, f"join told twice: {data}"
+            users = sorted([*users, data["username"]], key=str.encode)
+        elif frame.event == "ssehub.leave":
+            assert users is not None, "a leave before the list"
+            assert data["username"] in users, f"leave of someone not listed: {data}"
+            users = [u for u in users if u != data["username"]]
+    return users if users is not None else []
+
+
+def notices_of(stream: SseStream, kind: str, channel: str) -> list[str]:
+    return [
+        frame.json["username"]
+        for frame in stream.notices(kind)
+        if frame.json.get("channel") == channel
+    ]
+
+
+def listed(base: str, channel: str, headers: dict[str, str]) -> dict[str, int]:
+    r = httpx.get(f"{base}/channels/{channel}/presence", headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["channel"] == channel
+    names = [user["username"] for user in body["users"]]
+    assert names == sorted(names, key=str.encode), "not in username order"
+    return {user["username"]: user["streams"] for user in body["users"]}
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> float:
+    """Poll ``check`` until it is true; returns the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+class People:
+    """Users with stream tokens, opening streams on the instances."""
+
+    def __init__(self, hubs: Hubs, names: list[str]) -> None:
+        self.hubs = hubs
+        self.headers = {name: hubs.api.user(name) for name in names}
+        self.tokens = {name: hubs.stream_token(h) for name, h in self.headers.items()}
+
+    def open(self, name: str, channel: str, server: Server) -> SseStream:
+        stream = self.hubs.open(f"/channels/{channel}/stream", self.tokens[name], base=server.url)
+        stream.wait_for(lambda s: bool(s.notices("ssehub.live")))
+        return stream
+
+
+def two_instances(start_server: Callable[..., Server]) -> tuple[Server, Server, Hubs, People]:
+    """Two instances with the short grace and TTL, a presence channel "room",
+    and three users."""
+    a, b = start_server(**FAST), start_server(**FAST)
+    hubs = Hubs(Api(a.url))
+    hubs.channel("room", presence=True)
+    return a, b, hubs, People(hubs, ["ann", "bob", "cyd"])
+
+
+def test_two_instances_list_everyone_and_tell_every_join_and_leave(start_server) -> None:
+    a, b, hubs, people = two_instances(start_server)
+    try:
+        ann = people.open("ann", "room", a)
+        bob = people.open("bob", "room", b)
+        bob2 = people.open("bob", "room", b)
+        cy = people.open("cyd", "room", a)
+        everyone = ["ann", "bob", "cyd"]
+        for stream in (ann, bob, bob2, cy):
+            wait_until(lambda s=stream: told(s, "room") == everyone, 2, "everyone told")
+        for base in (a.url, b.url):
+            wait_until(
+                lambda base=base: (
+                    listed(base, "room", hubs.admin) == {"ann": 1, "bob": 2, "cyd": 1}
+                ),
+                2,
+                "the list with stream counts",
+            )
+        # A join reaches both instances' streams within 1 s.
+        deez_headers = hubs.api.user("deez")
+        dee = hubs.open("/channels/room/stream", hubs.stream_token(deez_headers), base=b.url)
+        opened = time.monotonic()
+        for stream in (ann, bob, cy):
+            wait_until(lambda s=stream: "deez" in notices_of(s, "ssehub.join", "room"), 2, "join")
+        assert time.monotonic() - opened < 1.5
+        # A leave, once the grace is over, within 1 s of its end.
+        dee.close()
+        closed = time.monotonic()
+        for stream in (ann, bob, cy):
+            wait_until(lambda s=stream: "deez" in notices_of(s, "ssehub.leave", "room"), 4, "leave")
+        assert time.monotonic() - closed < 1 + 1.5  # the grace, then within 1 s
+        assert listed(b.url, "room", hubs.admin) == {"ann": 1, "bob": 2, "cyd": 1}
+        # One of bob's two streams closing is no leave.
+        bob2.close()
+        wait_until(lambda: listed(a.url, "room", hubs.admin)["bob"] == 1, 3, "bob's count")
+        time.sleep(1.5)
+        assert "bob" not in notices_of(ann, "ssehub.leave", "room")
+        for stream in (ann, bob, cy):
+            assert told(stream, "room") == everyone
+    finally:
+        hubs.close_all()
+
+
+def test_reconnect_within_grace_moves_nobody_and_staying_away_is_one_leave(start_server) -> None:
+    srv = start_server(SSEHUB_PRESENCE_GRACE_SECONDS="2", SSEHUB_PRESENCE_TTL_SECONDS="5")
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("room", presence=True)
+    people = People(hubs, ["ann", "bob"])
+    try:
+        ann = people.open("ann", "room", srv)
+        bob = people.open("bob", "room", srv)
+        wait_until(lambda: told(ann, "room") == ["ann", "bob"], 2, "both listed")
+        for _ in range(3):  # bob drops and comes back within the grace
+            bob.close()
+            time.sleep(0.5)
+            bob = people.open("bob", "room", srv)
+        time.sleep(3)
+        assert notices_of(ann, "ssehub.leave", "room") == []
+        assert notices_of(ann, "ssehub.join", "room").count("bob") <= 1  # only the first
+        assert told(bob, "room") == ["ann", "bob"]
+        bob.close()
+        started = time.monotonic()
+        wait_until(lambda: notices_of(ann, "ssehub.leave", "room") == ["bob"], 5, "one leave")
+        assert time.monotonic() - started >= 1.9, "left before the grace ended"
+        time.sleep(1)
+        assert notices_of(ann, "ssehub.leave", "room") == ["bob"]
+        assert listed(srv.url, "room", hubs.admin) == {"ann": 1}
+    finally:
+        hubs.close_all()
+
+
+def test_killed_instance_users_leave_within_the_ttl_and_join_again(start_server) -> None:
+    a, b, hubs, people = two_instances(start_server)
+    try:
+        ann = people.open("ann", "room", a)
+        on_b = [people.open(name, "room", b) for name in ("bob", "cyd")]
+        wait_until(lambda: told(ann, "room") == ["ann", "bob", "cyd"], 3, "all listed")
+        assert b.process is not None
+        b.process.kill()  # SIGKILL: it announces nothing
+        killed = time.monotonic()
+        wait_until(
+            lambda: sorted(notices_of(ann, "ssehub.leave", "room")) == ["bob", "cyd"],
+            3 + 2,
+            "the survivor announces the dead instance's leaves",
+        )
+        assert time.monotonic() - killed <= 3 + 2
+        assert listed(a.url, "room", hubs.admin) == {"ann": 1}
+        assert told(ann, "room") == ["ann"]
+        metrics = httpx.get(f"{a.url}/metrics").text
+        assert "ssehub_presence_dead_leaves_total 2.0" in metrics
+        for stream in on_b:
+            stream.close()
+        b.process = None
+        b.start()  # the same port: its users' clients reconnect to it
+        back = [people.open(name, "room", b) for name in ("bob", "cyd")]
+        wait_until(lambda: told(ann, "room") == ["ann", "bob", "cyd"], 3, "they join again")
+        assert notices_of(ann, "ssehub.join", "room").count("bob") == 2
+        for stream in back:
+            wait_until(lambda s=stream: told(s, "room") == ["ann", "bob", "cyd"], 3, "told")
+    finally:
+        hubs.close_all()
+
+
+def test_member_removed_from_a_private_presence_channel_leaves_at_once(start_server) -> None:
+    srv = start_server(SSEHUB_PRESENCE_GRACE_SECONDS="30")
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("vip", private=True, presence=True)
+    people = People(hubs, ["ann", "bob"])
+    api = hubs.api
+    for name in ("ann", "bob"):
+        r = api.http.put(f"/channels/vip/members/{name}", headers=hubs.admin)
+        assert r.status_code == 204
+    try:
+        ann = people.open("ann", "vip", srv)
+        people.open("bob", "vip", srv)
+        wait_until(lambda: told(ann, "vip") == ["ann", "bob"], 3, "both listed")
+        r = api.http.delete("/channels/vip/members/bob", headers=hubs.admin)
+        assert r.status_code == 204
+        # Not after the 30 s grace: bob cannot come back.
+        wait_until(lambda: notices_of(ann, "ssehub.leave", "vip") == ["bob"], 3, "bob leaves")
+        assert listed(srv.url, "vip", hubs.admin) == {"ann": 1}
+        r = httpx.get(f"{srv.url}/channels/vip/presence", headers=people.headers["bob"])
+        assert r.status_code == 404
+    finally:
+        hubs.close_all()
+
+
+def test_channel_without_presence_gets_no_notices_and_its_list_is_409(start_server) -> None:
+    srv = start_server(**FAST)
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("plain")
+    hubs.channel("room", presence=True)
+    people = People(hubs, ["ann", "bob"])
+    try:
+        ann = people.open("ann", "plain", srv)
+        people.open("bob", "plain", srv)
+        watcher = people.open("ann", "room", srv)
+        wait_until(lambda: told(watcher, "room") == ["ann"], 3, "presence where it is on")
+        time.sleep(1)
+        kinds = {frame.event for frame in ann.notices() if frame.data}
+        assert kinds == {"ssehub.live"}, kinds
+        r = httpx.get(f"{srv.url}/channels/plain/presence", headers=people.headers["ann"])
+        assert r.status_code == 409
+        assert r.json()["detail"]
+        # Turned off: the list is gone, and so are the notices.
+        r = hubs.api.http.patch("/channels/room", json={"presence": False}, headers=hubs.admin)
+        assert r.status_code == 200 and r.json()["presence"] is False
+        r = httpx.get(f"{srv.url}/channels/room/presence", headers=people.headers["ann"])
+        assert r.status_code == 409
+        before = len(watcher.notices())
+        people.open("bob", "room", srv)
+        time.sleep(1.5)
+        assert len(watcher.notices()) == before
+    finally:
+        hubs.close_all()
+
+
+def test_presence_is_not_for_personal_channels_and_needs_a_reader(api: Api) -> None:
+    admin = api.admin()
+    r = api.http.post("/channels", json={"name": "room", "presence": "maybe"}, headers=admin)
+    assert r.status_code == 422
+    r = api.http.post("/channels", json={"name": "room", "presence": True}, headers=admin)
+    assert r.status_code == 201 and r.json()["presence"] is True
+    bob = api.user("bob")
+    r = api.http.patch("/channels/@bob", json={"presence": True}, headers=admin)
+    assert r.status_code in (403, 404)
+    assert api.http.get("/channels/room/presence", headers=bob).json() == {
+        "channel": "room",
+        "users": [],
+    }
+    assert api.http.get("/channels/room/presence").status_code == 401
+    assert api.http.get("/channels/nope/presence", headers=bob).status_code == 404
+
+
+def test_python_client_and_cli_show_who_is_online(
+    start_server: Callable[..., Server], database_url: str
+) -> None:
+    srv = start_server(**FAST)
+    hubs = Hubs(Api(srv.url))
+    hubs.channel("room", presence=True)
+    hubs.channel("plain")
+    people = People(hubs, ["ann", "bob"])
+    token = people.headers["ann"]["Authorization"].removeprefix("Bearer ")
+    try:
+        people.open("ann", "room", srv)
+        people.open("bob", "room", srv)
+        people.open("bob", "room", srv)
+        wait_until(lambda: listed(srv.url, "room", hubs.admin) == {"ann": 1, "bob": 2}, 3, "listed")
+        with Client(srv.url, token=token) as client:
+            shown = client.presence("room")
+            assert shown["channel"] == "room"
+            assert [(u["username"], u["streams"]) for u in shown["users"]] == [
+                ("ann", 1),
+                ("bob", 2),
+            ]
+            with pytest.raises(SsehubError) as refused:
+                client.presence("plain")
+            assert refused.value.status == 409
+        done = run_cli(
+            "presence", "room", database_url=database_url, SSEHUB_URL=srv.url, SSEHUB_TOKEN=token
+        )
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [(u["username"], u["streams"]) for u in lines] == [("ann", 1), ("bob", 2)]
+    finally:
+        hubs.close_all()
