@@ -35,9 +35,8 @@ from app.realtime.access import StreamAccessCache
 from app.realtime.control import StreamControl
 from app.realtime.hub import Hub
 from app.realtime.subscriber import Subscriber
-from tests.e2e.conftest import Db, Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import Api, as_role, run_cli, sql
+from tests.support import Api, Db, Hubs, as_role, run_cli, sql
+from tests.support.sse import SseStream
 
 BLOCKED_BY = (
     "SELECT pid, application_name, query FROM pg_stat_activity "

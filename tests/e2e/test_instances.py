@@ -13,9 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.chaos import run_chaos
-from tests.e2e.conftest import Hubs
-from tests.support import Api, sql
+from tests.support import Api, Hubs, sql
+from tests.support.chaos import run_chaos
 
 
 def test_event_published_on_one_instance_reaches_another(start_server) -> None:
@@ -144,7 +143,7 @@ def test_chaos_readers_drop_and_resume_across_instances(start_server) -> None:
     """Concurrent publishers on both instances; readers of one channel and of
     ``/stream`` (two or three subscribed channels) that disconnect at random and
     resume with their last id on either instance: each ends with exactly the
-    history of its channels, once each, in increasing order (``tests.e2e.chaos``)."""
+    history of its channels, once each, in increasing order (``tests.support.chaos``)."""
     a, b = start_server(), start_server()
     hubs = Hubs(Api(a.url))
     users = [hubs.api.user(f"reader{i}") for i in range(3)]

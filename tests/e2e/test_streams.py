@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.e2e.conftest import Hubs
-from tests.support import Api, auth, broker_events
+from tests.support import Api, Hubs, auth, broker_events
 
 
 def test_frames_are_byte_exact_and_headers_right(api: Api, hubs: Hubs, admin_token: str) -> None:
