@@ -26,7 +26,7 @@ import jwt
 import pytest
 
 from app.auth.external import username_for
-from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql
+from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql, wait_until
 from tests.support.idp import (
     ALGORITHMS,
     AUDIENCE,
@@ -280,13 +280,15 @@ def test_the_admin_claim_promotes_and_a_later_token_demotes(client: Api, idp: Id
     assert r.status_code == 403
     # The demotion is the account's, not the token's: publishing with either is
     # refused once the instance has heard of it (within a second).
-    assert _eventually(
+    wait_until(
         lambda: (
             client.http.post(
                 "/channels/ops-made/events", json={"type": "t", "data": 1}, headers=auth(plain)
             ).status_code
             == 403
-        )
+        ),
+        "the demotion heard",
+        timeout=2,
     )
     # A role that only looks like the admin value is not it.
     assert (
@@ -504,12 +506,12 @@ def test_jwks_unreachable_is_503_and_ssehubs_own_tokens_still_work(
         # An error page (a proxy in front of a provider that is down) is the same 503.
         back.status = 502
         # The failure above is remembered for 5 s: 503 without a fetch until then.
-        assert _eventually(lambda: _refused_after_a_fetch(api, token, back), within=8)
+        wait_until(lambda: _refused_after_a_fetch(api, token, back), "refused", timeout=8)
         assert back.hits == 1
         # Once the provider answers, its tokens work: a failed fetch starts no
         # cooldown, only the 5 s in which the failure is remembered.
         back.status = 200
-        assert _eventually(lambda: me(api, token).status_code == 200, within=8)
+        wait_until(lambda: me(api, token).status_code == 200, "accepted", timeout=8)
         assert back.hits == 2
     finally:
         back.stop()
@@ -578,7 +580,7 @@ def test_no_request_waits_more_than_6_s_for_a_jwks_that_trickles(
         assert idp.hits == 1, idp.hits
         # The fetch ends (the drip stops): the keys it brought verify.
         idp.drip = 0.0
-        assert _eventually(lambda: me(api, idp.token(kid)).status_code == 200, within=15)
+        wait_until(lambda: me(api, idp.token(kid)).status_code == 200, "accepted", timeout=15)
         assert idp.hits == 1, idp.hits
     finally:
         idp.drip = 0.0
@@ -733,15 +735,6 @@ def test_an_issuer_needs_exactly_one_source_of_keys(database_url: str, tmp_path:
         assert "Traceback" not in done.stderr
 
 
-def _eventually(check: Callable[[], bool], within: float = 2.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rotating) -> None:
     """Near the end of the module, once the 30 s after the first fetch are over: an
     unknown kid refetches, the provider answers 503 after 3 s, and meanwhile (and
@@ -753,7 +746,7 @@ def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rota
     idp.status, idp.delay = 503, 3.0
     with cf.ThreadPoolExecutor(6) as pool:
         unknown = [pool.submit(_timed_me, api, idp.token("unknown")) for _ in range(3)]
-        time.sleep(0.5)  # the refetch is under way
+        wait_until(lambda: idp.hits == 2, "the refetch under way", timeout=5)
         known = [pool.submit(_timed_me, api, idp.token("known", sub="souring-user"))]
         known += [pool.submit(_timed_me, api, idp.token("known", sub=f"k{i}")) for i in range(2)]
         unknown_answers = [f.result() for f in unknown]

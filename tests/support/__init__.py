@@ -16,7 +16,15 @@ reached over a socket, and ``nats-server``. One module per part:
   from their own modules by the tests that use them.
 """
 
-from tests.support.api import Api, Hubs, auth, broker_events, counter_by_label, read_history
+from tests.support.api import (
+    Api,
+    Hubs,
+    auth,
+    broker_events,
+    counter_by_label,
+    metric,
+    read_history,
+)
 from tests.support.db import (
     ADMIN_PASSWORD,
     TABLES,
@@ -66,6 +74,7 @@ __all__ = [
     "drop_database",
     "free_port",
     "make_admin",
+    "metric",
     "migrated_database",
     "postgres_address",
     "read_history",

@@ -61,6 +61,14 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def metric(base: str, name: str) -> float:
+    """The value of an unlabelled metric on one instance's ``/metrics``."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found, f"no {name} in /metrics"
+    return float(found.group(1))
+
+
 def counter_by_label(base: str, name: str, label: str) -> defaultdict[str, float]:
     """A counter of one instance's ``/metrics`` with one label, by the label's
     value (0 for a value it does not show)."""
