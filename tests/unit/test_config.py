@@ -4,7 +4,6 @@ and the signing key kept in the data dir."""
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from pydantic import ValidationError
 
 from app.config import SECRET_FILE, KeyFileError, Settings, ensure_secret_key, weak_key_problem
 
-GOOD_KEY = secrets.token_urlsafe(48)
+GOOD_KEY = "Jq3vX9-kLm2RtY7wPz4sNc8Hb6Ud1GfEa5OiTx0Vy_QhWrSj"  # fixed: test ids must agree
 
 
 @pytest.fixture(autouse=True)
