@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from ssehub_client.client import _batch, _history, _publish, _Retry, _Stream
 from app.auth.external import username_for as server_username_for
 from app.db import asyncpg_dsn
 from app.events.publisher import PUBLISH_LOCK
-from tests.support import ROOT, Api, Server, postgres_address, sql, with_database
+from tests.support import ROOT, Api, CuttableProxy, Server, postgres_address, sql, with_database
 
 CLIENT_CLI = str(Path(sys.executable).with_name("ssehub-client"))
 
@@ -140,106 +139,6 @@ async def test_publish_sync_and_async_with_a_key_or_a_token(server: Server) -> N
     bob = Api(s.url).login("bob")
     mine = httpx.get(f"{s.url}/me/events", headers={"Authorization": f"Bearer {bob}"}).json()
     assert [e["id"] for e in mine["events"]] == [personal["id"], apersonal["id"]]
-
-
-SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
-GSS_REQUEST = (8).to_bytes(4, "big") + (80877104).to_bytes(4, "big")
-
-
-class CuttableProxy:
-    """A proxy to Postgres (over TCP or its Unix socket) that can cut one
-    connection on the server's side only: the backend keeps running (and may
-    commit) without being told. Connections are known by their backend's pid,
-    read from the server's BackendKeyData; so the proxy answers a client's
-    request for encryption itself with "no", and the bytes stay readable."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.pairs: dict[int, tuple[socket.socket, socket.socket]] = {}  # by backend pid
-        self.cut_sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                down, _ = self.listener.accept()
-                threading.Thread(target=self._serve, args=(down,), daemon=True).start()
-
-    def _connect(self) -> socket.socket:
-        host, port = self.target
-        if not host.startswith("/"):
-            return socket.create_connection((host, port))
-        up = socket.socket(socket.AF_UNIX)
-        up.connect(f"{host}/.s.PGSQL.{port}")
-        return up
-
-    def _serve(self, down: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            first = _receive_exactly(down, 8)
-            while first in (SSL_REQUEST, GSS_REQUEST):
-                down.sendall(b"N")
-                first = _receive_exactly(down, 8)
-            up = self._connect()
-            up.sendall(first)
-            threading.Thread(target=self._pump, args=(down, up), daemon=True).start()
-            if self._relay_until_backend_key(up, down):
-                self._pump(up, down)
-
-    def _relay_until_backend_key(self, up: socket.socket, down: socket.socket) -> bool:
-        """Relay the server's first messages; register the pair under the pid of
-        BackendKeyData ('K') before the client can see it. False if it ended first."""
-        buffer = b""
-        while data := up.recv(65536):
-            buffer += data
-            at = 0
-            while len(buffer) - at >= 5:
-                kind, length = buffer[at : at + 1], int.from_bytes(buffer[at + 1 : at + 5], "big")
-                if len(buffer) - at < 1 + length:
-                    break
-                if kind == b"K":
-                    self.pairs[int.from_bytes(buffer[at + 5 : at + 9], "big")] = (down, up)
-                    down.sendall(buffer)
-                    return True
-                at += 1 + length
-            down.sendall(buffer[:at])
-            buffer = buffer[at:]
-        return False
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        """Bytes from ``src`` to ``dst``; its end too, unless the pair was cut."""
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-            if not any(down in self.cut_sockets for down in (src, dst)):
-                dst.shutdown(socket.SHUT_WR)
-
-    def cut(self, backend_pid: int) -> None:
-        """Close the connection to the client; keep the one to Postgres open."""
-        down, _ = self.pairs[backend_pid]
-        self.cut_sockets.add(down)
-        with contextlib.suppress(OSError):
-            down.shutdown(socket.SHUT_RDWR)
-        down.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        for down, up in self.pairs.values():
-            for sock in (down, up):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
 async def _writers_waiting_for_the_lock(database_url: str, count: int) -> list[int]:

@@ -23,7 +23,6 @@ from alembic import command
 
 from app.cli import alembic_config
 from app.db import asyncpg_dsn
-from tests.e2e.sse_client import SseStream
 from tests.support import (
     ADMIN_PASSWORD,
     Api,
@@ -37,6 +36,7 @@ from tests.support import (
     unique_name,
     with_database,
 )
+from tests.support.sse import SseStream
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 

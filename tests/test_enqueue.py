@@ -22,8 +22,8 @@ import pytest
 
 from app.db import asyncpg_dsn
 from app.events.inbox import MOVE_ROWS
-from tests.e2e.sse_client import SseStream
 from tests.support import Api, Server, as_role, read_history, run_cli, sql
+from tests.support.sse import SseStream
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
 

@@ -1,170 +1,48 @@
 """Your application's own tokens (``SSEHUB_JWT_*``), against real servers.
 
-The identity provider is played by ``Idp``: keys made here with
-``cryptography`` (RSA 2048, EC P-256, Ed25519), tokens signed with PyJWT, and
-a JWKS served by ``http.server`` in a thread on a free port, whose key set a
-test can change and whose hits it can count. ssehub runs as ``ssehub serve``
+The identity provider is played by ``tests.support.idp.Idp`` (RSA 2048, EC
+P-256 and Ed25519 keys, a JWKS served over HTTP that a test can change). ssehub runs as ``ssehub serve``
 subprocesses on a real Postgres.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures as cf
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from app.auth.external import username_for
-from tests.e2e.sse_client import SseStream
-from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql
+from tests.support import ROOT, TEST_SECRET, Api, Server, auth, free_port, sql, wait_until
+from tests.support.idp import (
+    ALGORITHMS,
+    AUDIENCE,
+    ISSUER,
+    Idp,
+    b64json,
+    b64url,
+    claims,
+    jwks_env,
+    new_key,
+    public_pem,
+)
+from tests.support.sse import SseStream
 
-ISSUER = "https://idp.example.test/"
-AUDIENCE = "ssehub-tests"
 ADMIN_ROLE = "ssehub:admin"
 OCT_SECRET = secrets.token_bytes(32)
-ALGORITHMS = {"rsa": "RS256", "ec": "ES256", "ed25519": "EdDSA"}
-_TO_JWK = {"rsa": RSAAlgorithm.to_jwk, "ec": ECAlgorithm.to_jwk, "ed25519": OKPAlgorithm.to_jwk}
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
-
-def new_key(kind: str) -> PrivateKey:
-    if kind == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    if kind == "ec":
-        return ec.generate_private_key(ec.SECP256R1())
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-def public_pem(key: PrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _b64json(part: dict[str, Any]) -> str:
-    return _b64(json.dumps(part).encode())
-
-
-def claims(sub: str = "ext-user", **over: Any) -> dict[str, Any]:
-    """Valid claims; ``jti`` makes every token new, so no test meets another's
-    token in the server's cache of verified tokens. ``None`` drops a claim."""
-    now = int(time.time())
-    base = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": sub,
-        "iat": now,
-        "exp": now + 300,
-        "jti": uuid.uuid4().hex,
-    }
-    return {k: v for k, v in {**base, **over}.items() if v is not None}
-
-
-class Idp:
-    """An identity provider: signing keys, and their JWKS served over HTTP."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.keys: dict[str, tuple[str, PrivateKey]] = {}  # kid -> (kind, private key)
-        self.published: list[str] = []  # kids in the JWKS
-        self.extra: list[dict[str, Any]] = []  # JWKs published as they are
-        self.hits = 0
-        self.status = 200  # what the JWKS endpoint answers; not 200: an error page
-        self.delay = 0.0  # seconds before it answers
-        self.drip = 0.0  # when set, the body is sent one byte per this many seconds
-        self._lock = threading.Lock()
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with idp._lock:
-                    idp.hits += 1
-                    status, delay, drip = idp.status, idp.delay, idp.drip
-                    body = json.dumps(idp.jwks()).encode() if status == 200 else b"<h1>down</h1>"
-                time.sleep(delay)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                sent = 0
-                while drip and sent < len(body):  # until the test turns the drip off
-                    self.wfile.write(body[sent : sent + 1])
-                    self.wfile.flush()
-                    sent += 1
-                    time.sleep(drip)
-                    drip = idp.drip
-                self.wfile.write(body[sent:])
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def jwks(self) -> dict[str, Any]:
-        keys = []
-        for kid in self.published:
-            kind, key = self.keys[kid]
-            jwk = _TO_JWK[kind](key.public_key(), as_dict=True)  # type: ignore[arg-type]
-            keys.append({**jwk, "kid": kid, "use": "sig", "alg": ALGORITHMS[kind]})
-        return {"keys": keys + self.extra}
-
-    def add(self, kind: str, kid: str | None = None, publish: bool = True) -> str:
-        """A new key of ``kind``; published in the JWKS unless ``publish`` is false."""
-        kid = kid or f"{kind}-{uuid.uuid4().hex[:8]}"
-        key = new_key(kind)
-        with self._lock:
-            self.keys[kid] = (kind, key)
-            if publish:
-                self.published.append(kid)
-        return kid
-
-    def token(self, kid: str, **over: Any) -> str:
-        kind, key = self.keys[kid]
-        return jwt.encode(claims(**over), key, algorithm=ALGORITHMS[kind], headers={"kid": kid})
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(5)
-
-
-def jwks_env(url: str, **over: str) -> dict[str, str]:
-    return {
-        "SSEHUB_JWT_ISSUER": ISSUER,
-        "SSEHUB_JWT_AUDIENCE": AUDIENCE,
-        "SSEHUB_JWT_JWKS_URL": url,
-        "SSEHUB_JWT_ADMIN_CLAIM": "roles",
-        **over,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +51,7 @@ def idp() -> Iterator[Idp]:
     for kind in ALGORITHMS:
         provider.add(kind, kid=kind)
     # A symmetric key in the set must verify nothing: the set is public.
-    provider.extra.append({"kty": "oct", "kid": "oct", "k": _b64(OCT_SECRET), "alg": "HS256"})
+    provider.extra.append({"kty": "oct", "kid": "oct", "k": b64url(OCT_SECRET), "alg": "HS256"})
     yield provider
     provider.stop()
 
@@ -320,17 +198,17 @@ def test_first_uses_racing_make_one_user_and_one_personal_channel(
 
 
 def _none_token(kid: str) -> str:
-    return f"{_b64json({'alg': 'none', 'typ': 'JWT', 'kid': kid})}.{_b64json(claims())}."
+    return f"{b64json({'alg': 'none', 'typ': 'JWT', 'kid': kid})}.{b64json(claims())}."
 
 
 def _confused_token(idp: Idp) -> str:
     """HS256 "signed" with the RSA public key's PEM as the HMAC secret, with the
     RSA key's kid: what a verifier that lets the token pick the algorithm accepts."""
-    header = _b64json({"alg": "HS256", "typ": "JWT", "kid": "rsa"})
-    payload = _b64json(claims())
+    header = b64json({"alg": "HS256", "typ": "JWT", "kid": "rsa"})
+    payload = b64json(claims())
     secret = public_pem(idp.keys["rsa"][1])
     mac = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64(mac)}"
+    return f"{header}.{payload}.{b64url(mac)}"
 
 
 def _forged_with_known_kid(_idp: Idp) -> str:
@@ -402,13 +280,15 @@ def test_the_admin_claim_promotes_and_a_later_token_demotes(client: Api, idp: Id
     assert r.status_code == 403
     # The demotion is the account's, not the token's: publishing with either is
     # refused once the instance has heard of it (within a second).
-    assert _eventually(
+    wait_until(
         lambda: (
             client.http.post(
                 "/channels/ops-made/events", json={"type": "t", "data": 1}, headers=auth(plain)
             ).status_code
             == 403
-        )
+        ),
+        "the demotion heard",
+        timeout=2,
     )
     # A role that only looks like the admin value is not it.
     assert (
@@ -626,12 +506,12 @@ def test_jwks_unreachable_is_503_and_ssehubs_own_tokens_still_work(
         # An error page (a proxy in front of a provider that is down) is the same 503.
         back.status = 502
         # The failure above is remembered for 5 s: 503 without a fetch until then.
-        assert _eventually(lambda: _refused_after_a_fetch(api, token, back), within=8)
+        wait_until(lambda: _refused_after_a_fetch(api, token, back), "refused", timeout=8)
         assert back.hits == 1
         # Once the provider answers, its tokens work: a failed fetch starts no
         # cooldown, only the 5 s in which the failure is remembered.
         back.status = 200
-        assert _eventually(lambda: me(api, token).status_code == 200, within=8)
+        wait_until(lambda: me(api, token).status_code == 200, "accepted", timeout=8)
         assert back.hits == 2
     finally:
         back.stop()
@@ -700,7 +580,7 @@ def test_no_request_waits_more_than_6_s_for_a_jwks_that_trickles(
         assert idp.hits == 1, idp.hits
         # The fetch ends (the drip stops): the keys it brought verify.
         idp.drip = 0.0
-        assert _eventually(lambda: me(api, idp.token(kid)).status_code == 200, within=15)
+        wait_until(lambda: me(api, idp.token(kid)).status_code == 200, "accepted", timeout=15)
         assert idp.hits == 1, idp.hits
     finally:
         idp.drip = 0.0
@@ -723,11 +603,11 @@ def test_one_pem_public_key(start_server: Callable[..., Server], tmp_path: Path)
     assert_401(me(api, jwt.encode(claims(), new_key("ec"), algorithm="ES256")))
     assert_401(me(api, jwt.encode(claims(), new_key("rsa"), algorithm="RS256")))
     # The PEM as an HMAC secret: the classic confusion against a configured key.
-    header = _b64json({"alg": "HS256", "typ": "JWT"})
-    payload = _b64json(claims())
+    header = b64json({"alg": "HS256", "typ": "JWT"})
+    payload = b64json(claims())
     mac = hmac.new(pem.read_bytes(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    assert_401(me(api, f"{header}.{payload}.{_b64(mac)}"))
-    assert_401(me(api, f"{_b64json({'alg': 'none'})}.{payload}."))
+    assert_401(me(api, f"{header}.{payload}.{b64url(mac)}"))
+    assert_401(me(api, f"{b64json({'alg': 'none'})}.{payload}."))
 
 
 def test_a_shared_hs256_secret(start_server: Callable[..., Server]) -> None:
@@ -855,15 +735,6 @@ def test_an_issuer_needs_exactly_one_source_of_keys(database_url: str, tmp_path:
         assert "Traceback" not in done.stderr
 
 
-def _eventually(check: Callable[[], bool], within: float = 2.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rotating) -> None:
     """Near the end of the module, once the 30 s after the first fetch are over: an
     unknown kid refetches, the provider answers 503 after 3 s, and meanwhile (and
@@ -875,7 +746,7 @@ def test_a_jwks_that_starts_failing_keeps_verifying_the_known_keys(souring: Rota
     idp.status, idp.delay = 503, 3.0
     with cf.ThreadPoolExecutor(6) as pool:
         unknown = [pool.submit(_timed_me, api, idp.token("unknown")) for _ in range(3)]
-        time.sleep(0.5)  # the refetch is under way
+        wait_until(lambda: idp.hits == 2, "the refetch under way", timeout=5)
         known = [pool.submit(_timed_me, api, idp.token("known", sub="souring-user"))]
         known += [pool.submit(_timed_me, api, idp.token("known", sub=f"k{i}")) for i in range(2)]
         unknown_answers = [f.result() for f in unknown]

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.support import Api, Server
+from tests.support import Api, Server, metric, wait_until
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -513,14 +513,6 @@ def test_big_history_page_never_read_is_dropped_after_the_send_timeout(
     assert r.status_code == 200 and len(r.json()["events"]) == 1
 
 
-def metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name}")
-
-
 def test_stream_nobody_reads_is_let_go_as_a_slow_reader_and_its_socket_freed(
     start_server: Callable[..., Server],
 ) -> None:
@@ -538,7 +530,7 @@ def test_stream_nobody_reads_is_let_go_as_a_slow_reader_and_its_socket_freed(
     reader = connect(srv)
     reader.sendall(stream)
     with unread_connection(srv, stream) as sock:
-        time.sleep(0.5)  # both registered
+        wait_until(lambda: metric(srv.url, "ssehub_streams_open") == 2, "both streams registered")
         batch = {"events": [{"data": "y" * 60_000} for _ in range(100)]}  # 6 MB
         r = api.http.post("/channels/feed/events/batch", json=batch, headers=admin)
         assert r.status_code == 201, r.text[:200]
@@ -549,7 +541,7 @@ def test_stream_nobody_reads_is_let_go_as_a_slow_reader_and_its_socket_freed(
         assert got >= 6_000_000
         lasted = dropped_within(sock, 1 + SEND_TIMEOUT + 10, srv)
     assert lasted is not None, "a stream nobody reads holds its connection"
-    assert metric(srv, "ssehub_slow_reader_disconnects_total") == 1
+    assert metric(srv.url, "ssehub_slow_reader_disconnects_total") == 1
     time.sleep(SEND_TIMEOUT)
     assert api.http.post("/channels/feed/events", json={"data": "on"}, headers=admin).is_success
     reader.settimeout(5)

@@ -39,7 +39,6 @@ from alembic.script import ScriptDirectory
 
 from app.cli import alembic_config
 from app.db import asyncpg_dsn
-from tests.e2e.sse_client import SseStream
 from tests.support import (
     ROOT,
     TEST_SECRET,
@@ -52,6 +51,7 @@ from tests.support import (
     sql,
     unique_name,
 )
+from tests.support.sse import SseStream
 from tests.test_database_roles import (
     SESSION_SHADOWS,
     SHADOWS,

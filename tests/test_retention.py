@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
-from tests.support import Api, sql
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+from tests.support import Api, sql, wait_until
 
 
 def _fast_retention(start_server) -> Api:  # type: ignore[no-untyped-def]
@@ -44,7 +34,7 @@ def test_max_events_keeps_the_newest(start_server, database_url: str) -> None:
             e["id"] for e in api.http.get("/channels/short/events", headers=admin).json()["events"]
         ]
 
-    _eventually(lambda: kept() == ids[-3:])
+    wait_until(lambda: kept() == ids[-3:], "the oldest events pruned")
     pruned = asyncio.run(
         sql(database_url, "SELECT pruned_through FROM channels WHERE name = 'short'")
     )
@@ -65,7 +55,7 @@ def test_max_age_removes_old_events(start_server, database_url: str) -> None:
             e["id"] for e in api.http.get("/channels/fresh/events", headers=admin).json()["events"]
         ]
 
-    _eventually(lambda: kept() == [new])
+    wait_until(lambda: kept() == [new], "the old event pruned")
     pruned = asyncio.run(
         sql(database_url, "SELECT pruned_through FROM channels WHERE name = 'fresh'")
     )
@@ -92,7 +82,7 @@ def test_idempotency_keys_expire_after_24_hours(start_server, database_url: str)
     def key_cleared() -> bool:
         return asyncio.run(sql(database_url, "SELECT 1 FROM idempotency_keys")) == []
 
-    _eventually(key_cleared)
+    wait_until(key_cleared, "the idempotency key expired")
     again = api.http.post("/channels/news/events", json={"data": 2}, headers=keyed)
     assert again.status_code == 201 and again.json()["id"] != first.json()["id"]
 
@@ -114,7 +104,7 @@ def test_retention_deleting_the_event_does_not_revive_its_key(
         history = api.http.get("/channels/short/events", headers=admin).json()["events"]
         return [e["id"] for e in history] == [later.json()["id"]]
 
-    _eventually(pruned)
+    wait_until(pruned, "the channel pruned")
     retry = api.http.post("/channels/short/events", json={"data": {"n": 1}}, headers=keyed)
     assert retry.status_code == 200, retry.text
     assert retry.json() == first.json()

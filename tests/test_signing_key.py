@@ -24,6 +24,7 @@ from tests.support import (
     free_port,
     migrated_database,
     sql,
+    wait_until,
 )
 
 OTHER_SECRET = "another-test-secret-key-long-enough-for-hs256-9876543210"
@@ -119,13 +120,12 @@ def test_a_running_instance_keeps_its_key_fresh_and_says_so_when_another_appears
     asyncio.run(
         sql(own_database, "INSERT INTO signing_keys VALUES ('f' || repeat('0', 63), now())")
     )
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline and min(age for _, age in _rows(own_database)) > 6:
-        time.sleep(0.2)
-    assert min(age for _, age in _rows(own_database)) < 6, "the running instance did not refresh"
-    while time.monotonic() < deadline and REFUSAL not in srv.log():
-        time.sleep(0.2)
-    assert REFUSAL in srv.log()
+    wait_until(
+        lambda: min(age for _, age in _rows(own_database)) < 6,
+        "the running instance to refresh its row",
+        timeout=8,
+    )
+    wait_until(lambda: REFUSAL in srv.log(), "the other key to be logged", timeout=8)
     assert httpx.get(f"{srv.url}/readyz").status_code == 200
 
 
@@ -135,18 +135,12 @@ def test_a_failing_refresh_is_logged_and_retried(
     srv = servers().start()
     asyncio.run(sql(own_database, "ALTER TABLE signing_keys RENAME TO signing_keys_away"))
     try:
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and "could not refresh" not in srv.log():
-            time.sleep(0.2)
-        assert "could not refresh" in srv.log(), srv.log()
+        wait_until(lambda: "could not refresh" in srv.log(), "a failed refresh logged", timeout=8)
         assert httpx.get(f"{srv.url}/readyz").status_code == 200
         asyncio.run(sql(own_database, "UPDATE signing_keys_away SET last_seen_at = 'epoch'"))
     finally:
         asyncio.run(sql(own_database, "ALTER TABLE signing_keys_away RENAME TO signing_keys"))
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline and _rows(own_database)[0][1] > 6:
-        time.sleep(0.2)
-    assert _rows(own_database)[0][1] < 6, "the refresh did not resume"
+    wait_until(lambda: _rows(own_database)[0][1] < 6, "the refresh to resume", timeout=8)
 
 
 def test_every_process_checks_also_under_uvicorn_factory(

@@ -37,8 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
-from tests.e2e.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support import auth
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 
 WAIT_MS = 30_000
 STREAMS_ON_ONE_PAGE = 20  # HTTP/1.1 allows a browser 6 connections per origin

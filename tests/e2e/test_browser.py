@@ -25,7 +25,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
 
-from tests.e2e.browser import (
+from tests.support import Api, Server, auth
+from tests.support.browser import (
     PLAIN_HTTP,
     USER_PASSWORD,
     WAIT_MS,
@@ -36,7 +37,6 @@ from tests.e2e.browser import (
     wait_for_ids,
     wait_for_streams,
 )
-from tests.support import Api, Server, auth
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser", "clean_db"]  # fixtures

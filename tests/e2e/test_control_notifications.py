@@ -38,9 +38,8 @@ from app.realtime.hub import Hub
 from app.realtime.presence import Presence
 from app.realtime.replay import SharedPages
 from app.realtime.stream import Stream
-from tests.e2e.conftest import Db, Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import Api, as_role, run_cli, sql
+from tests.support import Api, Db, Hubs, as_role, run_cli, sql
+from tests.support.sse import SseStream
 
 BLOCKED_BY = (
     "SELECT pid, application_name, query FROM pg_stat_activity "

@@ -32,9 +32,8 @@ import httpx
 
 from app.db import asyncpg_dsn
 from app.errors import database_unavailable
-from tests.e2e.conftest import Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, read_history, sql
+from tests.support import Api, Hubs, Server, read_history, sql
+from tests.support.sse import SseStream
 
 CHANNELS = ("red", "green")
 TERMINATE_ALL = (

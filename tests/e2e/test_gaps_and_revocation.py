@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Db, Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, sql
+from tests.support import Api, Db, Hubs, Server, sql
+from tests.support.sse import SseStream
 
 # A history far larger than what sockets and one replay page can hold, so a
 # paused reader leaves the server blocked in the middle of its replay.

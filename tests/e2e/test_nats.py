@@ -6,7 +6,7 @@ Instance A talks to NATS directly; B and C through a TCP proxy of the test's
 subscriptions hold at most ``SLOW_PENDING_LIMIT`` messages
 (``SSEHUB_NATS_PENDING_LIMIT``), so a burst makes it a slow consumer that
 drops messages. Every disruption runs in the middle of the chaos run of
-``tests.e2e.chaos`` and must cost nothing: each reader ends with exactly its
+``tests.support.chaos`` and must cost nothing: each reader ends with exactly its
 channels' history. ``ssehub_broker_events_total{source="log"}`` growing on the
 disrupted instance shows the gap was noticed and read from the log.
 """
@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import socket
-import struct
-import termios
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,136 +24,27 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.chaos import run_chaos
-from tests.e2e.conftest import Db, Hubs
-from tests.e2e.nats_server import wait_until
-from tests.e2e.sse_client import SseStream
 from tests.support import (
     NATS_SERVER,
     Api,
+    Db,
+    Hubs,
     NatsServer,
     Server,
+    TcpProxy,
     broker_events,
     migrated_database,
     sql,
+    wait_until,
 )
+from tests.support.chaos import run_chaos
+from tests.support.sse import SseStream
 
 SLOW_PENDING_LIMIT = 50
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
 )
-
-
-class TcpProxy:
-    """127.0.0.1:``port`` to a target port, two pumping threads per connection.
-
-    ``cut`` closes every connection and refuses new ones for a while (a broken
-    network path); ``stall`` stops reading what the target sends to the
-    client, lets it pile up in the kernel, then passes it on in one burst."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._upstreams: list[socket.socket] = []
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._refuse_until = 0.0
-        self._stalled = threading.Event()
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if time.monotonic() < self._refuse_until:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=1)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._pairs.append((client, upstream))
-                self._upstreams.append(upstream)
-                self.connections += 1
-            done = threading.Semaphore(0)
-            threading.Thread(target=self._pump, args=(client, upstream, done), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, done), daemon=True).start()
-            threading.Thread(target=self._close, args=(client, upstream, done), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, done: threading.Semaphore) -> None:
-        to_client = src in self._upstreams
-        try:
-            while True:
-                while to_client and self._stalled.is_set():
-                    time.sleep(0.005)
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):  # the other pump's recv returns too
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            done.release()
-
-    def _close(self, client: socket.socket, upstream: socket.socket, done: Any) -> None:
-        done.acquire()
-        done.acquire()
-        with self._lock:
-            self._pairs.remove((client, upstream))
-            self._upstreams.remove(upstream)
-        client.close()
-        upstream.close()
-
-    def cut(self, refuse_for: float) -> None:
-        self._refuse_until = time.monotonic() + refuse_for
-        with self._lock:
-            pairs = list(self._pairs)
-        for pair in pairs:
-            for s in pair:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def stall(self, until_bytes: int, timeout: float) -> int:
-        """Hold back what the target sends until ``until_bytes`` wait (or
-        ``timeout``), then let it all through; returns the bytes held."""
-        self._stalled.set()
-        held = 0
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline and held < until_bytes:
-                time.sleep(0.02)
-                with self._lock:
-                    held = sum(_unread(s) for s in self._upstreams)
-        finally:
-            self._stalled.clear()
-        return held
-
-    def close(self) -> None:
-        self._listener.close()
-        self.cut(0)
-
-
-def _unread(s: socket.socket) -> int:
-    with contextlib.suppress(OSError):
-        buf = fcntl.ioctl(s.fileno(), termios.FIONREAD, struct.pack("i", 0))
-        count: int = struct.unpack("i", buf)[0]
-        return count
-    return 0
 
 
 class Cluster:

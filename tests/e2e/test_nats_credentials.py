@@ -18,9 +18,7 @@ import hashlib
 import ipaddress
 import json
 import os
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +32,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.conftest import Hubs
-from tests.e2e.nats_server import RawNatsClient, wait_until
-from tests.support import NATS_SERVER, Api, NatsServer, Server
+from tests.support import (
+    NATS_SERVER,
+    Api,
+    Hubs,
+    NatsServer,
+    RawNatsClient,
+    RecordingProxy,
+    Server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
@@ -179,59 +184,6 @@ def test_a_tls_url_never_sends_its_password_to_a_server_without_tls(database_url
     finally:
         proxy.close()
         nats_server.stop()
-
-
-class RecordingProxy:
-    """127.0.0.1:``port`` to a target port; keeps every byte its clients sent."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._sent = bytearray()
-        self._sockets: list[socket.socket] = []
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def sent(self) -> bytes:
-        with self._lock:
-            return bytes(self._sent)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if record:
-                    with self._lock:
-                        self._sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for s in sockets:
-            s.close()
 
 
 # -- operator mode: an operator, an account and a user, as nsc would make them --

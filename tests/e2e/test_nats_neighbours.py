@@ -22,10 +22,19 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.e2e.conftest import Hubs
-from tests.e2e.nats_server import RawNatsClient, wait_until
-from tests.e2e.sse_client import SseStream
-from tests.support import NATS_SERVER, TEST_SECRET, Api, NatsServer, Server, counter_by_label, sql
+from tests.support import (
+    NATS_SERVER,
+    TEST_SECRET,
+    Api,
+    Hubs,
+    NatsServer,
+    RawNatsClient,
+    Server,
+    counter_by_label,
+    sql,
+    wait_until,
+)
+from tests.support.sse import SseStream
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.sse_client import SseStream
 from tests.support import Api, Server, auth, sql
+from tests.support.sse import SseStream
 
 GOOD, EVIL = "http://good.example", "http://evil.example"
 ONE_TTL = 1234  # instance one's stream token lifetime, so Max-Age shows it is the TTL

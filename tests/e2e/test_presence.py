@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import pytest
 from ssehub_client import Client, SsehubError
 
-from tests.e2e.conftest import Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import Api, Server, run_cli
+from tests.support import Api, Hubs, Server, SseStream, run_cli, wait_until
 
 FAST = {"SSEHUB_PRESENCE_GRACE_SECONDS": "1", "SSEHUB_PRESENCE_TTL_SECONDS": "3"}
 
@@ -65,16 +62,6 @@ def listed(base: str, channel: str, headers: dict[str, str]) -> dict[str, int]:
     return {user["username"]: user["streams"] for user in body["users"]}
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> float:
-    """Poll ``check`` until it is true; returns the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 class People:
     """Users with stream tokens, opening streams on the instances."""
 
@@ -107,32 +94,44 @@ def test_two_instances_list_everyone_and_tell_every_join_and_leave(start_server)
         cy = people.open("cyd", "room", a)
         everyone = ["ann", "bob", "cyd"]
         for stream in (ann, bob, bob2, cy):
-            wait_until(lambda s=stream: told(s, "room") == everyone, 2, "everyone told")
+            wait_until(
+                lambda s=stream: told(s, "room") == everyone, timeout=2, what="everyone told"
+            )
         for base in (a.url, b.url):
             wait_until(
                 lambda base=base: (
                     listed(base, "room", hubs.admin) == {"ann": 1, "bob": 2, "cyd": 1}
                 ),
-                2,
-                "the list with stream counts",
+                timeout=2,
+                what="the list with stream counts",
             )
         # A join reaches both instances' streams within 1 s.
         deez_headers = hubs.api.user("deez")
         dee = hubs.open("/channels/room/stream", hubs.stream_token(deez_headers), base=b.url)
         opened = time.monotonic()
         for stream in (ann, bob, cy):
-            wait_until(lambda s=stream: "deez" in notices_of(s, "ssehub.join", "room"), 2, "join")
+            wait_until(
+                lambda s=stream: "deez" in notices_of(s, "ssehub.join", "room"),
+                timeout=2,
+                what="join",
+            )
         assert time.monotonic() - opened < 1.5
         # A leave, once the grace is over, within 1 s of its end.
         dee.close()
         closed = time.monotonic()
         for stream in (ann, bob, cy):
-            wait_until(lambda s=stream: "deez" in notices_of(s, "ssehub.leave", "room"), 4, "leave")
+            wait_until(
+                lambda s=stream: "deez" in notices_of(s, "ssehub.leave", "room"),
+                timeout=4,
+                what="leave",
+            )
         assert time.monotonic() - closed < 1 + 1.5  # the grace, then within 1 s
         assert listed(b.url, "room", hubs.admin) == {"ann": 1, "bob": 2, "cyd": 1}
         # One of bob's two streams closing is no leave.
         bob2.close()
-        wait_until(lambda: listed(a.url, "room", hubs.admin)["bob"] == 1, 3, "bob's count")
+        wait_until(
+            lambda: listed(a.url, "room", hubs.admin)["bob"] == 1, timeout=3, what="bob's count"
+        )
         time.sleep(1.5)
         assert "bob" not in notices_of(ann, "ssehub.leave", "room")
         for stream in (ann, bob, cy):
@@ -149,7 +148,7 @@ def test_reconnect_within_grace_moves_nobody_and_staying_away_is_one_leave(start
     try:
         ann = people.open("ann", "room", srv)
         bob = people.open("bob", "room", srv)
-        wait_until(lambda: told(ann, "room") == ["ann", "bob"], 2, "both listed")
+        wait_until(lambda: told(ann, "room") == ["ann", "bob"], timeout=2, what="both listed")
         for _ in range(3):  # bob drops and comes back within the grace
             bob.close()
             time.sleep(0.5)
@@ -160,7 +159,9 @@ def test_reconnect_within_grace_moves_nobody_and_staying_away_is_one_leave(start
         assert told(bob, "room") == ["ann", "bob"]
         bob.close()
         started = time.monotonic()
-        wait_until(lambda: notices_of(ann, "ssehub.leave", "room") == ["bob"], 5, "one leave")
+        wait_until(
+            lambda: notices_of(ann, "ssehub.leave", "room") == ["bob"], timeout=5, what="one leave"
+        )
         assert time.monotonic() - started >= 1.9, "left before the grace ended"
         time.sleep(1)
         assert notices_of(ann, "ssehub.leave", "room") == ["bob"]
@@ -174,14 +175,14 @@ def test_killed_instance_users_leave_within_the_ttl_and_join_again(start_server)
     try:
         ann = people.open("ann", "room", a)
         on_b = [people.open(name, "room", b) for name in ("bob", "cyd")]
-        wait_until(lambda: told(ann, "room") == ["ann", "bob", "cyd"], 3, "all listed")
+        wait_until(lambda: told(ann, "room") == ["ann", "bob", "cyd"], timeout=3, what="all listed")
         assert b.process is not None
         b.process.kill()  # SIGKILL: it announces nothing
         killed = time.monotonic()
         wait_until(
             lambda: sorted(notices_of(ann, "ssehub.leave", "room")) == ["bob", "cyd"],
-            3 + 2,
-            "the survivor announces the dead instance's leaves",
+            timeout=3 + 2,
+            what="the survivor announces the dead instance's leaves",
         )
         assert time.monotonic() - killed <= 3 + 2
         assert listed(a.url, "room", hubs.admin) == {"ann": 1}
@@ -193,10 +194,14 @@ def test_killed_instance_users_leave_within_the_ttl_and_join_again(start_server)
         b.process = None
         b.start()  # the same port: its users' clients reconnect to it
         back = [people.open(name, "room", b) for name in ("bob", "cyd")]
-        wait_until(lambda: told(ann, "room") == ["ann", "bob", "cyd"], 3, "they join again")
+        wait_until(
+            lambda: told(ann, "room") == ["ann", "bob", "cyd"], timeout=3, what="they join again"
+        )
         assert notices_of(ann, "ssehub.join", "room").count("bob") == 2
         for stream in back:
-            wait_until(lambda s=stream: told(s, "room") == ["ann", "bob", "cyd"], 3, "told")
+            wait_until(
+                lambda s=stream: told(s, "room") == ["ann", "bob", "cyd"], timeout=3, what="told"
+            )
     finally:
         hubs.close_all()
 
@@ -213,11 +218,13 @@ def test_member_removed_from_a_private_presence_channel_leaves_at_once(start_ser
     try:
         ann = people.open("ann", "vip", srv)
         people.open("bob", "vip", srv)
-        wait_until(lambda: told(ann, "vip") == ["ann", "bob"], 3, "both listed")
+        wait_until(lambda: told(ann, "vip") == ["ann", "bob"], timeout=3, what="both listed")
         r = api.http.delete("/channels/vip/members/bob", headers=hubs.admin)
         assert r.status_code == 204
         # Not after the 30 s grace: bob cannot come back.
-        wait_until(lambda: notices_of(ann, "ssehub.leave", "vip") == ["bob"], 3, "bob leaves")
+        wait_until(
+            lambda: notices_of(ann, "ssehub.leave", "vip") == ["bob"], timeout=3, what="bob leaves"
+        )
         assert listed(srv.url, "vip", hubs.admin) == {"ann": 1}
         r = httpx.get(f"{srv.url}/channels/vip/presence", headers=people.headers["bob"])
         assert r.status_code == 404
@@ -235,7 +242,9 @@ def test_channel_without_presence_gets_no_notices_and_its_list_is_409(start_serv
         ann = people.open("ann", "plain", srv)
         people.open("bob", "plain", srv)
         watcher = people.open("ann", "room", srv)
-        wait_until(lambda: told(watcher, "room") == ["ann"], 3, "presence where it is on")
+        wait_until(
+            lambda: told(watcher, "room") == ["ann"], timeout=3, what="presence where it is on"
+        )
         time.sleep(1)
         kinds = {frame.event for frame in ann.notices() if frame.data}
         assert kinds == {"ssehub.live"}, kinds
@@ -285,7 +294,11 @@ def test_python_client_and_cli_show_who_is_online(
         people.open("ann", "room", srv)
         people.open("bob", "room", srv)
         people.open("bob", "room", srv)
-        wait_until(lambda: listed(srv.url, "room", hubs.admin) == {"ann": 1, "bob": 2}, 3, "listed")
+        wait_until(
+            lambda: listed(srv.url, "room", hubs.admin) == {"ann": 1, "bob": 2},
+            timeout=3,
+            what="listed",
+        )
         with Client(srv.url, token=token) as client:
             shown = client.presence("room")
             assert shown["channel"] == "room"

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.e2e.browser import (
+from tests.support import Server, SseStream, auth
+from tests.support.browser import (
     PLAIN_HTTP,
     WAIT_MS,
     BrowserAdmin,
@@ -17,8 +18,6 @@ from tests.e2e.browser import (
     clean_db,
     log_in_and_subscribe,
 )
-from tests.e2e.sse_client import SseStream
-from tests.support import Server, auth
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser", "clean_db"]  # fixtures

@@ -21,7 +21,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
 from playwright.sync_api import Error as PlaywrightError
 
-from tests.e2e.browser import (
+from tests.support import Server
+from tests.support.browser import (
     TOKEN_KEY,
     WAIT_MS,
     BrowserAdmin,
@@ -31,7 +32,6 @@ from tests.e2e.browser import (
     wait_for_ids,
     wait_for_streams,
 )
-from tests.support import Server
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser", "clean_db"]  # fixtures

@@ -11,17 +11,16 @@ arrived, so the reader stops at a known place (give or take one ``recv``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import socket
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.support.proxies import unread_bytes
 
 
 @dataclass
@@ -175,9 +174,7 @@ class SseStream:
 
     def unread(self) -> int:
         """Bytes that arrived on the socket and that this client has not read (yet)."""
-        buf = fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
-        count: int = struct.unpack("i", buf)[0]
-        return count
+        return unread_bytes(self._sock)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -24,16 +24,15 @@ from itertools import pairwise
 
 import httpx
 
-from tests.e2e.conftest import Hubs
-from tests.e2e.sse_client import SseStream
-from tests.support import read_history
+from tests.support import Hubs, read_history
+from tests.support.sse import SseStream
 
 COLORS = ("red", "green", "blue", "amber")
 READERS_DONE_SECONDS = 30  # after the last publish: the slowest path (the safety net) is ~4 s
 
 
 @dataclass
-class Reader:
+class ChaosReader:
     label: str
     path: str
     token: str
@@ -45,7 +44,7 @@ class Reader:
 
 @dataclass
 class ChaosRun:
-    readers: list[Reader]
+    readers: list[ChaosReader]
     history: dict[str, list[int]]
     setup_seconds: float  # channels, subscriptions, readers live
     publishing_seconds: float
@@ -86,13 +85,14 @@ def run_chaos(
         hubs.channel(name)
     admin_token = hubs.stream_token(admin)
     readers = [
-        Reader(f"/channels/{c}/stream", f"/channels/{c}/stream", admin_token, [c]) for c in channels
+        ChaosReader(f"/channels/{c}/stream", f"/channels/{c}/stream", admin_token, [c])
+        for c in channels
     ]
     for i, user in enumerate(users):
         mine = rng.sample(channels, 2 + i % 2)
         _subscribe_only(hubs, user, mine)
         readers.append(
-            Reader(f"/stream of user {i} {mine}", "/stream", hubs.stream_token(user), mine)
+            ChaosReader(f"/stream of user {i} {mine}", "/stream", hubs.stream_token(user), mine)
         )
 
     published: dict[str, list[int]] = {c: [] for c in channels}
@@ -134,7 +134,7 @@ def run_chaos(
                 with lock:
                     published[channel] += new
 
-    def reader(r: Reader, index: int) -> None:
+    def reader(r: ChaosReader, index: int) -> None:
         rrng = random.Random(seed * 1000 + index)
         last: int | None = None
         while not give_up.is_set():
@@ -220,7 +220,7 @@ def run_chaos(
     return ChaosRun(readers, history, setup_seconds, publishing_seconds, tail_seconds)
 
 
-def _reached(r: Reader, ids: list[int]) -> bool:
+def _reached(r: ChaosReader, ids: list[int]) -> bool:
     if not r.expected:
         return True
     return bool(ids) and ids[-1] >= r.expected[-1]

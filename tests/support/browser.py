@@ -6,8 +6,6 @@ Playwright's own browser download does not work here: the tests launch
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +14,16 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.support import ADMIN_PASSWORD, Api, Server, auth, make_admin, truncate_all
+from tests.support import (
+    ADMIN_PASSWORD,
+    Api,
+    Server,
+    auth,
+    make_admin,
+    metric,
+    truncate_all,
+    wait_until,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -104,10 +111,7 @@ class BrowserAdmin:
         return event_id
 
     def streams_open(self) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        found = re.search(r"^ssehub_streams_open (\S+)$", text, re.MULTILINE)
-        assert found, "no ssehub_streams_open in /metrics"
-        return float(found.group(1))
+        return metric(self.url, "ssehub_streams_open")
 
 
 def log_in_and_subscribe(page: Page, url: str, username: str, channel: str) -> None:
@@ -135,7 +139,4 @@ def wait_for_ids(page: Page, expected: list[int]) -> None:
 
 def wait_for_streams(hub: BrowserAdmin, count: int) -> None:
     """Poll /metrics until the server counts ``count`` open streams."""
-    deadline = time.monotonic() + WAIT_MS / 1000
-    while hub.streams_open() != count:
-        assert time.monotonic() < deadline, f"streams open: {hub.streams_open()}, not {count}"
-        time.sleep(0.05)
+    wait_until(lambda: hub.streams_open() == count, f"{count} open streams", WAIT_MS / 1000)

@@ -1,20 +1,66 @@
-"""A neighbour on the NATS server (a raw client without ssehub's key), and polling.
-
-The server itself is ``tests.support.NatsServer``.
-"""
+"""NATS for the tests: ``nats-server`` processes and a raw client beside ssehub's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import httpx
 import nats
 
+from tests.support.servers import ROOT, free_port
+
 T = TypeVar("T")
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class NatsServer:
+    """``nats-server`` on its own ports, which ``stop`` then ``start`` keep."""
+
+    def __init__(self, *args: str) -> None:
+        """``args`` are passed on as they are: ``--user``/``--pass``, ``--auth``,
+        ``--tls`` with its certificate, or ``-c`` with a configuration file."""
+        self.port, self.monitor_port = free_port(), free_port()
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = ROOT / ".ssehub-test" / f"nats-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
+                if s.recv(4096).startswith(b"INFO"):
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError(f"nats-server not up:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def subscriptions(self) -> list[list[str]]:
+        """Each client connection's subjects (the monitoring endpoint's ``connz``)."""
+        r = httpx.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
+        return [c.get("subscriptions_list", []) for c in r.json()["connections"]]
 
 
 class RawNatsClient:
@@ -71,13 +117,3 @@ class RawNatsClient:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
-
-
-def wait_until(
-    predicate: Callable[[], bool], what: str = "a condition", timeout: float = 10
-) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
