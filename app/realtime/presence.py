@@ -34,8 +34,8 @@ Where the guarantees are kept:
 - **No leave missed, no join told twice**: a stream gets the list itself
   (``ssehub.presence``) from its channel's ``View``, and from then on exactly
   the differences between the lists the view holds one after another
-  (``ssehub.join``, ``ssehub.leave``; or the whole list again when a turn
-  changed many), taken and applied without an await in between
+  (``ssehub.join``, ``ssehub.leave``; or the whole list again when that is
+  shorter), taken and applied without an await in between
   (``View.replace``): the list plus the notices always add up to the list
   the view holds now.
 """
@@ -62,7 +62,7 @@ log = logging.getLogger("ssehub")
 TURN_SECONDS = 0.25  # a join reaches every instance's streams within about two turns
 HEARTBEAT_SECONDS = 1.0  # renew this instance's row, expire the dead, re-read which channels
 REREAD_SECONDS = 5.0  # every list read again, whatever the versions say
-MAX_NOTICES = 16  # more changes than this in one turn: the list again, not each change
+MAX_NOTICES = 16  # up to this many changes in a turn are always told one by one
 
 _HEARTBEAT = """
 INSERT INTO public.presence_instances (id, heartbeat_at) VALUES ($1, clock_timestamp())
@@ -186,17 +186,22 @@ class View:
         return self._frame
 
     def replace(self, users: dict[str, Present], version: int | None) -> bytes:
-        """Hold ``users`` from now on; the joins and leaves between, framed once, or
-        past ``MAX_NOTICES`` the list itself: a storm of N users joining is then one
-        notice per stream and turn, not N (N² in all)."""
+        """Hold ``users`` from now on; the joins and leaves between, framed once per
+        turn for every stream, or the list itself when that is shorter (a mass
+        leave): what a stream is sent per turn never exceeds the list's size."""
         joined = [name for name in users if name not in self.users]
         left = [name for name in self.users if name not in users]
         if users != self.users:
             self._frame = None
         self.users, self.version = users, version
-        if len(joined) + len(left) > MAX_NOTICES:
-            self._frame = notice_frame("ssehub.presence", listing(self.channel, users.values()))
-            return self._frame
+        if len(joined) + len(left) <= MAX_NOTICES:
+            return self._notices(joined, left)
+        notices = self._notices(joined, left)
+        whole = notice_frame("ssehub.presence", listing(self.channel, users.values()))
+        self._frame = whole
+        return whole if len(whole) < len(notices) else notices
+
+    def _notices(self, joined: list[str], left: list[str]) -> bytes:
         return b"".join(
             [self._notice("ssehub.join", name) for name in sorted(joined, key=str.encode)]
             + [self._notice("ssehub.leave", name) for name in sorted(left, key=str.encode)]
