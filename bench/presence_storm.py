@@ -71,16 +71,12 @@ class PresenceReader(asyncio.Protocol):
                     self.users.discard(body["username"])
         if not self.full_at and self.users is not None and len(self.users) >= self.want:
             self.full_at = time.monotonic()
-            self.want = -1
-            if all_full(self):
+            self.tally["full"] += 1
+            if self.tally["full"] == self.want:  # one stream per user: all of them
                 self.done.set()
 
 
 READERS: list[PresenceReader] = []
-
-
-def all_full(_: PresenceReader) -> bool:
-    return all(reader.full_at for reader in READERS)
 
 
 def metric(base: str, name: str) -> float:
@@ -98,7 +94,7 @@ async def phase(target: Ssehub, tokens: list[str], label: str, reconnect: bool) 
         await asyncio.sleep(1.0)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    tally = {"ssehub.presence": 0, "ssehub.join": 0, "ssehub.leave": 0}
+    tally = {"ssehub.presence": 0, "ssehub.join": 0, "ssehub.leave": 0, "full": 0}
     READERS.clear()
     began = time.monotonic()
     gate = asyncio.Semaphore(500)

@@ -46,7 +46,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -141,7 +141,7 @@ class Carrier(Protocol):
 class Streams(Protocol):
     """The hub, as presence sees it."""
 
-    def subscribers_of(self, channel_id: int) -> list[Any]: ...
+    def subscribers_of(self, channel_id: int) -> Sequence[Carrier]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +170,10 @@ class View:
     channel: str
     users: dict[str, Present] = field(default_factory=dict)
     version: int | None = None  # None: never read
-    watchers: set[Any] = field(default_factory=set)  # streams told the list
+    watchers: set[Carrier] = field(default_factory=set)  # streams told the list
     _frame: bytes | None = None
 
-    def snapshot(self, stream: Any) -> bytes:
+    def snapshot(self, stream: Carrier) -> bytes:
         """``ssehub.presence`` for a stream, which from now on is told every change;
         nothing for a stream told already."""
         if stream in self.watchers:
@@ -240,11 +240,11 @@ class Presence:
 
     # -- streams ---------------------------------------------------------
 
-    def channels_of(self, channels: dict[int, str]) -> list[int]:
+    def channels_of(self, channels: Mapping[int, str]) -> list[int]:
         """Which of a stream's channels keep presence."""
         return [channel_id for channel_id in channels if channel_id in self._enabled]
 
-    async def snapshots(self, stream: Any, channels: dict[int, str]) -> bytes:
+    async def snapshots(self, stream: Carrier, channels: Mapping[int, str]) -> bytes:
         """``ssehub.presence`` for each presence channel of an opening stream, read
         (once for all the streams asking) if this instance holds no list of it yet."""
         wanted = self.channels_of(channels)
