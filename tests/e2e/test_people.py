@@ -37,7 +37,14 @@ def servers(database_url: str) -> Iterator[tuple[Server, Server]]:
     ).start()
     try:
         two = Server(
-            database_url, env={"SSEHUB_CORS_ORIGINS": GOOD, "SSEHUB_COOKIE_SECURE": "false"}
+            database_url,
+            env={
+                "SSEHUB_CORS_ORIGINS": GOOD,
+                "SSEHUB_COOKIE_SECURE": "false",
+                # Logins at two outlive its default stream TTL, so a cookie is not
+                # cut short by the token that asked for it (3599 a second later).
+                "SSEHUB_ACCESS_TOKEN_TTL_SECONDS": "7200",
+            },
         ).start()
         try:
             yield one, two
