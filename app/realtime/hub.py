@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from itertools import groupby
 
 from app.errors import TooManyRequests
@@ -25,6 +26,7 @@ from app.realtime.sse import event_frame, http_chunk, notice_frame
 from app.realtime.stream import Stream
 
 SEND_TIMEOUT_SECONDS = 30.0  # a reader that takes no bytes for this long is let go (default)
+_NONE: frozenset[Stream] = frozenset()
 
 
 class Hub:
@@ -76,12 +78,12 @@ class Hub:
         channel (``Stream.deliver``): written straight to the sockets of idle
         streams, else queued one event at a time for the stream's writer, which
         writes all it finds in one ``send``. A stream gets the runs in page
-        order, so ids stay increasing on every stream."""
+        order, so ids stay increasing on every stream. The position is not
+        moved here: ``deliver`` moves it, past these events and the ids between."""
         deliveries = self._metrics.deliveries
         now, monotonic = time.time(), time.monotonic()
         for channel_id, grouped in groupby(events, key=lambda event: event.channel_id):
             run = list(grouped)
-            self.position = max(self.position, run[-1].id)
             streams = self._by_channel.get(channel_id)
             if not streams:
                 continue
@@ -137,8 +139,11 @@ class Hub:
         """Whether any open stream carries any channel."""
         return bool(self._by_channel)
 
-    def subscribers_of(self, channel_id: int) -> list[Stream]:
-        return list(self._by_channel.get(channel_id, ()))
+    def subscribers_of(self, channel_id: int) -> AbstractSet[Stream]:
+        """The channel's streams, as the hub's own set, not a copy: presence reads it
+        every turn for every channel. Copy it before calling anything that may
+        end or reroute a stream."""
+        return self._by_channel.get(channel_id, _NONE)
 
     def streams_of(self, user_id: int) -> list[Stream]:
         return list(self._by_user.get(user_id, ()))

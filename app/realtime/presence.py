@@ -46,7 +46,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -141,7 +142,7 @@ class Carrier(Protocol):
 class Streams(Protocol):
     """The hub, as presence sees it."""
 
-    def subscribers_of(self, channel_id: int) -> Sequence[Carrier]: ...
+    def subscribers_of(self, channel_id: int) -> AbstractSet[Carrier]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +464,7 @@ class Presence:
         view = self._views.get(channel_id)
         if view is None:
             return
-        carrying = set(self._hub.subscribers_of(channel_id))
+        carrying = set(self._hub.subscribers_of(channel_id))  # notify may end one
         view.watchers &= carrying
         for stream in carrying - view.watchers:
             stream.notify(view.snapshot(stream))
