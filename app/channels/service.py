@@ -200,7 +200,7 @@ async def last_event_ids(session: AsyncSession, channel_ids: list[int]) -> dict[
         .where(Event.channel_id.in_(channel_ids))
         .group_by(Event.channel_id)
     )
-    return {cid: int(mx) for cid, mx in rows.tuples()}
+    return {cid: int(mx) for cid, mx in rows}
 
 
 async def describe(session: AsyncSession, channels: list[Channel]) -> list[ChannelOut]:
@@ -285,7 +285,7 @@ async def list_members(session: AsyncSession, channel: Channel) -> list[tuple[st
         .where(ChannelMember.channel_id == channel.id)
         .order_by(User.username)
     )
-    return list(rows.tuples())
+    return [(name, at) for name, at in rows]
 
 
 async def subscriptions_of(session: AsyncSession, user_id: int) -> list[tuple[str, Any]]:
@@ -295,7 +295,7 @@ async def subscriptions_of(session: AsyncSession, user_id: int) -> list[tuple[st
         .where(Subscription.user_id == user_id)
         .order_by(Channel.name)
     )
-    return list(rows.tuples())
+    return [(name, at) for name, at in rows]
 
 
 async def subscribe(session: AsyncSession, user_id: int, channel: Channel) -> bool:
