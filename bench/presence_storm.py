@@ -33,6 +33,7 @@ from app.auth.tokens import issue_token
 from app.config import Settings
 from bench.loadgen import get_request
 from bench.targets import HOST, SECRET, Ssehub, admin_sql, database_url, launch_ssehub
+from tests.support.api import metric
 
 CHANNEL = "room"
 FRAME = re.compile(rb"event: (ssehub\.(?:presence|join|leave))\ndata: ([^\n]*)\n\n")
@@ -77,12 +78,6 @@ class PresenceReader(asyncio.Protocol):
 
 
 READERS: list[PresenceReader] = []
-
-
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 async def phase(target: Ssehub, tokens: list[str], label: str, reconnect: bool) -> dict[str, Any]:

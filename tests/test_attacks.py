@@ -34,6 +34,7 @@ from tests.support import (
     ADMIN_PASSWORD,
     Api,
     Server,
+    eventually,
     migrated_database,
     read_history,
     sql,
@@ -64,18 +65,6 @@ async def attacker(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
-    """Poll ``check`` until it returns something, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def within(timeout: float, check: Callable[[], bool]) -> bool:
@@ -191,7 +180,7 @@ async def test_publish_without_rights_while_the_ordering_lock_is_held(
         )
         try:
             await eventually(
-                lambda: writer_waiting_for_a_lock(conn), 5, "the admin's publish waits"
+                lambda: writer_waiting_for_a_lock(conn), "the admin's publish waits", 5
             )
             try:
                 r = await asyncio.wait_for(
@@ -471,7 +460,7 @@ async def test_writer_terminated_while_keyed_publishes_wait(
         try:
             # The first publish goes into the writer's statement alone; the others
             # queue behind it and are coalesced into the next one.
-            first = await eventually(lambda: writer_waiting_for_a_lock(conn), 5, "writer waits")
+            first = await eventually(lambda: writer_waiting_for_a_lock(conn), "writer waits", 5)
             tasks += [asyncio.create_task(record(http, key)) for key in keys[1:]]
             await asyncio.sleep(0.5)
             await terminate_writer(conn)
@@ -481,7 +470,7 @@ async def test_writer_terminated_while_keyed_publishes_wait(
                 pid = await writer_waiting_for_a_lock(conn)
                 return pid if pid not in (None, first) else None
 
-            await eventually(next_statement, 5, "the coalesced publishes wait in the writer")
+            await eventually(next_statement, "the coalesced publishes wait in the writer", 5)
             await terminate_writer(conn)
             await within(3, lambda: len(answers) == len(keys))
             early = dict(answers)  # answered while the lock was still held
@@ -689,8 +678,8 @@ async def test_stuck_writer_takes_the_instance_out_of_its_load_balancer(
     admin = api.admin()
     create_channel(api, admin, "news")
 
-    async def readiness(http: httpx.AsyncClient, wanted: int) -> bool | None:
-        return True if (await http.get("/readyz")).status_code == wanted else None
+    async def readiness(http: httpx.AsyncClient, wanted: int) -> bool:
+        return (await http.get("/readyz")).status_code == wanted
 
     async with client(server) as http, attacker(database_url) as conn:
         transaction = conn.transaction()
@@ -701,13 +690,13 @@ async def test_stuck_writer_takes_the_instance_out_of_its_load_balancer(
             http.post("/channels/news/events", json={"data": "stuck"}, headers=admin)
         )
         try:
-            await eventually(lambda: readiness(http, 503), 7, "/readyz says 503")
+            await eventually(lambda: readiness(http, 503), "/readyz says 503", 7)
             not_ready_after = time.monotonic() - locked_at
             assert not publish.done(), "the publish finished while events was locked"
         finally:
             await transaction.rollback()
         released_at = time.monotonic()
-        await eventually(lambda: readiness(http, 200), 5, "/readyz says 200 again")
+        await eventually(lambda: readiness(http, 200), "/readyz says 200 again", 5)
         ready_again_after = time.monotonic() - released_at
         published = await asyncio.wait_for(publish, 10)
     assert not_ready_after < 7 and ready_again_after < 5

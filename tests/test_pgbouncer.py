@@ -51,13 +51,13 @@ from tests.support import (
     sql,
     unique_name,
 )
-from tests.support.sse import SseStream
-from tests.test_database_roles import (
+from tests.support.roles import (
     SESSION_SHADOWS,
     SHADOWS,
     assert_nothing_ran_as_another_role,
     attacker,
 )
+from tests.support.sse import SseStream
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 ADMIN = {"SSEHUB_ADMIN_USERNAME": "boss", "SSEHUB_ADMIN_PASSWORD": "boss-password-1"}

@@ -11,7 +11,9 @@ reached over a socket, and ``nats-server``. One module per part:
 - ``nats``: ``nats-server`` processes and a raw NATS client;
 - ``proxies``: TCP proxies that cut, stall or record connections;
 - ``idp``: a fake identity provider serving a JWKS;
-- ``wait``: ``wait_until``, polling an observable instead of sleeping;
+- ``wait``: ``wait_until`` and ``eventually`` (async), polling an observable
+  instead of sleeping;
+- ``roles``: real database roles, and the attacker that plants shadows in ``public``;
 - ``chaos`` and ``browser``: the chaos run and the Playwright helpers, imported
   from their own modules by the tests that use them.
 """
@@ -46,7 +48,7 @@ from tests.support.nats import NATS_SERVER, NatsServer, RawNatsClient
 from tests.support.proxies import CuttableProxy, RecordingProxy, TcpProxy
 from tests.support.servers import ROOT, TEST_SECRET, Server, free_port, run_cli
 from tests.support.sse import Frame, SseStream
-from tests.support.wait import wait_until
+from tests.support.wait import eventually, wait_until
 
 __all__ = [
     "ADMIN_PASSWORD",
@@ -72,6 +74,7 @@ __all__ = [
     "counter_by_label",
     "create_database",
     "drop_database",
+    "eventually",
     "free_port",
     "make_admin",
     "metric",

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+POLL_SECONDS = 0.02
 
 
 def wait_until(
@@ -13,4 +18,19 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(POLL_SECONDS)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], what: str = "a condition", timeout: float = 10
+) -> T:
+    """``wait_until`` for an async ``check``: poll it until it answers something
+    other than None or False, and return that; fail naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result is not None and result is not False:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(POLL_SECONDS)
