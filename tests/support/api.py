@@ -15,9 +15,9 @@ from tests.support.sse import SseStream
 class Api:
     """A thin httpx client with the calls every test needs."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, http: httpx.Client | None = None) -> None:
         self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, timeout=30)
+        self.http = http or httpx.Client(base_url=base_url, timeout=30)
 
     def register(self, username: str, password: str = "password-123") -> httpx.Response:
         return self.http.post("/auth/register", json={"username": username, "password": password})

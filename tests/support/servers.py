@@ -24,6 +24,16 @@ def free_port() -> int:
         return port
 
 
+# What every server a test starts is given, unless the test says otherwise.
+SERVER_ENV = {
+    "SSEHUB_SECRET_KEY": TEST_SECRET,
+    "SSEHUB_DATA_DIR": str(ROOT / ".ssehub-test" / "data"),
+    # The suite logs in wrongly from one address far more than an attacker is
+    # allowed to; the limit itself is tested with its default.
+    "SSEHUB_LOGIN_ATTEMPTS_PER_MINUTE": "1000000",
+}
+
+
 @dataclass
 class Server:
     """``ssehub serve`` in a subprocess on a free port.
@@ -51,15 +61,7 @@ class Server:
 
     def launch(self) -> Server:
         """Start the process and return at once, ready or not."""
-        env = {
-            **os.environ,
-            "SSEHUB_SECRET_KEY": TEST_SECRET,
-            "SSEHUB_DATA_DIR": str(ROOT / ".ssehub-test" / "data"),
-            # The suite logs in wrongly from one address far more than an attacker
-            # is allowed to; the limit itself is tested with its default.
-            "SSEHUB_LOGIN_ATTEMPTS_PER_MINUTE": "1000000",
-            **self.env,
-        }
+        env = {**os.environ, **SERVER_ENV, **self.env}
         if self.database_url is None:
             env.pop("SSEHUB_DATABASE_URL", None)
             env.pop("SSEHUB_SECRET_KEY", None)

@@ -1,4 +1,5 @@
-"""Every auth path of the contract, against a real server."""
+"""Every auth path of the contract, in process (the admin bootstrap, which
+needs starting servers, is in tests/test_admin_bootstrap.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jwt
 import pytest
 
 from tests.support import TEST_SECRET, Api, auth, sql
+from tests.support.inprocess import in_process
 
 
 def _token(claims: dict[str, object], key: str = TEST_SECRET, alg: str = "HS256") -> str:
@@ -80,9 +82,9 @@ def test_malformed_bodies_are_400_or_422_never_500(api: Api) -> None:
     assert api.http.post("/auth/token", json={"username": "a", "password": "b"}).status_code == 422
 
 
-def test_registration_closed_is_403(start_server) -> None:
-    srv = start_server(SSEHUB_REGISTRATION_OPEN="false")
-    r = Api(srv.url).register("alice")
+def test_registration_closed_is_403(database_url: str) -> None:
+    with in_process(database_url, SSEHUB_REGISTRATION_OPEN="false") as api:
+        r = api.register("alice")
     assert r.status_code == 403 and r.json()["detail"]
 
 
@@ -221,57 +223,6 @@ def test_stream_token_is_refused_by_rest_endpoints(api: Api) -> None:
     assert api.http.get("/users/me", headers=admin).status_code == 200
 
 
-def _me(api: Api, username: str, password: str) -> dict[str, object]:
-    me: dict[str, object] = api.http.get(
-        "/users/me", headers=auth(api.login(username, password))
-    ).json()
-    return me
-
-
-def _login_status(api: Api, username: str, password: str) -> int:
-    r = api.http.post("/auth/token", data={"username": username, "password": password})
-    return r.status_code
-
-
-def test_admin_bootstrap_from_environment(start_server, database_url: str) -> None:
-    """``serve`` creates the admin if missing; a user of that name is left exactly as is."""
-    base = Api(start_server().url)
-    base.register("boss")
-    srv = start_server(SSEHUB_ADMIN_USERNAME="boss", SSEHUB_ADMIN_PASSWORD="boss-password")
-    api = Api(srv.url)
-    assert _me(api, "boss", "password-123")["is_admin"] is False
-    assert _login_status(api, "boss", "boss-password") == 401
-    assert "admin boss exists" in srv.log()
-    srv2 = start_server(SSEHUB_ADMIN_USERNAME="chief", SSEHUB_ADMIN_PASSWORD="chief-password")
-    assert _me(Api(srv2.url), "chief", "chief-password")["is_admin"] is True
-
-
-def test_a_restart_with_another_admin_password_keeps_the_first(start_server) -> None:
-    """The bootstrap password is for the first start: a restart must not reset a password
-    the admin has since relied on (nor let whoever edits the environment take the account)."""
-    first = start_server(SSEHUB_ADMIN_USERNAME="chief", SSEHUB_ADMIN_PASSWORD="first-password")
-    first.stop()
-    again = start_server(SSEHUB_ADMIN_USERNAME="chief", SSEHUB_ADMIN_PASSWORD="other-password")
-    api = Api(again.url)
-    assert _me(api, "chief", "first-password")["is_admin"] is True
-    assert _login_status(api, "chief", "other-password") == 401
-    lines = [line for line in again.log().splitlines() if "admin chief exists" in line]
-    assert len(lines) == 1 and lines[0].startswith("INFO"), again.log()
-
-
-def test_instances_starting_together_bootstrap_one_admin(start_server, database_url: str) -> None:
-    """Behind a load balancer several instances start at once with the same admin settings."""
-    env = {"SSEHUB_ADMIN_USERNAME": "chief", "SSEHUB_ADMIN_PASSWORD": "chief-password"}
-    with cf.ThreadPoolExecutor(3) as pool:
-        servers = list(pool.map(lambda _: start_server(**env), range(3)))
-    for srv in servers:
-        api = Api(srv.url)
-        me = api.http.get("/users/me", headers=auth(api.login("chief", "chief-password"))).json()
-        assert me["is_admin"] is True
-    rows = asyncio.run(sql(database_url, "SELECT count(*) FROM users WHERE username = 'chief'"))
-    assert rows[0][0] == 1
-
-
 def test_a_stream_token_opens_no_secured_endpoint(api: Api, database_url: str) -> None:
     """Every operation /docs marks as secured refuses a stream token, and changes nothing.
 
@@ -302,19 +253,23 @@ def test_a_stream_token_opens_no_secured_endpoint(api: Api, database_url: str) -
     assert asyncio.run(sql(database_url, "SELECT 1 FROM events")) == []
 
 
-def test_token_lifetimes_follow_the_settings(start_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server(SSEHUB_ACCESS_TOKEN_TTL_SECONDS="60", SSEHUB_STREAM_TOKEN_TTL_SECONDS="30")
-    api = Api(srv.url)
+def test_token_lifetimes_follow_the_settings(database_url: str) -> None:
+    settings = {"SSEHUB_ACCESS_TOKEN_TTL_SECONDS": "60", "SSEHUB_STREAM_TOKEN_TTL_SECONDS": "30"}
+    with in_process(database_url, **settings) as api:
+        _token_lifetimes_are(api, access=60, stream=30)
+
+
+def _token_lifetimes_are(api: Api, access: int, stream: int) -> None:
     api.register("alice")
     r = api.http.post("/auth/token", data={"username": "alice", "password": "password-123"})
-    access = r.json()
-    assert access["expires_in"] == 60
-    claims = jwt.decode(access["access_token"], TEST_SECRET, algorithms=["HS256"])
-    assert claims["exp"] - claims["iat"] == 60 and claims["scope"] == "access"
-    stream = api.http.post("/auth/stream-token", headers=auth(access["access_token"])).json()
-    assert stream["expires_in"] == 30
-    claims = jwt.decode(stream["stream_token"], TEST_SECRET, algorithms=["HS256"])
-    assert claims["exp"] - claims["iat"] == 30 and claims["scope"] == "stream"
+    issued = r.json()
+    assert issued["expires_in"] == access
+    claims = jwt.decode(issued["access_token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == access and claims["scope"] == "access"
+    streaming = api.http.post("/auth/stream-token", headers=auth(issued["access_token"])).json()
+    assert streaming["expires_in"] == stream
+    claims = jwt.decode(streaming["stream_token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == stream and claims["scope"] == "stream"
 
 
 def test_a_stream_token_or_cookie_never_outlives_the_token_that_obtained_it(api: Api) -> None:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.support import Api, sql
+from tests.support.inprocess import in_process
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -77,8 +78,12 @@ def test_bad_bodies(api: Api, admin: dict[str, str]) -> None:
     assert _history(api, admin)["events"] == []
 
 
-def test_size_limit_on_compact_json(start_server) -> None:
-    api = Api(start_server(SSEHUB_MAX_EVENT_BYTES="100").url)
+def test_size_limit_on_compact_json(database_url: str) -> None:
+    with in_process(database_url, SSEHUB_MAX_EVENT_BYTES="100") as api:
+        _size_limit_on_compact_json(api)
+
+
+def _size_limit_on_compact_json(api: Api) -> None:
     admin = api.admin()
     api.http.post("/channels", json={"name": "news"}, headers=admin)
     exact = "x" * 98  # "..." is 100 bytes as compact JSON
