@@ -164,6 +164,10 @@ def test_removing_a_member_revokes_within_a_second(api: Api, hubs: Hubs) -> None
 
 
 def test_subscription_changes_apply_to_open_streams(api: Api, hubs: Hubs) -> None:
+    """A subscription added or removed while ``/stream`` is open applies to it:
+    from the moment it does, every event of the added channel arrives, and none
+    of the removed one. When that moment comes is observed, not slept for: probes
+    are published until the stream shows the change."""
     hubs.channel("a")
     hubs.channel("b")
     bob = api.user("bob")
@@ -172,16 +176,38 @@ def test_subscription_changes_apply_to_open_streams(api: Api, hubs: Hubs) -> Non
     s.wait_for(lambda st: bool(st.notices("ssehub.live")))
     first = hubs.publish("a", 1)
     hubs.publish("b", "not subscribed yet")
-    s.wait_ids(1)
+    assert s.wait_ids(1) == [first]
+
     assert api.http.put("/me/subscriptions/b", headers=bob).status_code == 201
-    time.sleep(0.3)
+    probes: list[int] = []
+
+    def carries_b() -> bool:
+        probes.append(hubs.publish("b", "probe"))
+        return bool(set(probes) & set(s.ids()))
+
+    wait_until(carries_b, "the stream to carry b")
+    arrived = s.ids()[1:]
+    assert arrived == probes[len(probes) - len(arrived) :]  # from the first, every one
     second = hubs.publish("b", 2)
-    assert s.wait_ids(2) == [first, second]
+    assert s.wait_ids(len(arrived) + 2)[-1] == second
+
     assert api.http.delete("/me/subscriptions/a", headers=bob).status_code == 204
-    time.sleep(0.3)
+
+    def dropped_a() -> bool:
+        seen = len(s.ids())
+        gone, kept = hubs.publish("a", "probe"), hubs.publish("b", "marker")
+        got = s.wait_ids(seen + 1)
+        if got[-1] == gone:  # still carried: its marker follows
+            s.wait_ids(seen + 2)
+            return False
+        return got[-1] == kept
+
+    wait_until(dropped_a, "the stream to drop a")
+    seen = len(s.ids())
     hubs.publish("a", "unsubscribed")
     third = hubs.publish("b", 3)
-    assert s.wait_ids(3) == [first, second, third]
+    assert s.wait_ids(seen + 1)[-1] == third
+    assert s.ids()[seen:] == [third]
 
 
 def test_too_many_streams_is_429(start_server) -> None:
