@@ -58,6 +58,11 @@ def test_upgrade_from_empty_then_downgrade_to_empty(empty_database: str) -> None
     declared = {ix.name for table in Base.metadata.tables.values() for ix in table.indexes}
     assert declared <= indexes, declared - indexes
     assert {"ix_events_channel_id_id", "idempotency_keys_pkey"} <= indexes
+    # The inbox is a queue: no vacuum may take the lock that cuts off its tail.
+    options = asyncio.run(
+        sql(empty_database, "SELECT reloptions FROM pg_class WHERE oid = 'ssehub_inbox'::regclass")
+    )
+    assert options[0][0] == ["vacuum_truncate=false"]
     command.downgrade(alembic_config(empty_database), "base")
     # Only Alembic's own bookkeeping table is left, and it records no version.
     assert _tables(empty_database) == {"alembic_version"}

@@ -118,8 +118,11 @@ _MOVE = (
     "SELECT * FROM public.ssehub_move_inbox($1::integer, $2::integer, $3::boolean, $4::text::xid8)"
 )
 _SLEEP = "SELECT public.ssehub_inbox_sleep()::text"
-# Another instance's vacuum of it is enough: this one does not wait for it.
-_VACUUM = "VACUUM (SKIP_LOCKED) public.ssehub_inbox"
+# Another instance's vacuum of it is enough: this one does not wait for it. Nor
+# does it cut off the table's empty tail: that needs a lock every enqueue
+# conflicts with, and under load the vacuum would wait seconds for it, the move
+# with it (the table also says so, for autovacuum: migration 0008).
+_VACUUM = "VACUUM (SKIP_LOCKED, TRUNCATE false) public.ssehub_inbox"
 
 
 @dataclass(frozen=True, slots=True)
