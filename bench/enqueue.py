@@ -29,15 +29,17 @@ import asyncio
 import re
 import statistics
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from bench import pgbench
-from bench.cost import Meter
+from bench.cost import Meter, cpu_seconds, wait_seconds
 from bench.loadgen import StreamProtocol, Totals, close_streams, get_request
 from bench.scenarios import percentile
 from bench.targets import HOST, Ssehub, admin_sql, database_url, start_ssehub
@@ -47,6 +49,7 @@ CHANNEL = "bench"
 FIXED_RATE = 500.0
 LOAD_SHARE = 0.8  # of the measured enqueue rate, for the second latency run
 DRAIN_LIMIT_SECONDS = 60.0
+SAMPLE_SECONDS = 0.005  # the mover's profile: pg_stat_activity sampled this often
 
 NOTIFY = f"""\
 BEGIN;
@@ -92,6 +95,78 @@ def run(seconds: float, reps: int) -> dict[str, Any]:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
 
 
+class MoverProfile:
+    """What the instance's mover (its Postgres backend, ``ssehub-writer``) did
+    from ``start()`` to ``stop()``: the events it appended, that backend's CPU
+    and the time it waited for a core (``/proc``), and where it was when
+    sampled (``pg_stat_activity`` every ``SAMPLE_SECONDS``, from a thread of
+    its own): running (on a core or waiting for one), waiting for ssehub's next
+    statement (``ClientRead``: the mover polling or the server busy), or a
+    named wait (a lock, I/O, the WAL)."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._stop = threading.Event()
+        self._states: Counter[str] = Counter()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()))
+
+    def start(self) -> MoverProfile:
+        self._pids, self._head = asyncio.run(self._now())
+        self._cpu, self._waited = cpu_seconds(self._pids), wait_seconds(self._pids)
+        self._began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        wall = time.monotonic() - self._began
+        _, head = asyncio.run(self._now())
+        moved = head - self._head
+        cpu = cpu_seconds(self._pids) - self._cpu
+        waited = wait_seconds(self._pids) - self._waited
+        samples = max(1, sum(self._states.values()))
+        return {
+            "moved": moved,
+            "moved_per_s": moved / wall,
+            "cpu_pct": cpu * 100 / wall,
+            "core_wait_pct": waited * 100 / wall,
+            "cpu_us_per_row": cpu * 1e6 / moved if moved else float("nan"),
+            "states": {k: v * 100 / samples for k, v in self._states.most_common()},
+        }
+
+    async def _now(self) -> tuple[list[int], int]:
+        conn = await asyncpg.connect(database_url(self.database))
+        try:
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE application_name = 'ssehub-writer' AND datname = current_database()"
+            )
+            head = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+            return [row[0] for row in pids], int(head)
+        finally:
+            await conn.close()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(database_url(self.database))
+        query = (
+            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
+            "WHERE application_name = 'ssehub-writer' AND datname = current_database()"
+        )
+        try:
+            while not self._stop.is_set():
+                for state, kind, event in await conn.fetch(query):
+                    if event == "ClientRead":
+                        self._states["waiting for ssehub"] += 1
+                    elif state == "active" and kind is None:
+                        self._states["running"] += 1
+                    else:
+                        self._states[f"{kind}: {event}" if kind else str(state)] += 1
+                await asyncio.sleep(SAMPLE_SECONDS)
+        finally:
+            await conn.close()
+
+
 def _throughput(target: Ssehub, scratch: str, seconds: float, reps: int) -> dict[str, Any]:
     results: dict[str, Any] = {leg: [] for leg in SCRIPTS}
     with tempfile.TemporaryDirectory(prefix="ssehub-enqueue-") as tmp:
@@ -100,10 +175,14 @@ def _throughput(target: Ssehub, scratch: str, seconds: float, reps: int) -> dict
                 script = Path(tmp) / f"{leg}.sql"
                 script.write_text(sql)
                 database = target.database if leg == "enqueue" else scratch
+                profile = MoverProfile(target.database).start() if leg == "enqueue" else None
                 one = pgbench.run_script(database, script, CLIENTS, seconds)
                 row: dict[str, Any] = {"per_s": one["tps"], "clients": CLIENTS, **one}
-                if leg == "enqueue":
+                if profile is not None:
+                    row["mover_loaded"] = profile.stop()
+                    drain = MoverProfile(target.database).start()
                     row.update(asyncio.run(_drain(target.database)))
+                    row["mover_draining"] = drain.stop()
                 results[leg].append(row)
     return results
 

@@ -620,6 +620,7 @@ def _enqueue(results: dict[str, Any]) -> list[str]:
             f"| {_times(_ratio(_median(_col(rows, 'per_s')), base))} "
             f"| {_one(_median(_col(rows, 'loadgen_cpu_pct')), '%')} | {backlog} | {drained} |"
         )
+    lines += _mover_profile(ours)
     lines += [
         "",
         "Commit → stream: 16 connections enqueue on schedule, one transaction each; "
@@ -640,6 +641,39 @@ def _enqueue(results: dict[str, Any]) -> list[str]:
         "Why the figures are what they are: *Publishing from SQL: what the figures say*, below.",
     ]
     return [*lines, ""]
+
+
+def _mover_profile(rows: list[dict[str, Any]]) -> list[str]:
+    """The mover's Postgres backend while pgbench enqueued, and while it drained."""
+    if not rows or "mover_loaded" not in rows[0]:
+        return []
+    lines = [
+        "",
+        "The mover's Postgres backend (`ssehub-writer`), while pgbench enqueues and while "
+        "the inbox drains (`bench.enqueue.MoverProfile`): events appended, its CPU and its "
+        "wait for a core (% of one core), and where `pg_stat_activity`, sampled every "
+        "5 ms, found it.",
+        "",
+        "| phase | events/s | CPU | waiting for a core | CPU µs per event | where it was |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, key in (("enqueue leg", "mover_loaded"), ("drain", "mover_draining")):
+        phase = [row[key] for row in rows]
+        states: dict[str, list[float]] = {}
+        for one in phase:
+            for state, share in one["states"].items():
+                states.setdefault(state, []).append(share)
+        where = ", ".join(
+            f"{state} {statistics.median(shares):.0f}%"
+            for state, shares in sorted(states.items(), key=lambda kv: -sum(kv[1]))
+        )
+        lines.append(
+            f"| {label} | {_fmt(_col(phase, 'moved_per_s'))} "
+            f"| {_one(_median(_col(phase, 'cpu_pct')), '%')} "
+            f"| {_one(_median(_col(phase, 'core_wait_pct')), '%')} "
+            f"| {_one(_median(_col(phase, 'cpu_us_per_row')), ' µs')} | {where} |"
+        )
+    return lines
 
 
 def write_report(path: Path, results: dict[str, Any], plan: Any, seconds: float, argv: str) -> None:
