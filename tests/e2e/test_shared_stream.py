@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
 from playwright.sync_api import Error as PlaywrightError
 
-from tests.support import Server
+from tests.support import Server, wait_until
 from tests.support.browser import (
     TOKEN_KEY,
     WAIT_MS,
@@ -80,6 +80,25 @@ def wait_for_new_leader(tabs: list[Page], after_ms: float) -> float:
                 return since - after_ms
         time.sleep(0.02)
     raise AssertionError(f"no tab took the stream over: {[state(t) for t in tabs]}")
+
+
+def wait_for_published(published: list[int], count: int) -> None:
+    """Wait until ``publishing`` has published ``count`` events."""
+    wait_until(lambda: len(published) >= count, f"{count} events published", WAIT_MS / 1000)
+
+
+def next_published(published: list[int]) -> int:
+    """The id of the next event ``publishing`` publishes from now on: a tab that
+    shows it shows the stream live after whatever happened before this call."""
+    count = len(published)
+    wait_for_published(published, count + 1)
+    return published[count]
+
+
+def wait_for_shown(tabs: list[Page], event_id: int) -> None:
+    """Wait until every tab shows the event ``event_id``."""
+    for tab in tabs:
+        tab.wait_for_selector(f'#event-log li[data-id="{event_id}"]')
 
 
 @contextmanager
@@ -154,8 +173,7 @@ def test_closing_the_tab_that_holds_the_stream_loses_and_repeats_nothing(
     takeovers: list[float] = []
     with publishing(hub, "news") as published:
         for i in (9, 0, 8, 1, 7, 2, 6, 3, 5):
-            while len(published) < 3 * (len(shown) + 1):
-                time.sleep(0.05)
+            wait_for_published(published, 3 * (len(shown) + 1))
             tab = tabs[i]
             role = state(tab)[0]
             shown[i] = shown_ids(tab)
@@ -164,8 +182,8 @@ def test_closing_the_tab_that_holds_the_stream_loses_and_repeats_nothing(
             if role == "leader":
                 remaining = [t for j, t in enumerate(tabs) if j not in shown]
                 takeovers.append(wait_for_new_leader(remaining, closed_at))
-        time.sleep(0.5)
-    last = tabs[4]
+        last = tabs[4]
+        wait_for_shown([last], next_published(published))
     wait_for_ids(last, published)
     for i, ids in shown.items():
         assert ids == published[: len(ids)], f"tab {i} showed {ids}"
@@ -188,14 +206,17 @@ def test_a_hung_leader_is_replaced_and_catches_up_when_it_runs_again(
     (leader,) = [tab for tab in tabs if state(tab)[0] == "leader"]
     others = [tab for tab in tabs if tab is not leader]
     with publishing(hub, "news", every=0.1) as published:
-        while len(published) < 5:
-            time.sleep(0.05)
+        wait_for_published(published, 5)
         stalled_at = time.time() * 1000
         leader.evaluate(
             "setTimeout(() => { const end = Date.now() + 4000; while (Date.now() < end); })"
         )
         takeover = wait_for_new_leader(others, stalled_at)
-        time.sleep(5)
+        # Answered only once the busy loop is over: the stalled tab runs again.
+        leader.wait_for_function(
+            "document.getElementById('stream-state').dataset.role === 'follower'"
+        )
+        wait_for_shown(tabs, next_published(published))
     for tab in tabs:
         wait_for_ids(tab, published)
     assert state(leader)[0] == "follower"
@@ -215,13 +236,12 @@ def test_a_crashed_leader_is_replaced(alice: tuple[BrowserAdmin, BrowserContext]
     crashed: list[Page] = []
     leader.on("crash", lambda tab: crashed.append(tab))
     with publishing(hub, "news", every=0.1) as published:
-        while len(published) < 5:
-            time.sleep(0.05)
+        wait_for_published(published, 5)
         crashed_at = time.time() * 1000
         with pytest.raises(PlaywrightError):
             leader.goto("chrome://crash", timeout=2000)
         takeover = wait_for_new_leader(others, crashed_at)
-        time.sleep(1)
+        wait_for_shown(others, next_published(published))
     assert crashed == [leader]
     for tab in others:
         wait_for_ids(tab, published)
@@ -323,7 +343,17 @@ def test_expiring_tokens_are_renewed_without_a_gap(
     try:
         tabs = [scripted_tab(context, hub, token, None) for _ in range(2)]
         with publishing(hub, "news", every=0.1) as published:
-            time.sleep(7)
+            wait_until(
+                lambda: all(len(notices(tab, "ssehub.expired")) >= 3 for tab in tabs),
+                "three expiries in each tab",
+                WAIT_MS / 1000,
+            )
+            marker = next_published(published)
+            wait_until(
+                lambda: all(marker in got(tab) for tab in tabs),
+                "an event published after them in each tab",
+                WAIT_MS / 1000,
+            )
         for tab in tabs:
             wait_for_got(tab, published)
             assert len(notices(tab, "ssehub.expired")) >= 3
