@@ -137,14 +137,20 @@ def _reconnects(srv: Server) -> int:
 
 
 def test_nats_server_restarted_mid_run(cluster: Cluster, hubs: Hubs) -> None:
-    """nats-server stopped, and started again on its port 2.5 s later, while
-    everything runs: meanwhile every instance delivers from the log (the
-    listener's safety net), then reconnects; what NATS lost, the log fills."""
+    """nats-server stopped while everything runs, and started again on its port
+    once every instance has delivered from the log meanwhile (the safety net,
+    which reads on its second look behind: about 4 s); then every instance
+    reconnects; what NATS lost, the log fills."""
     reconnects = [_reconnects(srv) for srv in cluster.servers]
 
     def restart() -> None:
+        before = cluster.counts()
         cluster.nats.stop()
-        time.sleep(2.5)
+        wait_until(
+            lambda: all(_grown(before, cluster.counts(), "log")),
+            "every instance to deliver from the log while NATS is away",
+            timeout=15,
+        )
         cluster.nats.start()
 
     _nats, log = _chaos(cluster, hubs, _readers(hubs), "restart", during=restart)
@@ -206,7 +212,10 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
     assert r.status_code == 201, r.text
     marker = hubs.publish("a", "marker", base=cluster.b.url)
     assert on_a.wait_ids(1) == [marker]  # A has applied every transaction of b before it
-    time.sleep(2.5)  # a listener turn or more: the safety net reads nothing of b either
+    # The safety net (every SAFETY_NET_SECONDS) must read nothing of b either, here
+    # or on B and C. A look that reads nothing shows nowhere, and B and C carry no
+    # stream a marker could reach: wait a look out.
+    time.sleep(2.5)
     middle = cluster.counts()
     assert _grown(before, middle, "nats") == [1, 0, 0], "b's events reached an instance"
     assert _grown(before, middle, "log") == [0, 0, 0]
@@ -302,7 +311,10 @@ def test_two_deployments_on_one_nats_server_stay_apart(
                 published[1].append(theirs.publish("shared", i))
             for s, ids in zip(streams, published, strict=True):
                 assert s.wait_ids(len(ids)) == ids
-            time.sleep(1)  # nothing of the other deployment's arrives late either
+            # Nothing of the other deployment's arrives late either. No marker can
+            # show that: a stream gets only its own deployment's events, whose
+            # order says nothing about the other's. Wait a moment out.
+            time.sleep(1)
             for s, ids in zip(streams, published, strict=True):
                 assert s.ids() == ids
         finally:
