@@ -53,6 +53,17 @@ def notices_of(stream: SseStream, kind: str, channel: str) -> list[str]:
     ]
 
 
+def wait_told(streams: list[SseStream], kind: str, username: str, timeout: float) -> None:
+    """Wait until every stream was told ``kind`` (``ssehub.join`` or ``.leave``) of
+    ``username`` in "room"."""
+    for stream in streams:
+        wait_until(
+            lambda s=stream: username in notices_of(s, kind, "room"),
+            timeout=timeout,
+            what=f"{kind} of {username}",
+        )
+
+
 def listed(base: str, channel: str, headers: dict[str, str]) -> dict[str, int]:
     r = httpx.get(f"{base}/channels/{channel}/presence", headers=headers, timeout=10)
     assert r.status_code == 200, r.text
@@ -110,12 +121,7 @@ def test_two_instances_list_everyone_and_tell_every_join_and_leave(start_server)
         deez_headers = hubs.api.user("deez")
         dee = hubs.open("/channels/room/stream", hubs.stream_token(deez_headers), base=b.url)
         opened = time.monotonic()
-        for stream in (ann, bob, cy):
-            wait_until(
-                lambda s=stream: "deez" in notices_of(s, "ssehub.join", "room"),
-                timeout=2,
-                what="join",
-            )
+        wait_told([ann, bob, cy], "ssehub.join", "deez", timeout=2)
         assert time.monotonic() - opened < 1.5
         # One of bob's two streams closing is no leave. It closes on b before dee's
         # stream does: were it a leave, it would be told before dee's.
@@ -126,12 +132,7 @@ def test_two_instances_list_everyone_and_tell_every_join_and_leave(start_server)
         # A leave, once the grace is over, within 1 s of its end.
         dee.close()
         closed = time.monotonic()
-        for stream in (ann, bob, cy):
-            wait_until(
-                lambda s=stream: "deez" in notices_of(s, "ssehub.leave", "room"),
-                timeout=4,
-                what="leave",
-            )
+        wait_told([ann, bob, cy], "ssehub.leave", "deez", timeout=4)
         assert time.monotonic() - closed < 1 + 1.5  # the grace, then within 1 s
         assert listed(b.url, "room", hubs.admin) == {"ann": 1, "bob": 1, "cyd": 1}
         for stream in (ann, bob, cy):
@@ -162,12 +163,7 @@ def test_reconnect_within_grace_moves_nobody_and_staying_away_is_one_leave(start
             bob = people.open("bob", "room", srv)
         # cyd leaves after bob's last drop: a leave of bob would be told before hers.
         cyd.close()
-        for stream in (ann, bob):
-            wait_until(
-                lambda s=stream: "cyd" in notices_of(s, "ssehub.leave", "room"),
-                timeout=5,
-                what="cyd leaves",
-            )
+        wait_told([ann, bob], "ssehub.leave", "cyd", timeout=5)
         assert notices_of(ann, "ssehub.leave", "room") == ["cyd"]
         assert notices_of(ann, "ssehub.join", "room").count("bob") <= 1  # only the first
         assert told(bob, "room") == ["ann", "bob"]
