@@ -452,8 +452,11 @@ _WRITERS = (
     f"FROM pg_stat_activity WHERE application_name = '{WRITER_NAME}' "
     "AND datname = current_database()"
 )
-# The flag set, and every writer idle after a statement begun after $1.
-_SET_SINCE = f"SELECT ({_FLAG}) = 1 AND bool_and(state = 'idle' AND query_start > $1) {_WRITERS}"
+# The flag set, and every writer idle after a move begun after $1.
+_SET_SINCE = (
+    f"SELECT ({_FLAG}) = 1 AND bool_and(state = 'idle' AND query_start > $1 "
+    f"AND query LIKE '%ssehub_move_inbox%') {_WRITERS}"
+)
 # The flag set, and no writer has begun a statement for $1 seconds.
 _SET_AND_QUIET = (
     f"SELECT ({_FLAG}) = 1 AND bool_and(state = 'idle' "
@@ -469,10 +472,11 @@ async def _settled_again(database_url: str) -> None:
     """Wait until the mover, which has moved everything committed by now, has
     settled again: it set the flag after its next poll.
 
-    Whatever moved the last rows, the next poll after a move that took rows is
-    awake and clears the flag; so a flag set once the writer has finished a
-    statement begun after now was set by a settle since. (One instance: of two,
-    one may still be awake when the other settles.)"""
+    Whatever moved the last rows, the next move after one that took rows is
+    awake and clears the flag; so a flag set once the writer has finished a move
+    begun after now was set by a settle since. (A move, not any statement: the
+    writer may vacuum the inbox between the two. One instance: of two, one may
+    still be awake when the other settles.)"""
     since = (await sql(database_url, "SELECT clock_timestamp()"))[0][0]
 
     async def settled() -> bool:
