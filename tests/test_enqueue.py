@@ -21,8 +21,9 @@ import httpx
 import pytest
 
 from app.db import asyncpg_dsn
-from app.events.inbox import MOVE_ROWS
-from tests.support import Api, Server, as_role, read_history, run_cli, sql
+from app.events.inbox import MOVE_ROWS, SETTLE_MAX_SECONDS
+from app.events.publisher import WRITER_NAME
+from tests.support import Api, Server, as_role, eventually, read_history, run_cli, sql
 from tests.support.sse import SseStream
 
 ENQUEUE = "SELECT ssehub_enqueue($1, $2, $3::jsonb, $4)"
@@ -107,13 +108,11 @@ async def enqueue(
 
 async def inbox_drained(database_url: str, timeout: float = 10) -> None:
     """Wait until every committed inbox row has been moved into the log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = await sql(database_url, "SELECT count(*) FROM ssehub_inbox")
-        if rows[0][0] == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the inbox was not drained in time")
+
+    async def empty() -> bool:
+        return (await sql(database_url, "SELECT count(*) FROM ssehub_inbox"))[0][0] == 0
+
+    await eventually(empty, "the inbox drained", timeout)
 
 
 async def arrival(stream: TimedStream, mark: str, timeout: float = 10) -> tuple[int, float]:
@@ -449,10 +448,49 @@ async def test_committed_enqueues_reach_an_open_stream_quickly(
 # -- the movers' wake-up: polling while busy, a notification while asleep ---------------
 
 _FLAG = "SELECT last_value FROM ssehub_inbox_asleep"  # 1: the movers may be asleep
+_WRITERS = (
+    f"FROM pg_stat_activity WHERE application_name = '{WRITER_NAME}' "
+    "AND datname = current_database()"
+)
+# The flag set, and every writer idle after a move begun after $1.
+_SET_SINCE = (
+    f"SELECT ({_FLAG}) = 1 AND bool_and(state = 'idle' AND query_start > $1 "
+    f"AND query LIKE '%ssehub_move_inbox%') {_WRITERS}"
+)
+# The flag set, and no writer has begun a statement for $1 seconds.
+_SET_AND_QUIET = (
+    f"SELECT ({_FLAG}) = 1 AND bool_and(state = 'idle' "
+    f"AND clock_timestamp() - query_start > make_interval(secs => $1)) {_WRITERS}"
+)
 
 
 async def _flag(database_url: str) -> int:
     return int((await sql(database_url, _FLAG))[0][0])
+
+
+async def _settled_again(database_url: str) -> None:
+    """Wait until the mover, which has moved everything committed by now, has
+    settled again: it set the flag after its next poll.
+
+    Whatever moved the last rows, the next move after one that took rows is
+    awake and clears the flag; so a flag set once the writer has finished a move
+    begun after now was set by a settle since. (A move, not any statement: the
+    writer may vacuum the inbox between the two. One instance: of two, one may
+    still be awake when the other settles.)"""
+    since = (await sql(database_url, "SELECT clock_timestamp()"))[0][0]
+
+    async def settled() -> bool:
+        return bool((await sql(database_url, _SET_SINCE, since))[0][0])
+
+    await eventually(settled, "the mover to settle again")
+
+
+async def _asleep(database_url: str) -> bool:
+    """Every mover asleep: the flag set and no writer polling. Awake, a mover
+    polls every few milliseconds; settling, at least every ``SETTLE_MAX_SECONDS``;
+    asleep, only when woken."""
+    rows = await sql(database_url, _SET_AND_QUIET, 4 * SETTLE_MAX_SECONDS)
+    return bool(rows[0][0])
 
 
 async def _committed_to_stream(
@@ -490,25 +528,29 @@ async def test_an_enqueue_held_open_while_the_movers_fall_asleep_delays_nobody_a
             i += 1
             await asyncio.sleep(0.003)
 
+    async def flag_clear() -> bool:
+        return await _flag(database_url) == 0
+
     try:
         for round_ in range(3):
             enqueued = asyncio.Event()
             busy_task = asyncio.create_task(keep_busy(round_, enqueued))
-            await asyncio.sleep(0.1)
+            await arrival(stream, f"busy{round_}.0")
+            await eventually(flag_clear, "the movers awake")
             tr = held.transaction()
             await tr.start()
             await enqueue(held, "quiet", {"u": f"held{round_}"})
             assert await _flag(database_url) == 0  # it read the flag clear: it will not notify
             enqueued.set()
             await busy_task
-            await asyncio.sleep(0.3)
-            assert await _flag(database_url) == 1  # the movers found nothing to move
+            await inbox_drained(database_url)
+            await _settled_again(database_url)  # the movers found nothing to move
             last = 0
             for i in range(10):
                 last, latency = await _committed_to_stream(conn, stream, f"other{round_}.{i}")
                 others.append(latency)
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # nothing to move again but the held transaction
+                # Nothing to move again but the held transaction: the next one notifies.
+                await _settled_again(database_url)
             await tr.commit()
             committed = time.monotonic()
             event_id, at = await arrival(stream, f"held{round_}", timeout=5)
@@ -540,7 +582,6 @@ async def test_bursts_on_two_instances_arrive_complete_and_in_order(
     on_a = hub.open("/channels/burst/stream")
     on_b = hub.open("/channels/burst/stream", base=b.url)
     committed: dict[str, tuple[str, int]] = {}  # mark -> (transaction, index in it)
-    slept = 0
 
     async def burst(n: int, round_: int) -> None:
         rng = random.Random(n * 100 + round_)
@@ -558,10 +599,9 @@ async def test_bursts_on_two_instances_arrive_complete_and_in_order(
 
     for round_ in range(4):
         await asyncio.gather(*(burst(n, round_) for n in range(8)))
-        await asyncio.sleep(0.5)
-        slept += await _flag(database_url)
+        # Between bursts the movers fall asleep: each burst wakes them.
+        await eventually(lambda: _asleep(database_url), f"the movers asleep after burst {round_}")
     await inbox_drained(database_url)
-    assert slept == 4  # between bursts the movers were asleep: each burst woke them
 
     history = hub.history("burst")
     marks = [e["data"]["u"] for e in history]
@@ -811,10 +851,10 @@ async def test_attack_poisoned_transaction_is_set_aside_not_retried_ahead_foreve
             )
             return [json.loads(row[0])["u"] for row in rows]
 
-        deadline = time.monotonic() + 15
-        while await marks() != ["t2"]:
-            assert time.monotonic() < deadline, f"t2 waits behind the poisoned one: {await marks()}"
-            await asyncio.sleep(0.05)
+        async def only_t2() -> bool:
+            return await marks() == ["t2"]
+
+        await eventually(only_t2, "t2 published, not waiting behind the poisoned one", 15)
         stalled = await sql(database_url, "SELECT error FROM ssehub_inbox_stalled")
         assert [row[0] for row in stalled] == ["refused by a trigger"]
         for statement in cure:

@@ -23,11 +23,16 @@ from app.events.publisher import (
     LOCK_WAIT_SECONDS,
     PUBLISH_LOCK,
     WRITE_TIMEOUT_SECONDS,
+    WRITER_NAME,
 )
-from tests.support import Api, Server
+from tests.support import Api, Server, eventually, sql
 
 PUBLISHERS = 12
 SECONDS = 3.0
+_WAITING_FOR = (  # the writer's statements that wait for a lock backend $2 holds
+    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+    "AND datname = current_database() AND $2 = ANY(pg_blocking_pids(pid))"
+)
 
 
 def test_reader_polling_after_last_seen_misses_nothing(start_server) -> None:
@@ -100,6 +105,12 @@ def test_a_publish_waits_for_the_ordering_lock(server: Server, database_url: str
 
     async def hold_lock_while_publishing() -> None:
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        holder = conn.get_server_pid()
+
+        async def waiting_or_answered() -> bool:
+            """The writer waits for our lock (or, without it, has answered)."""
+            return bool(await sql(database_url, _WAITING_FOR, WRITER_NAME, holder)) or bool(answers)
+
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", PUBLISH_LOCK)
@@ -114,7 +125,7 @@ def test_a_publish_waits_for_the_ordering_lock(server: Server, database_url: str
                     )
                 )
                 publisher.start()
-                await asyncio.sleep(1.5)
+                await eventually(waiting_or_answered, "the publish to wait for the lock")
                 assert not answers, "the publish finished while the ordering lock was held"
                 drawn = await conn.fetchval(
                     "SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass)"
@@ -143,13 +154,16 @@ async def _writer_busy(database_url: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def _eventually_idle(database_url: str, within: float) -> list[asyncpg.Record]:
-    deadline = time.monotonic() + within
-    busy = await _writer_busy(database_url)
-    while busy and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        busy = await _writer_busy(database_url)
-    return busy
+async def _writer_idle(database_url: str, within: float, what: str) -> None:
+    """Wait until no statement of the writer runs, failing with ``what`` and the
+    statements left after ``within`` seconds."""
+    left: list[asyncpg.Record] = []
+
+    async def idle() -> bool:
+        left[:] = await _writer_busy(database_url)
+        return not left
+
+    await eventually(idle, lambda: f"{what}: {left}", within)
 
 
 def test_attack_writer_timeout_leaves_no_statement_running(
@@ -182,8 +196,9 @@ def test_attack_writer_timeout_leaves_no_statement_running(
                 await asyncio.to_thread(publish.join, 60)
                 assert [r.status_code for r in answers] == [503]
                 # Still holding the row: the given-up statement must be gone already.
-                left = await _eventually_idle(database_url, within=CANCEL_WAIT_SECONDS)
-                assert left == [], f"the writer's statement is still running: {left}"
+                await _writer_idle(
+                    database_url, CANCEL_WAIT_SECONDS, "the writer's statement to be cancelled"
+                )
         finally:
             await conn.close()
 
@@ -217,8 +232,7 @@ def test_attack_held_publish_lock_answers_503_within_the_wait(
             )
             took = time.monotonic() - started
             assert r.status_code == 503, r.text
-            left = await _eventually_idle(database_url, within=2)
-            assert left == [], f"a statement of the writer still waits: {left}"
+            await _writer_idle(database_url, 2, "no statement of the writer to wait")
             return took
         finally:
             await conn.close()  # lets the lock go

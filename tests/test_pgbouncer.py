@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from tests.support import (
     postgres_address,
     sql,
     unique_name,
+    wait_until,
 )
 from tests.support.roles import (
     SESSION_SHADOWS,
@@ -112,15 +112,18 @@ class PgBouncer:
             cmd[1:1] = ["-u", Path(host).owner() if host.startswith("/") else "postgres"]
         with (self.directory / "pgbouncer.log").open("wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pgbouncer exited:\n{self.log()}")
-            if asyncio.run(self._answers()):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"pgbouncer not ready in {timeout}s:\n{self.log()}")
+        try:
+            wait_until(self._answering, lambda: f"pgbouncer to answer:\n{self.log()}", timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _answering(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited:\n{self.log()}")
+        return asyncio.run(self._answers())
 
     async def _answers(self) -> bool:
         try:
@@ -351,18 +354,18 @@ def _everything_on(setup: Setup, a: Server, b: Server) -> None:
         headers=boss,
     )
     assert r.status_code == 201, r.text
-    deadline = time.monotonic() + 15
-    while True:  # retention trims "short" to its last 3 events
-        kept = api.http.get("/channels/short/events", headers=boss).json()["events"]
-        if [e["data"] for e in kept] == [7, 8, 9]:
-            break
-        assert time.monotonic() < deadline, kept
-        time.sleep(0.1)
+    kept: list[Any] = []
 
-    deadline = time.monotonic() + 15
-    while asyncio.run(sql(setup.direct, "SELECT count(*) FROM public.ssehub_inbox"))[0][0]:
-        assert time.monotonic() < deadline, "enqueued events were not moved"
-        time.sleep(0.05)
+    def trimmed() -> bool:
+        kept[:] = api.http.get("/channels/short/events", headers=boss).json()["events"]
+        return [e["data"] for e in kept] == [7, 8, 9]
+
+    wait_until(trimmed, lambda: f'retention to trim "short" to its last 3 events: {kept}', 15)
+
+    def inbox_empty() -> bool:
+        return asyncio.run(sql(setup.direct, "SELECT count(*) FROM public.ssehub_inbox"))[0][0] == 0
+
+    wait_until(inbox_empty, "the enqueued events moved", 15)
     history = _all(b.url, "/channels/news/events", boss)
     personal = _all(a.url, "/me/events", alice)
     assert sum(1 for e in history if e["type"] == "sql") == 10

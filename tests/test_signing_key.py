@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -159,15 +158,18 @@ def test_every_process_checks_also_under_uvicorn_factory(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+    def exited_unready() -> bool:
+        """Never ready while it runs; whether it has exited."""
+        try:
+            served = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code
+        except httpx.HTTPError:
+            served = None
+        assert served != 200, "started with another key beside a running instance"
+        return proc.poll() is not None
+
     try:
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                served = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code
-            except httpx.HTTPError:
-                served = None
-            assert served != 200, "started with another key beside a running instance"
-            time.sleep(0.1)
+        wait_until(exited_unready, "uvicorn to refuse to start", 30)
     finally:
         if proc.poll() is None:
             proc.kill()

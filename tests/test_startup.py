@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from tests.support import (
     Server,
     free_port,
     sql,
+    wait_until,
 )
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -108,16 +108,15 @@ def late_postgres() -> Iterator[LatePostgres]:
 
 def _waiting(srv: Server) -> None:
     """Alive but not ready: ``/healthz`` 200 and ``/readyz`` 503, still running."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
+
+    def alive() -> bool:
         assert srv.process is not None and srv.process.poll() is None, srv.log()
         try:
-            if httpx.get(f"{srv.url}/healthz", timeout=2).status_code == 200:
-                break
+            return httpx.get(f"{srv.url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"/healthz never answered:\n{srv.log()}"
-        time.sleep(0.1)
+            return False
+
+    wait_until(alive, lambda: f"/healthz to answer:\n{srv.log()}", WAIT_SECONDS)
     ready = httpx.get(f"{srv.url}/readyz", timeout=2)
     assert ready.status_code == 503, ready.text
     assert ready.json()["status"] == "unavailable"
@@ -128,10 +127,11 @@ def _waiting(srv: Server) -> None:
 
 def _logged(srv: Server, text: str, times: int = 1) -> None:
     """Wait until the server's log holds ``text`` at least ``times`` times."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while srv.log().count(text) < times:
-        assert time.monotonic() < deadline, f"{text!r} x{times} never logged:\n{srv.log()}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: srv.log().count(text) >= times,
+        lambda: f"{text!r} x{times} logged:\n{srv.log()}",
+        WAIT_SECONDS,
+    )
 
 
 def _exits_with(srv: Server, message: str) -> None:

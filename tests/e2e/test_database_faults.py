@@ -32,13 +32,18 @@ import httpx
 
 from app.db import asyncpg_dsn
 from app.errors import database_unavailable
-from tests.support import Api, Hubs, Server, read_history, sql
+from app.realtime.listener import LISTENER_NAME
+from tests.support import Api, Hubs, Server, read_history, sql, wait_until
 from tests.support.sse import SseStream
 
 CHANNELS = ("red", "green")
 TERMINATE_ALL = (
-    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "SELECT pid, application_name, pg_terminate_backend(pid) FROM pg_stat_activity "
     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
+LISTENERS_ELSEWHERE = (  # the listeners connected on backends other than $2's
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 AND NOT pid = ANY($2::int[])"
 )
 READY_WITHIN = 10.0
 SETTLE_ATTEMPTS = 200  # a keyed publish is retried on 503 at most this often
@@ -56,6 +61,10 @@ class Publish:
     @property
     def answered_ids(self) -> set[int]:
         return {i for status, i in self.answers if status in (200, 201) and i is not None}
+
+    @property
+    def publisher(self) -> str:
+        return self.marker.split("-")[0]
 
 
 @dataclass
@@ -93,6 +102,13 @@ class Traffic:
     def record(self, what: str, status: int) -> None:
         with self.lock:
             self.statuses.append((what, status))
+
+    def answering_again(self, since: int, publishers: int) -> bool:
+        """Whether each of the ``publishers`` got an answer to a publish it began
+        after the first ``since`` publishes."""
+        with self.lock:
+            later = self.publishes[since:]
+        return len({p.publisher for p in later if p.answered_ids}) == publishers
 
     def publisher(self, seed: int, keyed: bool) -> None:
         """Publish until told to stop. A keyed publisher retries a 503 with the same
@@ -162,30 +178,58 @@ def _last(stream: SseStream, reader: Reader) -> int:
     return ids[-1] if ids else reader.last
 
 
-def _wait_ready(servers: list[Server], since: float) -> dict[str, float]:
-    """Seconds from ``since`` until each server answers /readyz 200 (polled after a
-    short pause, so a 200 from before the servers noticed the loss does not count)."""
-    time.sleep(0.5)
+def _wait_ready(
+    servers: list[Server], since: float, database_url: str, killed: list[asyncpg.Record]
+) -> dict[str, float]:
+    """Seconds from ``since`` until each server answers /readyz 200, asked once every
+    listener ``killed`` is back on a new backend: until a server's listener notices
+    its loss (at its next health check, up to 2 s), /readyz still counts it as
+    listening, so a 200 then would not be a recovery."""
+    deadline = since + READY_WITHIN + 1
+    wait_until(
+        lambda: _listeners_back(database_url, killed),
+        "every listener on a new backend",
+        deadline - time.monotonic(),
+    )
     ready: dict[str, float] = {}
     statuses: list[int] = []
-    while len(ready) < len(servers) and time.monotonic() - since < READY_WITHIN + 1:
+
+    def all_ready() -> bool:
         for srv in servers:
-            if srv.url in ready:
-                continue
-            try:
-                status = httpx.get(f"{srv.url}/readyz", timeout=3).status_code
-            except httpx.HTTPError:
-                status = 0
-            statuses.append(status)
-            if status == 200:
-                ready[srv.url] = time.monotonic() - since
-        time.sleep(0.05)
+            if srv.url not in ready:
+                statuses.append(_readiness(srv))
+                if statuses[-1] == 200:
+                    ready[srv.url] = time.monotonic() - since
+        return len(ready) == len(servers)
+
+    wait_until(
+        all_ready,
+        lambda: f"every server ready: {ready}, answers {statuses}",
+        deadline - time.monotonic(),
+    )
     assert all(s in (0, 200, 503) for s in statuses), statuses
     return ready
 
 
-def _terminate_all(database_url: str) -> int:
-    return len(asyncio.run(sql(database_url, TERMINATE_ALL)))
+def _readiness(srv: Server) -> int:
+    """``/readyz``'s status, 0 for no answer."""
+    try:
+        return httpx.get(f"{srv.url}/readyz", timeout=3).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _listeners_back(database_url: str, killed: list[asyncpg.Record]) -> bool:
+    """Whether as many listeners as were ``killed`` are connected again."""
+    lost = sum(1 for row in killed if row["application_name"] == LISTENER_NAME)
+    pids = [row["pid"] for row in killed]
+    rows = asyncio.run(sql(database_url, LISTENERS_ELSEWHERE, LISTENER_NAME, pids))
+    return int(rows[0][0]) >= lost
+
+
+def _terminate_all(database_url: str) -> list[asyncpg.Record]:
+    """Terminate every other backend of the database; the ones terminated."""
+    return asyncio.run(sql(database_url, TERMINATE_ALL))
 
 
 def _threads(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[threading.Thread]:
@@ -222,10 +266,15 @@ def test_every_backend_terminated_twice_under_load(start_server, database_url: s
     killed: list[int] = []
     try:
         for pause in (2.5, 3.0):
-            time.sleep(pause)
-            killed.append(_terminate_all(database_url))
-            recovered.append(_wait_ready(servers, time.monotonic()))
-        time.sleep(1.5)
+            time.sleep(pause)  # the load runs a while before the backends die
+            terminated = _terminate_all(database_url)
+            killed.append(len(terminated))
+            recovered.append(_wait_ready(servers, time.monotonic(), database_url, terminated))
+        since = len(traffic.publishes)
+        wait_until(
+            lambda: traffic.answering_again(since, len(publishing)),
+            "every publisher answered after the second termination",
+        )
     finally:
         traffic.stop_publishing.set()
         for t in publishing:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support import Api, Db, Hubs, Server, sql
+from tests.support import Api, Db, Hubs, Server, sql, wait_until
 from tests.support.sse import SseStream
 
 # A history far larger than what sockets and one replay page can hold, so a
@@ -115,20 +115,15 @@ def assert_no_silent_skips(stream: SseStream, published: dict[str, list[int]]) -
 
 
 def wait_server_blocked(stream: SseStream, timeout: float = 10) -> None:
-    """Until the reader has paused and the bytes waiting for it stop changing:
-    its receive buffer is full, so the server fills its send buffer and then
-    waits in a write, in the middle of its replay."""
-    deadline = time.monotonic() + timeout
+    """Until the reader has paused and the server's send buffer to it has less room
+    than a replay page: the server then waits in a write, in the middle of its
+    replay (or will at its next page: it writes a page at a time)."""
     stream.wait_for(lambda s: s.paused.is_set(), timeout)
-    before, stable_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = stream.unread()
-        if now != before:
-            before, stable_since = now, time.monotonic()
-        elif now > 0 and time.monotonic() - stable_since > 0.3:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the server kept writing to a paused reader ({before} bytes unread)")
+    wait_until(
+        lambda: stream.server_send_room() < PAGE_BYTES,
+        "the server to block writing to the paused reader",
+        timeout,
+    )
 
 
 def buffered_events_bound() -> int:
@@ -329,10 +324,13 @@ def test_token_expiry_during_a_replay(
         expires_at = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[
             "exp"
         ]
+        # The hub's one ticker ends every stream of an expired token at once: a
+        # live one that reads tells when it has.
+        live = hubs.open("/channels/c/stream", token)
+        live.wait_for(lambda st: bool(st.notices("ssehub.live")))
         s = hubs.open("/channels/c/stream?last_event_id=0", token, rcvbuf=4096, pause_after=3)
         wait_server_blocked(s)
-        while time.time() < expires_at + 1.2:  # the hub's ticker runs every second
-            time.sleep(0.05)
+        live.wait_for(lambda st: bool(st.notices("ssehub.expired")))
         s.paused.clear()
         s.wait_for(lambda st: st.ended, timeout=30)
         assert time.time() - expires_at < 5, "the stream outlived its token"
@@ -361,9 +359,9 @@ def test_control_message_whose_application_fails_is_not_lost(
         r = api.http.patch("/channels/pub", json={"private": True}, headers=hubs.admin)
         assert r.status_code == 200, r.text
         blocked: list[Any] = []
-        deadline = time.monotonic() + 5
-        while not blocked and time.monotonic() < deadline:
-            blocked = asyncio.run(
+
+        def waiting_on_the_lock() -> bool:
+            blocked[:] = asyncio.run(
                 sql(
                     database_url,
                     "SELECT pid, query FROM pg_stat_activity WHERE datname = current_database() "
@@ -371,7 +369,9 @@ def test_control_message_whose_application_fails_is_not_lost(
                     locker,
                 )
             )
-            time.sleep(0.02)
+            return bool(blocked)
+
+        wait_until(waiting_on_the_lock, "a statement waiting on the lock", 5)
         assert len(blocked) == 1, f"expected the access re-check waiting on the lock: {blocked}"
         assert "channel_members" in blocked[0]["query"]
         cancel = "SELECT pg_cancel_backend($1)"

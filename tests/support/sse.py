@@ -5,14 +5,17 @@ can be cut at any moment (``close``) like a dropped connection. ``paused``
 stops reading from the socket, to play a reader that has stopped reading;
 ``pause_after`` sets it from the reading thread once that many events have
 arrived, so the reader stops at a known place (give or take one ``recv``).
-``unread`` tells how many bytes the kernel holds for it meanwhile.
+``unread`` tells how many bytes the kernel holds for it meanwhile, and
+``server_send_room`` how much more the server's side may write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -175,6 +178,22 @@ class SseStream:
     def unread(self) -> int:
         """Bytes that arrived on the socket and that this client has not read (yet)."""
         return unread_bytes(self._sock)
+
+    def server_send_room(self) -> int:
+        """How much more the server's end of this connection can queue before its
+        writes wait for this client to read: its send buffer's size less what it
+        holds, as the kernel counts them (``ss -m``: the server runs on this machine)."""
+        server_port, port = self._sock.getpeername()[1], self._sock.getsockname()[1]
+        shown = subprocess.run(
+            ["ss", "-tnmH", f"( sport = :{server_port} and dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
+        memory = re.search(r"\btb(\d+),.*\bw(\d+),", shown)  # skmem:(...,tb SIZE,...,w HELD,...)
+        assert memory is not None, f"no server end of this connection: {shown!r}"
+        return int(memory[1]) - int(memory[2])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
