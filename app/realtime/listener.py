@@ -99,7 +99,7 @@ class Listener:
         conn = await asyncpg.connect(self._dsn, **options)
         self._lost.clear()
         try:
-            conn.add_termination_listener(lambda _conn: self._lost.set())
+            conn.add_termination_listener(lambda _conn: self._lose())
             self._hints = Hints(everything=True)  # what was lost: all of it, read afresh
             if self._tail is not None:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_events)
@@ -128,6 +128,12 @@ class Listener:
                 await asyncio.wait_for(conn.close(), 1)
             conn.terminate()
         log.warning("listener: connection lost")
+
+    def _lose(self) -> None:
+        """The connection is gone: end the session now, not at the turn's next
+        health check, so ``listening`` (and ``/readyz``) says so at once."""
+        self._lost.set()
+        self._dirty.set()
 
     async def _between_pages(self, conn: Any) -> None:
         """Before each page the tail reads: the loop is alive, control applied."""

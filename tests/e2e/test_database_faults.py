@@ -359,3 +359,30 @@ async def test_a_pooled_connection_whose_backend_was_just_killed_is_unavailable(
         await pool.close()
     misread = [f"{type(e).__name__}: {e}" for e in failures if not database_unavailable(e)]
     assert not misread, misread
+
+
+def test_a_lost_listener_takes_its_instance_out_of_readiness_at_once(
+    start_server: Callable[..., Server], database_url: str
+) -> None:
+    """Without its listener an instance hears no publish and no revocation: the
+    moment the listener's connection is gone, ``/readyz`` says 503, not at the
+    listener's next turn (up to 2 s later); then 200 again once it is back."""
+    srv = start_server()
+    listeners = (
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = $1 AND datname = current_database()"
+    )
+    assert asyncio.run(sql(database_url, listeners, LISTENER_NAME))
+    with httpx.Client(base_url=srv.url, timeout=5) as http:
+        assert http.get("/readyz").status_code == 200
+        asyncio.run(
+            sql(
+                database_url,
+                f"SELECT pg_terminate_backend(pid) FROM ({listeners}) l",
+                LISTENER_NAME,
+            )
+        )
+        killed_at = time.monotonic()
+        wait_until(lambda: http.get("/readyz").status_code == 503, "/readyz to say 503", 5)
+        assert time.monotonic() - killed_at < 0.5
+        wait_until(lambda: http.get("/readyz").status_code == 200, "/readyz to say 200", 10)
