@@ -121,6 +121,12 @@ class Metrics:
             "its heartbeat, as found by this instance",
             registry=r,
         )
+        self.nats_safety_net_looks = Counter(
+            "ssehub_nats_safety_net_looks",
+            "Times the NATS broker compared the log's head with its position, the net "
+            "for lost messages: behind on two looks running, it reads the log",
+            registry=r,
+        )
         self.nats_dropped = Counter(
             "ssehub_nats_dropped",
             "Messages on ssehub's NATS subjects that the NATS broker dropped, by reason: "

@@ -426,6 +426,7 @@ class NatsBroker:
         if until is not None:
             await self._fill(self._sink.position, until)
         self._net.looked(self._sink.position, head)
+        self._metrics.nats_safety_net_looks.inc()
 
     # -- connection events ------------------------------------------------------
 

@@ -33,6 +33,7 @@ from tests.support import (
     Server,
     TcpProxy,
     broker_events,
+    metric,
     migrated_database,
     sql,
     wait_until,
@@ -41,6 +42,7 @@ from tests.support.chaos import run_chaos
 from tests.support.sse import SseStream
 
 SLOW_PENDING_LIMIT = 50
+LOOKS = "ssehub_nats_safety_net_looks_total"
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(), reason="nats-server is not installed (.ci/run installs it)"
@@ -212,10 +214,13 @@ def test_interest_routing(cluster: Cluster, hubs: Hubs, database_url: str) -> No
     assert r.status_code == 201, r.text
     marker = hubs.publish("a", "marker", base=cluster.b.url)
     assert on_a.wait_ids(1) == [marker]  # A has applied every transaction of b before it
-    # The safety net (every SAFETY_NET_SECONDS) must read nothing of b either, here
-    # or on B and C. A look that reads nothing shows nowhere, and B and C carry no
-    # stream a marker could reach: wait a look out.
-    time.sleep(2.5)
+    # The safety net must read nothing of b either, here or on B and C: it reads
+    # when behind on two looks running, so every instance looks twice more.
+    looks = [metric(base, LOOKS) for base in cluster.bases]
+    wait_until(
+        lambda: all(metric(b, LOOKS) >= n + 2 for b, n in zip(cluster.bases, looks, strict=True)),
+        "two safety-net looks on every instance",
+    )
     middle = cluster.counts()
     assert _grown(before, middle, "nats") == [1, 0, 0], "b's events reached an instance"
     assert _grown(before, middle, "log") == [0, 0, 0]
