@@ -38,6 +38,7 @@ from typing import Any
 
 import asyncpg
 
+from app.events.publisher import WRITER_NAME
 from bench import pgbench
 from bench.cost import Meter, cpu_seconds, wait_seconds
 from bench.loadgen import StreamProtocol, Totals, close_streams, get_request
@@ -50,6 +51,10 @@ FIXED_RATE = 500.0
 LOAD_SHARE = 0.8  # of the measured enqueue rate, for the second latency run
 DRAIN_LIMIT_SECONDS = 60.0
 SAMPLE_SECONDS = 0.005  # the mover's profile: pg_stat_activity sampled this often
+_MOVER = (  # the instance's mover: its writer's backend
+    f"FROM pg_stat_activity WHERE application_name = '{WRITER_NAME}' "
+    "AND datname = current_database()"
+)
 
 NOTIFY = f"""\
 BEGIN;
@@ -96,7 +101,7 @@ def run(seconds: float, reps: int) -> dict[str, Any]:
 
 
 class MoverProfile:
-    """What the instance's mover (its Postgres backend, ``ssehub-writer``) did
+    """What the instance's mover (its writer's Postgres backend) did
     from ``start()`` to ``stop()``: the events it appended, that backend's CPU
     and the time it waited for a core (``/proc``), and where it was when
     sampled (``pg_stat_activity`` every ``SAMPLE_SECONDS``, from a thread of
@@ -138,10 +143,7 @@ class MoverProfile:
     async def _now(self) -> tuple[list[int], int]:
         conn = await asyncpg.connect(database_url(self.database))
         try:
-            pids = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity "
-                "WHERE application_name = 'ssehub-writer' AND datname = current_database()"
-            )
+            pids = await conn.fetch(f"SELECT pid {_MOVER}")
             head = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
             return [row[0] for row in pids], int(head)
         finally:
@@ -149,10 +151,7 @@ class MoverProfile:
 
     async def _sample(self) -> None:
         conn = await asyncpg.connect(database_url(self.database))
-        query = (
-            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
-            "WHERE application_name = 'ssehub-writer' AND datname = current_database()"
-        )
+        query = f"SELECT state, wait_event_type, wait_event {_MOVER}"
         try:
             while not self._stop.is_set():
                 for state, kind, event in await conn.fetch(query):

@@ -23,5 +23,5 @@ def app_api(database_url: str) -> Iterator[Api]:
 
 
 @pytest.fixture
-def api(app_api: Api, database_url: str) -> Api:
+def api(app_api: Api) -> Api:
     return app_api
