@@ -32,6 +32,7 @@ class Frame:
     event: str = "message"
     data: str = ""
     comment: bool = False
+    at: float = 0.0  # time.monotonic() when the reader parsed it: when it arrived
 
     @property
     def json(self) -> Any:
@@ -114,8 +115,9 @@ class SseStream:
             self._started.set()
 
     def _parse(self, text: bytes) -> None:
+        arrived = time.monotonic()
         for block in text.split(b"\n\n")[:-1]:
-            frame = Frame()
+            frame = Frame(at=arrived)
             lines = block.decode().split("\n")
             if all(line.startswith(":") for line in lines if line):
                 frame.comment = True
@@ -152,6 +154,31 @@ class SseStream:
                 for f in self.frames
                 if f.id is None and not f.comment and (event is None or f.event == event)
             ]
+
+    def present(self, channel: str) -> list[str]:
+        """Who is online in ``channel`` as a client keeps it from this stream's
+        notices: the last ``ssehub.presence``, then each join and leave, in order.
+        Fails on a join of someone listed or a leave of someone not listed (a
+        notice told twice, or one missed); empty before the first list."""
+        users: list[str] | None = None
+        for frame in self.notices():
+            if frame.event not in ("ssehub.presence", "ssehub.join", "ssehub.leave"):
+                continue
+            data = frame.json
+            if not isinstance(data, dict) or data.get("channel") != channel:
+                continue
+            if frame.event == "ssehub.presence":
+                users = [user["username"] for user in data["users"]]
+                continue
+            assert users is not None, f"{frame.event} before the list"
+            name = data["username"]
+            if frame.event == "ssehub.join":
+                assert name not in users, f"join told twice: {data}"
+                users = sorted([*users, name], key=str.encode)
+            else:
+                assert name in users, f"leave of someone not listed: {data}"
+                users.remove(name)
+        return users if users is not None else []
 
     def wait_for(self, predicate: Callable[[SseStream], bool], timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
