@@ -8,10 +8,10 @@ throttle and the identity verifiers; the broker (``SSEHUB_BROKER``, chosen
 here once); the writer, which tells the broker what it committed; the
 publish rights; this instance's say in ``ssehub_enqueue``'s size limit; the
 hub, which tells the broker what it carries; the broker started with the
-hub as its sink; the listener, which applies control hints to the open
-streams, the opening streams' access cache, the publish rights and the
-identity verifiers, and drives the broker's log tail, if it has one;
-presence, which counts the hub's streams.
+hub as its sink; presence, which counts the hub's streams; the listener,
+which applies control hints to the open streams, the opening streams'
+access cache, the publish rights, the identity verifiers and presence, and
+drives the broker's log tail, if it has one.
 
 **Shutdown.** On SIGTERM or SIGINT every stream is closed at once
 (``streams_closed_on_signal``): uvicorn waits for open responses, which
@@ -103,10 +103,13 @@ async def running(settings: Settings, metrics: Metrics) -> AsyncIterator[Runtime
         stream_access = StreamAccessCache()
         await broker.start(hub)
         stack.push_async_callback(broker.stop)
+        presence = Presence(
+            pool, hub, metrics, settings.presence_grace_seconds, settings.presence_ttl_seconds
+        )
         listener = Listener(
             settings.listen_database_url or settings.database_url,
             broker.log_tail(),
-            [StreamControl(hub, stream_access), publish_rights, identity],
+            [StreamControl(hub, stream_access), publish_rights, identity, presence],
             publisher.inbox_due,
         )
         runtime = Runtime(
@@ -124,13 +127,7 @@ async def running(settings: Settings, metrics: Metrics) -> AsyncIterator[Runtime
             listener=listener,
             replays=SharedPages(pool, hub),
             stream_access=stream_access,
-            presence=Presence(
-                pool,
-                hub,
-                metrics,
-                settings.presence_grace_seconds,
-                settings.presence_ttl_seconds,
-            ),
+            presence=presence,
         )
         async with asyncio.TaskGroup() as group:
             loops = Loops(group)

@@ -18,6 +18,8 @@ so it is delivered exactly when (and only if) the change commits:
 ``unsubscribed``       user's ``/stream`` follows
 ``user_changed``       ``user_id``: promoted, demoted or deleted
 ``api_key_revoked``    ``key_id``: whether the key is valid
+``presence_changed``   ``channel_id``: who is online in it
+                       (``app.realtime.presence``)
 =====================  =====================================================
 
 **A message is a hint, never a grant.** ``NOTIFY`` is open to every role that
@@ -30,8 +32,10 @@ the tables again and following them. A forged message therefore changes
 nothing that the tables do not say, and costs at most one re-check per turn,
 however many messages come: ``Hints`` is bounded (``MAX_HINTS``), and past the
 bound it becomes ``everything``, the re-check of all that a lost listener
-connection gets. Nothing else delivers control messages: the NATS broker
-carries only events.
+connection gets. Nothing else delivers control messages, on either broker:
+the NATS broker carries only events. A control message travels with the
+change it hints at, delivered at its commit, which a NATS message sent
+beside the transaction could not promise.
 
 A message sent while an instance's listener was disconnected is lost to it,
 so after every reconnect the handlers apply ``Hints(everything=True)``: they
@@ -59,6 +63,7 @@ ControlOp = Literal[
     "unsubscribed",
     "user_changed",
     "api_key_revoked",
+    "presence_changed",
 ]
 
 
@@ -76,6 +81,7 @@ class Hints:
     subscribers: set[int] = field(default_factory=set)  # what their ``/stream`` follows
     channels: set[int] = field(default_factory=set)  # who may read them
     api_keys: set[int] = field(default_factory=set)  # whether they are valid
+    presence: set[int] = field(default_factory=set)  # channels: who is online
     # Users with a stream that opened on an answer a hint may have overtaken
     # (``app.realtime.routes``): nothing is known to have changed, their
     # streams are only read again.
@@ -99,20 +105,28 @@ class Hints:
         self._merge(self.recheck, user_id)
 
     def changed(self) -> bool:
-        """Whether these hints say something may have changed in the tables
-        (not only ``recheck``): answers read meanwhile may be out of date."""
+        """Whether these hints say that rights may have changed (not only
+        ``recheck`` or ``presence``): access answers read meanwhile may be out
+        of date."""
         return self.everything or bool(
             self.users or self.subscribers or self.channels or self.api_keys
         )
 
     def __bool__(self) -> bool:
-        return self.changed() or bool(self.recheck)
+        return self.changed() or bool(self.recheck or self.presence)
 
     def _merge(self, ids: set[int], value: int) -> None:
         if self.everything:
             return
         ids.add(value)
-        sets = (self.users, self.subscribers, self.channels, self.api_keys, self.recheck)
+        sets = (
+            self.users,
+            self.subscribers,
+            self.channels,
+            self.api_keys,
+            self.presence,
+            self.recheck,
+        )
         if sum(map(len, sets)) > MAX_HINTS:  # bounded memory; one re-check of all costs the same
             self.everything = True
             for each in sets:
@@ -126,6 +140,7 @@ _RULES: dict[str, tuple[Callable[[Hints], set[int]], str]] = {
     "unsubscribed": (lambda h: h.subscribers, "user_id"),
     "user_changed": (lambda h: h.users, "user_id"),
     "api_key_revoked": (lambda h: h.api_keys, "key_id"),
+    "presence_changed": (lambda h: h.presence, "channel_id"),
 }
 
 
@@ -151,4 +166,12 @@ async def notify_control(session: AsyncSession, op: ControlOp, **fields: Any) ->
 
 async def notify_control_raw(conn: Any, op: ControlOp, **fields: Any) -> None:
     """``notify_control`` on a bare asyncpg connection (delivered at its commit)."""
-    await conn.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, control_payload(op, **fields))
+    await notify_control_each_raw(conn, op, [fields])
+
+
+async def notify_control_each_raw(conn: Any, op: ControlOp, each: list[dict[str, Any]]) -> None:
+    """One message per item of ``each``, in one statement (delivered at commit)."""
+    payloads = [control_payload(op, **fields) for fields in each]
+    await conn.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CONTROL_CHANNEL, payloads
+    )

@@ -13,19 +13,32 @@ heartbeat covers all its leases at once) and deletes, with their leases, the
 instances whose heartbeat is older than the TTL (``SSEHUB_PRESENCE_TTL_SECONDS``):
 a killed instance cannot announce its own leaves, the others do.
 
-Every change of a channel's leases raises its row in ``presence_versions`` in
-the same transaction. Each turn an instance reads the versions of the presence
-channels its streams carry and re-reads the list of those that changed; the
-list is one query (``_LIST``) every instance runs alike. Postgres is the bus
-here, not the broker: the leases must outlive any instance, and a version
-probe per turn costs one indexed read, on either broker.
+Every change of a channel's leases raises its row in ``presence_versions``
+and sends a ``presence_changed`` control message (``app.notify``), both in
+the same transaction, so the message arrives when the change is readable.
+Every instance's listener hears it, on either broker (control messages go
+through Postgres alone: ``app.notify``), and hands it here as a hint
+(``apply``): the next turn, started at once, re-reads the lists it names; the
+list is one query (``_LIST``) every instance runs alike. The versions are the
+net under the messages: once a heartbeat an instance probes the versions of
+the channels its streams carry and re-reads those that moved, so a message
+lost to a listener that was reconnecting costs at most a heartbeat's delay
+(the reconnect itself also re-reads every list: ``Hints.everything``). A
+stream opening on a presence channel wakes a turn too, so its join is
+written at once: a join reaches every instance in a round trip, not in two
+turns.
+
+**Turns are bounded in rate** (``MIN_TURN_SECONDS``) whatever wakes them: a
+reconnect storm, or a flood of forged messages (anyone may NOTIFY), costs at
+most one turn per 0.1 s, each re-reading each carried list at most once.
 
 Where the guarantees are kept:
 
 - **The same list everywhere once nothing changes**: the list is what
-  ``_LIST`` reads, leases of live instances only; every change raises a
-  version every instance probes, and a full re-read every ``REREAD_SECONDS``
-  covers a change no version told (a heartbeat lapsing before its expiry).
+  ``_LIST`` reads, leases of live instances only; every change sends a
+  message every listener hears and raises a version every instance probes,
+  and a full re-read every ``REREAD_SECONDS`` covers a change neither told (a
+  heartbeat lapsing before its expiry).
 - **No user listed without a stream**: a lease is written only by the
   instance counting that user's streams; it goes when the last of them has
   been closed for the grace (at once when the user may no longer read the
@@ -43,6 +56,7 @@ Where the guarantees are kept:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -56,12 +70,14 @@ from app.channels.readable import readable
 from app.db import raw_connection
 from app.events.log import format_timestamp
 from app.metrics import Metrics
+from app.notify import Hints, notify_control_each_raw
 from app.realtime.sse import notice_frame
 
 log = logging.getLogger("ssehub")
 
-TURN_SECONDS = 0.25  # a join reaches every instance's streams within about two turns
-HEARTBEAT_SECONDS = 1.0  # renew this instance's row, expire the dead, re-read which channels
+TURN_SECONDS = 0.25  # count the streams at least this often: a grace ends within a turn
+MIN_TURN_SECONDS = 0.1  # however often a message or an opening stream wakes a turn
+HEARTBEAT_SECONDS = 1.0  # renew this row, expire the dead, which channels, probe the versions
 REREAD_SECONDS = 5.0  # every list read again, whatever the versions say
 MAX_NOTICES = 16  # up to this many changes in a turn are always told one by one
 
@@ -236,7 +252,11 @@ class Presence:
         self._unwritten: set[tuple[int, int]] = set()
         self._views: dict[int, View] = {}
         self._loading: dict[int, asyncio.Future[None]] = {}
+        self._stale: set[int] = set()  # channels whose list a message says moved
+        self._stale_all = False  # every list: the listener reconnected, or a flood
+        self._woken = asyncio.Event()  # a turn is due now, not at TURN_SECONDS
         self._heartbeat_due = 0.0
+        self._probe_due = 0.0
         self._reread_due = 0.0
 
     # -- streams ---------------------------------------------------------
@@ -249,22 +269,43 @@ class Presence:
         """``ssehub.presence`` for each presence channel of an opening stream, read
         (once for all the streams asking) if this instance holds no list of it yet."""
         wanted = self.channels_of(channels)
+        if wanted:
+            self._woken.set()  # its join: counted and written now
         missing = [c for c in wanted if c not in self._views]
         if missing:
             await self._load(missing)
         return b"".join(self._views[c].snapshot(stream) for c in wanted if c in self._views)
 
+    # -- messages ----------------------------------------------------------
+
+    async def apply(self, conn: Any, hints: Hints) -> None:
+        """A ``ControlHandler``: the lists ``hints`` names may have moved. Noted,
+        and a turn woken to re-read them; nothing is read here, on the
+        listener's connection, and nothing is believed: the turn reads the
+        leases."""
+        if hints.everything:
+            self._stale_all = True
+        else:
+            self._stale |= hints.presence
+        if self._stale_all or self._stale:
+            self._woken.set()
+
     # -- turns -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Turn forever; a failed turn (the database away) is logged and retried."""
+        """Turn forever, every ``TURN_SECONDS`` or sooner when woken, never more
+        often than ``MIN_TURN_SECONDS``; a failed turn (the database away) is
+        logged and retried."""
         while True:
+            self._woken.clear()
             try:
                 async with asyncio.timeout(max(5.0, TURN_SECONDS * 8)):
                     await self.turn()
             except Exception as exc:
                 log.warning("presence: turn failed: %s", exc)
-            await asyncio.sleep(TURN_SECONDS)
+            await asyncio.sleep(MIN_TURN_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), TURN_SECONDS - MIN_TURN_SECONDS)
 
     async def turn(self) -> None:
         """Count, write what changed, expire the dead, re-read what changed, tell."""
@@ -317,7 +358,7 @@ class Presence:
             if not gone:
                 return
             channels = [row[0] for row in gone]
-            await conn.execute(_BUMP, channels)
+            await self._changed(conn, channels)
             left = await conn.fetchval(_LEFT, channels, [row[1] for row in gone])
         self._metrics.presence_dead_leaves.inc(left)
 
@@ -389,38 +430,62 @@ class Presence:
                 await conn.execute(
                     _DELETE, [k[0] for k in ending], [k[1] for k in ending], self.instance
                 )
-            await conn.execute(_BUMP, sorted({k[0] for k in keys}))
+            await self._changed(conn, [k[0] for k in keys])
         for key in ending:
             del self._leases[key]
         self._unwritten.clear()
         self._metrics.presence_lease_writes.inc(len(keys))
         self._metrics.presence_write_transactions.inc()
 
+    async def _changed(self, conn: Any, channels: list[int]) -> None:
+        """In the transaction that changed these channels' leases: raise their
+        versions and tell every instance (this one too: its next turn re-reads)."""
+        ordered = sorted(set(channels))
+        await conn.execute(_BUMP, ordered)
+        await notify_control_each_raw(
+            conn, "presence_changed", [{"channel_id": c} for c in ordered]
+        )
+        self._stale.update(ordered)
+
     async def _follow_lists(self, conn: Any, now: float) -> None:
-        """Re-read the lists of the carried presence channels whose version moved
-        (all of them every ``REREAD_SECONDS``) and tell their streams."""
+        """Re-read the lists of the carried presence channels that a message
+        named, or whose version moved (probed once a heartbeat), or all of them
+        every ``REREAD_SECONDS``, and tell their streams."""
         carried = [c for c in self._enabled if self._hub.subscribers_of(c)]
         for channel_id in [c for c in self._views if c not in carried]:
             del self._views[channel_id]
+        named, self._stale = self._stale, set()
+        every, self._stale_all = self._stale_all, False
         if not carried:
             return
-        versions = dict(await conn.fetch(_VERSIONS, carried))
-        self._forget([c for c in carried if c not in versions])
-        carried = [c for c in carried if c in versions]
-        reread = now >= self._reread_due
+        reread = every or now >= self._reread_due
         if reread:
             self._reread_due = now + REREAD_SECONDS
-        stale = [
-            c
-            for c in carried
-            if reread or c not in self._views or self._views[c].version != versions.get(c)
-        ]
-        if stale:
-            lists = await self._read(conn, stale)
-            for channel_id in stale:
-                self._apply(channel_id, lists.get(channel_id, {}), versions.get(channel_id))
+        probe = reread or now >= self._probe_due
+        if probe:
+            self._probe_due = now + HEARTBEAT_SECONDS
+        asked = carried if probe else [c for c in carried if c in named or c not in self._views]
+        if asked:
+            # The versions before the lists: a change between the two reads
+            # leaves a version behind its list, which the next probe re-reads.
+            versions = dict(await conn.fetch(_VERSIONS, asked))
+            self._forget([c for c in asked if c not in versions])
+            stale = [
+                c
+                for c in asked
+                if c in versions and (reread or c in named or self._behind(c, versions[c]))
+            ]
+            if stale:
+                lists = await self._read(conn, stale)
+                for channel_id in stale:
+                    self._apply(channel_id, lists.get(channel_id, {}), versions[channel_id])
         for channel_id in carried:
-            self._tell_newcomers(channel_id)
+            if channel_id in self._enabled:
+                self._tell_newcomers(channel_id)
+
+    def _behind(self, channel_id: int, version: int | None) -> bool:
+        view = self._views.get(channel_id)
+        return view is None or view.version != version
 
     async def _load(self, channels: list[int]) -> None:
         """Read lists no view holds yet, once however many streams wait for them."""

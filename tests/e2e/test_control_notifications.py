@@ -265,6 +265,24 @@ def test_revocation_while_a_stream_opens_is_not_missed(
         assert datas(s) == ["marker"], "a stream opened during the revocation carries vip"
 
 
+def flood_leaves_delivery_going(
+    forger_url: str, hubs: Hubs, stream: SseStream, channel: str, statement: str, *args: Any
+) -> None:
+    """Run ``statement`` as the forger (its messages, one transaction); then an
+    event published on ``channel`` must reach ``stream`` within two seconds,
+    and the instance stay ready."""
+    forger = Db(forger_url)
+    try:
+        forger.fetch(statement, *args)
+    finally:
+        forger.close()
+    started = time.monotonic()
+    first = hubs.publish(channel, "during the flood")
+    stream.wait_for(lambda st: first in st.ids(), timeout=30)
+    assert time.monotonic() - started < 2.0, "the flood held live delivery back"
+    assert httpx.get(f"{hubs.api.base_url}/readyz", timeout=5).status_code == 200
+
+
 def test_flood_of_forged_notifications_does_not_stall_delivery(
     api: Api, hubs: Hubs, database_url: str, forger_url: str
 ) -> None:
@@ -277,24 +295,48 @@ def test_flood_of_forged_notifications_does_not_stall_delivery(
     live(s)
     (pub_id,) = ids_of(database_url, "channels", "name", "pub")
     (bob_id,) = ids_of(database_url, "users", "username", "bob")
-    forger = Db(forger_url)
-    try:
-        forger.fetch(
-            "SELECT pg_notify('ssehub_control', CASE WHEN g % 2 = 0 THEN "
-            "json_build_object('op', 'access_changed', 'channel_id', $1::bigint, "
-            "'channel', 'pub' || g)::text ELSE json_build_object('op', 'user_changed', "
-            "'user_id', $2::bigint, 'n', g)::text END) FROM generate_series(1, 20000) g",
-            pub_id,
-            bob_id,
-        )
-    finally:
-        forger.close()
-    started = time.monotonic()
-    first = hubs.publish("pub", "during the flood")
-    s.wait_for(lambda st: first in st.ids(), timeout=30)
-    assert time.monotonic() - started < 2.0, "the flood held live delivery back"
-    assert httpx.get(f"{api.base_url}/readyz", timeout=5).status_code == 200
+    flood_leaves_delivery_going(
+        forger_url,
+        hubs,
+        s,
+        "pub",
+        "SELECT pg_notify('ssehub_control', CASE WHEN g % 2 = 0 THEN "
+        "json_build_object('op', 'access_changed', 'channel_id', $1::bigint, "
+        "'channel', 'pub' || g)::text ELSE json_build_object('op', 'user_changed', "
+        "'user_id', $2::bigint, 'n', g)::text END) FROM generate_series(1, 20000) g",
+        pub_id,
+        bob_id,
+    )
     assert not s.ended and not s.notices("ssehub.channel_removed")
+
+
+def test_forged_presence_messages_tell_no_one_and_stall_nothing(
+    api: Api, hubs: Hubs, database_url: str, forger_url: str
+) -> None:
+    """20,000 forged ``presence_changed`` messages, naming the presence channel a
+    stream carries (each a re-read of its list, if applied one by one) or
+    others: the stream is told only what the leases say, and live delivery
+    goes on within two seconds."""
+    hubs.channel("room", presence=True)
+    bob = api.user("bob")
+    s = hubs.open("/channels/room/stream", hubs.stream_token(bob))
+    s.wait_for(lambda st: st.present("room") == ["bob"])
+    (room_id,) = ids_of(database_url, "channels", "name", "room")
+    flood_leaves_delivery_going(
+        forger_url,
+        hubs,
+        s,
+        "room",
+        "SELECT pg_notify('ssehub_control', json_build_object('op', 'presence_changed', "
+        "'channel_id', CASE WHEN g % 2 = 0 THEN $1::bigint ELSE g END, 'n', g)::text) "
+        "FROM generate_series(1, 20000) g",
+        room_id,
+    )
+    ann = api.user("ann")
+    hubs.open("/channels/room/stream", hubs.stream_token(ann))
+    s.wait_for(lambda st: st.present("room") == ["ann", "bob"])
+    assert not s.notices("ssehub.leave")
+    assert len(s.notices("ssehub.presence")) == 1, "the list again: a change nobody made"
 
 
 def wait_blocked_by(database_url: str, locker: int, count: int) -> list[Any]:

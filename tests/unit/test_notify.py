@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import orjson
 
-from app.notify import MAX_HINTS, Hints, control_payload
+from app.notify import MAX_HINTS, ControlOp, Hints, control_payload
 
 
 def test_control_hints_take_only_what_ssehub_sends_within_a_bound() -> None:
@@ -51,11 +53,15 @@ def test_every_op_ssehub_sends_merges_into_its_set() -> None:
         "unsubscribed": ("subscribers", "user_id"),
         "user_changed": ("users", "user_id"),
         "api_key_revoked": ("api_keys", "key_id"),
+        "presence_changed": ("presence", "channel_id"),
     }
+    assert set(where) == set(get_args(ControlOp)), "an op this test does not know"
     for op, (field, name) in where.items():
         hints = Hints()
         assert hints.add(orjson.loads(control_payload(op, **{name: 2**63 - 1})))  # type: ignore[arg-type]
-        assert getattr(hints, field) == {2**63 - 1} and hints.changed(), op
+        assert getattr(hints, field) == {2**63 - 1} and hints, op
+        # Who is online is no right: access answers read meanwhile still hold.
+        assert hints.changed() is (op != "presence_changed"), op
 
 
 def test_once_everything_is_due_no_id_is_kept() -> None:
