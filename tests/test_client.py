@@ -21,7 +21,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -33,7 +32,7 @@ from ssehub_client.client import _batch, _history, _publish, _Retry, _Stream
 from app.auth.external import username_for as server_username_for
 from app.db import asyncpg_dsn
 from app.events.publisher import PUBLISH_LOCK
-from tests.support import ROOT, Api, CuttableProxy, Server, postgres_address, sql, with_database
+from tests.support import ROOT, Api, CuttableProxy, Server, sql
 
 CLIENT_CLI = str(Path(sys.executable).with_name("ssehub-client"))
 
@@ -161,11 +160,7 @@ async def _writers_waiting_for_the_lock(database_url: str, count: int) -> list[i
 @pytest.fixture(scope="module")
 def proxied(database_url: str) -> Iterator[tuple[Server, CuttableProxy]]:
     """A server whose database connections all go through a ``CuttableProxy``."""
-    parts = urlsplit(asyncpg_dsn(database_url))
-    proxy = CuttableProxy(*postgres_address(database_url))
-    via_proxy = with_database(
-        f"postgresql+asyncpg://{parts.username}@127.0.0.1:{proxy.port}/x", parts.path.lstrip("/")
-    )
+    proxy, via_proxy = CuttableProxy.to(database_url)
     try:
         srv = Server(via_proxy, env={"SSEHUB_DB_POOL_SIZE": "4"}).start()
         try:

@@ -16,6 +16,9 @@ import termios
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
+
+from app.db import asyncpg_dsn
 
 
 def unread_bytes(s: socket.socket) -> int:
@@ -139,10 +142,22 @@ class CuttableProxy:
     connection on the server's side only: the backend keeps running (and may
     commit) without being told. Connections are known by their backend's pid,
     read from the server's BackendKeyData; so the proxy answers a client's
-    request for encryption itself with "no", and the bytes stay readable."""
+    request for encryption itself with "no", and the bytes stay readable.
+    While ``refusing``, a new connection is closed at once (Postgres away)."""
+
+    @classmethod
+    def to(cls, database_url: str) -> tuple[CuttableProxy, str]:
+        """A proxy to the Postgres of ``database_url``, and that URL through it."""
+        from tests.support.db import postgres_address, with_database
+
+        parts = urlsplit(asyncpg_dsn(database_url))
+        proxy = cls(*postgres_address(database_url))
+        base = f"postgresql+asyncpg://{parts.username}@127.0.0.1:{proxy.port}/x"
+        return proxy, with_database(base, parts.path.lstrip("/"))
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
+        self.refusing = False
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.pairs: dict[int, tuple[socket.socket, socket.socket]] = {}  # by backend pid
@@ -164,6 +179,9 @@ class CuttableProxy:
         return up
 
     def _serve(self, down: socket.socket) -> None:
+        if self.refusing:
+            down.close()
+            return
         with contextlib.suppress(OSError):
             first = receive_exactly(down, 8)
             while first in (SSL_REQUEST, GSS_REQUEST):
