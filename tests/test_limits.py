@@ -284,11 +284,15 @@ def ask_healthz(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def release_one_and_connect_again(server: Server, held: list[socket.socket]) -> None:
-    """Close one of the ``held`` connections: a new one is served in its place."""
+    """Close one of the ``held`` connections: a new one is served in its place,
+    once the server has seen the close (its event loop may be busy a moment)."""
     held.pop().close()
-    time.sleep(0.2)
-    with connect(server) as again:
-        assert ask_healthz(again)[0] == 200
+
+    def served() -> bool:
+        with connect(server) as again:
+            return ask_healthz(again)[0] == 200
+
+    wait_until(served, "a connection served in place of the one closed", timeout=5)
 
 
 def test_connection_flood_past_max_connections_is_503(start_server: Callable[..., Server]) -> None:
