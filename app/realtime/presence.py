@@ -1,10 +1,11 @@
 """Presence: who has a stream carrying a channel, on every instance, kept as leases.
 
-Each instance counts, once per turn (``TURN_SECONDS``), the streams of each
-presence channel per user from its hub, and writes what changed as **leases**
-in Postgres (``presence_leases``: channel, user, instance, streams, since), all
-of a turn's changes in one transaction: a reconnect storm of thousands of
-streams is a handful of batched writes, not a write per stream. A user's
+Each instance counts, every turn (at least every ``TURN_SECONDS``), the
+streams of each presence channel per user from its hub, and writes what
+changed as **leases** in Postgres (``presence_leases``: channel, user,
+instance, streams, since), all of a turn's changes in one transaction: a
+reconnect storm of thousands of streams is a handful of batched writes, not a
+write per stream. A user's
 leases stay while their streams close and reopen within the grace
 (``SSEHUB_PRESENCE_GRACE_SECONDS``), so a reconnect moves nothing.
 
