@@ -361,18 +361,17 @@ async def test_a_pooled_connection_whose_backend_was_just_killed_is_unavailable(
     assert not misread, misread
 
 
-def test_a_lost_listener_takes_its_instance_out_of_readiness_at_once(
-    start_server: Callable[..., Server], database_url: str
-) -> None:
+def test_a_lost_listener_takes_its_instance_out_of_readiness_at_once(database_url: str) -> None:
     """Without its listener an instance hears no publish and no revocation: the
     moment the listener's connection is gone, ``/readyz`` says 503, not at the
     listener's next turn (up to 2 s later); then 200 again once it is back.
-    The listener's connection goes through a proxy that refuses new ones until
-    told: a listener reconnecting within 0.1 s could otherwise be back before
-    the test's first look, on a loaded machine."""
-    proxy, listen_url = CuttableProxy.to(database_url)
+    The server reaches Postgres through a proxy that refuses new connections
+    until told: a listener reconnecting within 0.1 s could otherwise be back
+    before the test's first look, on a loaded machine. (All of its
+    connections: a separate listen URL would mean PgBouncer to ``migrate``.)"""
+    proxy, via_proxy = CuttableProxy.to(database_url)
+    srv = Server(via_proxy).start()
     try:
-        srv = start_server(SSEHUB_LISTEN_DATABASE_URL=listen_url)
         listener = (
             "SELECT pid FROM pg_stat_activity "
             "WHERE application_name = $1 AND datname = current_database()"
@@ -388,4 +387,10 @@ def test_a_lost_listener_takes_its_instance_out_of_readiness_at_once(
         proxy.refusing = False
         wait_until(lambda: _readiness(srv) == 200, "/readyz to say 200", 10)
     finally:
+        srv.stop()
         proxy.close()
+    pinned = (  # what ``migrate`` behind PgBouncer would leave for the tests after this one
+        "SELECT s.setconfig FROM pg_db_role_setting s "
+        "JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = current_database()"
+    )
+    assert not asyncio.run(sql(database_url, pinned))
