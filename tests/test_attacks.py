@@ -286,6 +286,13 @@ def test_password_guessing_on_one_username_and_from_one_address(
 # username and forwarded address (so no rate limit stops them), as fast as the
 # server answers. A process of its own (importing only httpx, so it starts at
 # once), so that its work does not slow the probes measured beside it.
+#
+# Its clients do what a browser does when a kept-alive connection fails before
+# any answer: send the request once more, on a new connection. They stop
+# reusing a connection idle for 2 s, well before the server's 5 s keep-alive
+# close, so that race is not one of those failures. A few remain on a loaded
+# machine (about 1 request in 300, none ever reaching the app's access log);
+# each is counted as "retried", and a request that fails twice is a failure.
 FLOOD_CLIENTS = 60
 FLOOD = """
 import asyncio, collections, json, sys, time
@@ -296,8 +303,12 @@ url, clients, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 
 async def main():
     got = collections.Counter()
-    limits = httpx.Limits(max_connections=clients)
+    limits = httpx.Limits(max_connections=clients, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def login(client, form, forwarded):
+            r = await client.post("/auth/token", data=form, headers=forwarded)
+            got[str(r.status_code)] += 1
 
         async def one(c):
             n = 0
@@ -306,8 +317,14 @@ async def main():
                 form = {"username": f"flood-{c}-{n}", "password": "wrong-password"}
                 forwarded = {"X-Forwarded-For": f"10.{c}.{n // 250 % 250}.{n % 250 + 1}"}
                 try:
-                    r = await http.post("/auth/token", data=form, headers=forwarded)
-                    got[str(r.status_code)] += 1
+                    await login(http, form, forwarded)
+                    continue
+                except httpx.TransportError as exc:
+                    got["retried"] += 1
+                    got["first: " + type(exc).__name__] += 1
+                try:
+                    async with httpx.AsyncClient(base_url=url, timeout=60) as fresh:
+                        await login(fresh, form, forwarded)
                 except httpx.HTTPError as exc:
                     got[type(exc).__name__] += 1
 
@@ -351,12 +368,10 @@ def test_login_flood_with_fresh_usernames_and_addresses(start_server: StartServe
     assert slowest < 1.0, f"a probe took {slowest:.2f}s during the flood ({got})"
     assert got.get("401", 0) > 0 and got.get("429", 0) > 0, got
     answers = {k: n for k, n in got.items() if k.isdigit()}
-    assert set(answers) <= {"401", "429"}, got  # never a 500
-    # A flood client starved of CPU on a busy machine can leave its kept-alive
-    # connection idle past the server's deadline, which closes it: a transport
-    # error for that one request, never an answer other than 401 or 429.
-    dropped = sum(n for k, n in got.items() if not k.isdigit())
-    assert dropped <= sum(got.values()) // 100, got
+    # Every request answered, at the latest on its retry, and never with a 500.
+    assert set(answers) <= {"401", "429"}, got
+    assert all(k.isdigit() or k.startswith(("retried", "first: ")) for k in got), got
+    assert got.get("retried", 0) <= max(5, sum(answers.values()) // 20), got
 
 
 # -- text Postgres cannot store ----------------------------------------------------
