@@ -291,8 +291,10 @@ def test_password_guessing_on_one_username_and_from_one_address(
 # any answer: send the request once more, on a new connection. They stop
 # reusing a connection idle for 2 s, well before the server's 5 s keep-alive
 # close, so that race is not one of those failures. A few remain on a loaded
-# machine (about 1 request in 300, none ever reaching the app's access log);
-# each is counted as "retried", and a request that fails twice is a failure.
+# machine (3 of 219 requests in one CI run; 2 of 652 in a run here while
+# packages installed, neither reaching the app's access log; none in dozens
+# of other runs): each is counted as "retried", and a request that fails twice
+# is a failure.
 FLOOD_CLIENTS = 60
 FLOOD = """
 import asyncio, collections, json, sys, time
