@@ -207,10 +207,30 @@ def unexpected_error(exc: Exception, where: str) -> JSONResponse:
     (logged as one line), else a 500 in the one error format, its traceback
     logged, never sent to the client."""
     if database_unavailable(exc):
-        log.warning("%s: database unavailable (%s: %s)", where, type(exc).__name__, exc)
+        log.warning(
+            "%s: database unavailable (%s: %s, in %s)",
+            where,
+            type(exc).__name__,
+            exc,
+            _innermost(exc),
+        )
         return render_error(Unavailable())
     log.error("unexpected error in %s", where, exc_info=exc)
     return error_response(500, "Internal server error")
+
+
+def _innermost(exc: BaseException) -> str:
+    """Where ``exc`` was raised, as ``module:function``, asyncio's own frames left
+    out: a bare ``TimeoutError`` says nothing of which wait ran out (a connect,
+    a pool, a query); the function that waited does."""
+    where = "?"
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "?")
+        if module != "asyncio" and not module.startswith("asyncio."):
+            where = f"{module}:{tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return where
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

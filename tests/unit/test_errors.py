@@ -3,6 +3,7 @@ which failures mean "the database is away" (503) rather than a bug (500)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import asyncpg
@@ -105,3 +106,25 @@ def test_a_database_outage_is_a_503_to_retry() -> None:
     response = unexpected_error(asyncpg.InterfaceError("closed"), "GET /x")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert orjson.loads(response.body) == {"detail": Unavailable().detail}
+
+
+async def _connect_that_times_out() -> None:
+    async with asyncio.timeout(0):
+        await asyncio.sleep(1)
+
+
+async def test_a_database_outage_is_logged_with_where_it_was_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bare ``TimeoutError`` (a connect, a pool or a query ran out) says nothing by
+    its message; the log line names the function it was raised in."""
+    try:
+        await _connect_that_times_out()
+    except TimeoutError as exc:
+        with caplog.at_level(logging.WARNING, logger="ssehub"):
+            response = unexpected_error(exc, "POST /channels")
+    assert response.status_code == 503
+    line = caplog.messages[-1]
+    assert line.startswith("POST /channels: database unavailable (TimeoutError: , in "), line
+    # The function that waited, not asyncio's timeout below it.
+    assert line.endswith(f"in {__name__}:_connect_that_times_out)"), line
