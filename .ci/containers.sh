@@ -161,7 +161,7 @@ compose_down() {
 }
 on_failure() {
     for name in $(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'); do
-        echo "--- $name"; podman logs --tail 40 "$name" 2>&1 || true
+        echo "--- $name"; podman logs -t --tail 40 "$name" 2>&1 || true
     done
     compose_down
 }

@@ -86,8 +86,14 @@ class Stack:
         return event_id
 
     def stream_url(self, channel: str, after: int) -> str:
+        """A stream URL with a stream token; a 503 ("retry shortly") is retried."""
+        deadline = time.monotonic() + 30
         with self.http() as http:
-            r = http.post("/auth/stream-token", headers=self.admin)
+            while True:
+                r = http.post("/auth/stream-token", headers=self.admin)
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
         assert r.status_code == 200, r.text
         token = r.json()["stream_token"]
         return f"/channels/{channel}/stream?access_token={token}&last_event_id={after}"
