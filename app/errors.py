@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -224,12 +225,10 @@ def _innermost(exc: BaseException) -> str:
     out: a bare ``TimeoutError`` says nothing of which wait ran out (a connect,
     a pool, a query); the function that waited does."""
     where = "?"
-    tb = exc.__traceback__
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "?")
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        module = frame.f_globals.get("__name__", "?")
         if module != "asyncio" and not module.startswith("asyncio."):
-            where = f"{module}:{tb.tb_frame.f_code.co_name}"
-        tb = tb.tb_next
+            where = f"{module}:{frame.f_code.co_name}"
     return where
 
 
