@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -54,46 +55,40 @@ class Stack:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=self.tls, timeout=30)
 
-    def channel(self) -> str:
-        """A new channel; a 503 ("retry shortly") from an instance whose database
-        connections are still warming up is retried, as the answer asks."""
-        name = f"deploy-{uuid.uuid4().hex[:8]}"
+    def post(self, path: str, retry_on: tuple[int, ...], **kwargs: Any) -> httpx.Response:
+        """POST through Caddy, the answers in ``retry_on`` retried for up to 30 s:
+        a 503 ("retry shortly") from an instance whose database connections are
+        still warming up, a 502 while an instance is going away."""
         deadline = time.monotonic() + 30
         with self.http() as http:
             while True:
-                r = http.post("/channels", json={"name": name}, headers=self.admin)
-                if r.status_code not in (502, 503) or time.monotonic() > deadline:
-                    break
+                r = http.post(path, **kwargs)
+                if r.status_code not in retry_on or time.monotonic() > deadline:
+                    return r
                 time.sleep(0.5)
+
+    def channel(self) -> str:
+        """A new channel (a retried create that already landed answers 409)."""
+        name = f"deploy-{uuid.uuid4().hex[:8]}"
+        r = self.post("/channels", (502, 503), json={"name": name}, headers=self.admin)
         assert r.status_code in (201, 409), r.text
         return name
 
     def publish(self, channel: str, n: int) -> int:
-        """One event, through Caddy; a 502 while an instance is going away is retried."""
-        deadline = time.monotonic() + 30
-        with self.http() as http:
-            while True:
-                r = http.post(
-                    f"/channels/{channel}/events",
-                    json={"type": "message", "data": {"n": n}},
-                    headers={**self.admin, "Idempotency-Key": f"{channel}-{n}"},
-                )
-                if r.status_code not in (502, 503) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        """One event; its idempotency key makes a retry store it once."""
+        r = self.post(
+            f"/channels/{channel}/events",
+            (502, 503),
+            json={"type": "message", "data": {"n": n}},
+            headers={**self.admin, "Idempotency-Key": f"{channel}-{n}"},
+        )
         assert r.status_code in (200, 201), r.text
         event_id: int = r.json()["id"]
         return event_id
 
     def stream_url(self, channel: str, after: int) -> str:
-        """A stream URL with a stream token; a 503 ("retry shortly") is retried."""
-        deadline = time.monotonic() + 30
-        with self.http() as http:
-            while True:
-                r = http.post("/auth/stream-token", headers=self.admin)
-                if r.status_code != 503 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        """A stream URL with a stream token."""
+        r = self.post("/auth/stream-token", (503,), headers=self.admin)
         assert r.status_code == 200, r.text
         token = r.json()["stream_token"]
         return f"/channels/{channel}/stream?access_token={token}&last_event_id={after}"
